@@ -1,0 +1,120 @@
+"""The `drift` command: a thin dispatcher. Every subcommand calls one documented function
+with the same typed config a Python user would build (flags are generated from its fields)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from drift import DriftError, __version__
+from drift.config import add_arguments, from_cli
+
+# subcommand -> (module, config class, run function, positional field, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
+    "rollout": ("drift.rollout.engine", "RolloutConfig", "run_rollout", None,
+                "sample multi-turn try-again conversations once from a reference model"),
+    "weights": ("drift.weights", "WeightsConfig", "run_weights", "input",
+                "score trajectories (returns) and add per-group importance weights"),
+    "train": ("drift.train.trainer", "TrainConfig", "run_train", None,
+              "importance-weighted fine-tuning on weighted trajectories"),
+    "eval": ("drift.evaluate", "EvalConfig", "run_eval", None,
+             "multi-turn evaluation (succ@k, correction rate, unique-answer ratio, pass@k)"),
+    "run": ("drift.pipeline", "RunConfig", "run_pipeline", "config_path",
+            "the whole pipeline from one config file: rollout -> weights -> train -> eval -> report"),
+    "demo": ("drift.pipeline", "DemoConfig", "run_demo", None,
+             "the pipeline on the embedded SmolLM2-135M and mc-arith, base vs trained arms"),
+    "inspect": ("drift.train.inspect", "InspectConfig", "run_inspect", "data",
+                "show a training row with its trained tokens marked"),
+}
+
+
+def _load(name: str) -> tuple[type, Callable[[Any], Any], str | None]:
+    module, cls, fn, positional, _ = COMMANDS[name]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, fn), positional
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (so `drift --help` stays fast)."""
+    parser = argparse.ArgumentParser(prog="drift", description="Teach language models to correct themselves "
+                                     "with decoupled rollouts and importance-weighted fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"drift {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, _, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != command:
+            continue
+        cls, _, positional = _load(name)
+        if name != "run":
+            p.add_argument("--config", help="TOML/YAML file with the same keys as the flags (flags win)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (dotted for nested sections); repeatable")
+        add_arguments(p, cls, positional=(positional,) if positional else ())
+    sub.add_parser("compare", help="side-by-side table and succ@k plot of several eval runs").add_argument(
+        "dirs", nargs="+", help="eval output directories")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    if argv[:1] == ["compare"]:
+        return _compare(argv[1:])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cls, run, _ = _load(args.command)
+        cfg = from_cli(cls, args, getattr(args, "config", None), args.set)
+        result = run(cfg)
+        _print_result(args.command, result)
+    except DriftError as e:
+        print(f"drift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"drift {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="drift compare", description="compare eval runs")
+    p.add_argument("dirs", nargs="+", help="eval output directories (each holds metrics.json)")
+    p.add_argument("--labels", help="comma-separated labels, one per directory")
+    p.add_argument("--plot", default="succ_at_k.png", help="where to write the succ@k plot (PNG)")
+    args = p.parse_args(argv)
+    from drift.evaluate import compare
+
+    try:
+        print(compare(args.dirs, args.plot, args.labels.split(",") if args.labels else None))
+    except DriftError as e:
+        print(f"drift compare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _print_result(command: str, result: Any) -> None:
+    if command == "weights":
+        from rich.console import Console
+        from rich.table import Table
+
+        from drift.weights import diagnostics_table
+
+        table = Table(title="weights")
+        table.add_column("diagnostic")
+        table.add_column("value")
+        for k, v in diagnostics_table(result):
+            table.add_row(k, v)
+        Console(stderr=False).print(table)
+    elif isinstance(result, str):
+        print(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

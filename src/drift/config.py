@@ -1,0 +1,210 @@
+"""Typed stage configs: dataclass fields carry their help text once.
+
+The same keys come from a TOML/YAML file or from CLI flags; the CLI wins, unknown keys and
+wrong types are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from drift import DriftError
+
+C = TypeVar("C")
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its help text (the only place the help is written)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise DriftError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise DriftError(f"{p}: config files must end in .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise DriftError(f"{p}: cannot parse config: {e}") from None
+    if not isinstance(data, dict):
+        raise DriftError(f"{p}: a config file must hold a table of keys")
+    return data
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(type without Optional, is_optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert one value to a field type; raise DriftError naming the key."""
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise DriftError(f"config key '{key}' may not be empty")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            (item,) = typing.get_args(base) or (Any,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [coerce(item, v, key) if item is not Any else v for v in value]
+        if origin is dict or base is dict:
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+        if origin is typing.Literal:
+            choices = typing.get_args(base)
+            if value not in choices:
+                raise DriftError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+            return value
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise DriftError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}") from None
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    base, optional = _base_type(tp)
+    name = getattr(base, "__name__", str(base).replace("typing.", ""))
+    return f"{name} or none" if optional else name
+
+
+def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Create config `cls` from a dict; unknown keys and wrong types raise DriftError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        full = f"{where}{name}"
+        if name not in fields:
+            close = [f for f in fields if f.startswith(name[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise DriftError(f"unknown config key '{full}'{hint}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise DriftError(f"config key '{full}' must be a table")
+            kwargs[name] = build(tp, value, f"{full}.")
+        else:
+            kwargs[name] = coerce(tp, value, full)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise DriftError(f"{cls.__name__}: {e}") from None
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (from --set) onto a nested dict."""
+    out = json.loads(json.dumps(data))
+    for item in sets:
+        if "=" not in item:
+            raise DriftError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DriftError(f"--set {key}: '{p}' is not a table")
+        node[parts[-1]] = _parse_scalar(value)
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
+    """Add one CLI flag per config field (help from the field), defaults left unset.
+
+    Flags default to None so that only what the user typed overrides the config file.
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="?", default=None, help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        base, _ = _base_type(tp)
+        if base is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default: {default})")
+        else:
+            choices = list(typing.get_args(base)) if typing.get_origin(base) is typing.Literal else None
+            parser.add_argument(flag, dest=f.name, default=None, choices=choices,
+                                help=f"{help_text} (default: {default})")
+
+
+def from_cli(cls: type[C], ns: argparse.Namespace, config_file: str | None = None,
+             sets: list[str] | None = None) -> C:
+    """File values, then --set overrides, then explicit flags; validated by `build`."""
+    data = read_config_file(config_file) if config_file else {}
+    data = apply_overrides(data, sets or [])
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in names:
+        value = getattr(ns, name, None)
+        if value is not None:
+            data[name] = value
+    return build(cls, data)

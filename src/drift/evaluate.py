@@ -1,0 +1,175 @@
+"""`drift eval` and `drift compare`: multi-turn evaluation runs and their side-by-side comparison.
+
+An eval run is a rollout of held-out problems (greedy by default, same try-again environment)
+scored by `drift.metrics.compute_metrics`. Its directory holds:
+    rollout/     the eval trajectories (a rollout run directory; resumable)
+    metrics.json every metric, plus per-problem succ@k for paired comparisons
+    metrics.md   the same as markdown tables
+An existing trajectory file or directory can be scored instead of a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from drift import DriftError
+
+METRICS_FILE = "metrics.json"
+TABLE_FILE = "metrics.md"
+
+
+def _pct(x: float | None, se: float | None = None) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if se is None else f"{100 * x:.1f} ± {100 * se:.1f}"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(metrics_list: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    """One row per run: succ@k ± se (percent) for k = 1..T, then repetition, turns, format, length."""
+    if len(metrics_list) != len(labels):
+        raise DriftError(f"{len(labels)} labels for {len(metrics_list)} runs")
+    t_max = max(m["max_turns"] for m in metrics_list)
+    head = (["run", "problems"] + [f"succ@{k}" for k in range(1, t_max + 1)]
+            + ["unique", "unique (≥2 turns)", "turns to success", "unparseable", "tokens/turn"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for label, m in zip(labels, metrics_list):
+        succ = [_pct(m["succ_at_k"][k], m["succ_at_k_se"][k]) if k < m["max_turns"] else "–" for k in range(t_max)]
+        row = ([label, str(m["num_problems"])] + succ
+               + [_num(m["unique_ratio"], 3), _num(m["unique_ratio_multi_turn"], 3),
+                  _num(m["mean_turns_to_success"]), _pct(m["unparseable_rate"]), _num(m["response_tokens"], 1)])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def per_turn_table(m: dict[str, Any]) -> str:
+    """One row per turn: attempted, correct, conditional accuracy, correction rate, succ@k."""
+    head = ["turn", "attempted", "correct", "cond. acc.", "correction rate (base)", "unparseable", "succ@k"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * len(head)) + "|"]
+    for k in range(m["max_turns"]):
+        corr = "–" if k == 0 else f"{_pct(m['correction_rate'][k])} ({m['correction_base'][k]})"
+        row = [str(k + 1), str(m["attempted"][k]), str(m["correct"][k]), _pct(m["cond_acc"][k]), corr,
+               _pct(m["unparseable_rate_by_turn"][k]), _pct(m["succ_at_k"][k], m["succ_at_k_se"][k])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pass_at_k_table(m: dict[str, Any]) -> str:
+    if not m.get("pass_at_k"):
+        return ""
+    ks = list(m["pass_at_k"])
+    lines = ["| " + " | ".join(f"pass@{k}" for k in ks) + " |", "|" + "|".join(["---:"] * len(ks)) + "|",
+             "| " + " | ".join(_pct(m["pass_at_k"][k], m["pass_at_k_se"][k]) for k in ks) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_markdown(m: dict[str, Any], label: str) -> str:
+    """The metrics.md of one eval run."""
+    parts = [f"# eval: {label}\n", markdown_table([m], [label]),
+             "succ@k in percent ± standard error over problems. unique: distinct answers / parsed answers "
+             "per conversation (≥2 turns: multi-turn conversations only).\n",
+             "## Per turn\n", per_turn_table(m),
+             "correction rate at k: share correct at turn k among conversations whose turn k-1 answer was "
+             "parsed and wrong (base = their number).\n"]
+    if m.get("pass_at_k"):
+        parts += ["## pass@k (turn-1 samples, no feedback)\n", pass_at_k_table(m)]
+    extra = [f"accuracy within {m['max_turns']} turns: {_pct(m['accuracy'], m['accuracy_se'])}",
+             f"problems: {m['num_problems']}, trajectories: {m['num_trajectories']}",
+             f"mean characters per turn: {_num(m['response_chars'], 1)}, total generated tokens: {m['total_tokens']}",
+             f"turns cut at max_new_tokens: {_pct(m['length_cut_rate'])}"]
+    if m.get("wall_time_s") is not None:
+        extra.append(f"wall time: {m['wall_time_s']:.1f} s")
+    parts += ["## Totals\n", "".join(f"- {e}\n" for e in extra)]
+    return "\n".join(parts)
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any], k: int) -> tuple[float | None, float | None, int]:
+    """succ@k of run b minus run a over their shared problems, with the paired standard error.
+
+    Pairing by problem removes the problem-difficulty variance both runs share, so it judges a
+    difference of a few points far better than two independent standard errors.
+    """
+    pa, pb = a.get("per_problem") or {}, b.get("per_problem") or {}
+    shared = [p for p in pa if p in pb and k <= len(pa[p]) and k <= len(pb[p])]
+    if not shared:
+        return None, None, 0
+    d = [pb[p][k - 1] - pa[p][k - 1] for p in shared]
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, None, len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return mean, se, len(d)
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    p = Path(run_dir)
+    f = p / METRICS_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise DriftError(f"{p}: no {METRICS_FILE} (not an eval run directory)")
+    try:
+        m = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DriftError(f"{f}: malformed JSON ({e})") from None
+    missing = [k for k in ("max_turns", "succ_at_k", "succ_at_k_se", "num_problems") if k not in m]
+    if missing:
+        raise DriftError(f"{f}: missing key {missing[0]!r} (not a drift metrics file)")
+    return m
+
+
+def plot_succ_at_k(metrics_list: Sequence[dict[str, Any]], labels: Sequence[str], output_png: str | Path) -> None:
+    """succ@k against k, one line with standard-error bars per run (matplotlib, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    for label, m in zip(labels, metrics_list):
+        ks = list(range(1, m["max_turns"] + 1))
+        ys = [100 * v for v in m["succ_at_k"]]
+        err = [100 * (s or 0.0) for s in m["succ_at_k_se"]]
+        ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xlabel("turn k")
+    ax.set_ylabel("succ@k (%)")
+    ax.set_xticks(range(1, max(m["max_turns"] for m in metrics_list) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(output_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+
+
+def compare(dirs: Sequence[str], output_png: str | None = None, labels: Sequence[str] | None = None) -> str:
+    """Side-by-side table of eval runs (+ paired differences against the first) and a succ@k plot."""
+    if not dirs:
+        raise DriftError("compare needs at least one eval directory")
+    if labels is not None and len(labels) != len(dirs):
+        raise DriftError(f"{len(labels)} labels given for {len(dirs)} directories")
+    metrics = [load_metrics(d) for d in dirs]
+    if labels is None:
+        names = [Path(d).resolve().name for d in dirs]
+        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+    text = markdown_table(metrics, labels)
+    if len(metrics) > 1:
+        text += "\n" + _paired_table(metrics, labels)
+    if output_png:
+        plot_succ_at_k(metrics, labels, output_png)
+        text += f"\nplot: {output_png}\n"
+    return text
+
+
+def _paired_table(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
+    base = metrics[0]
+    lines = [f"Paired difference in succ@T against {labels[0]} (points ± paired se, shared problems):\n",
+             "| run | k | Δ succ@k | shared |", "|---|---:|---:|---:|"]
+    for label, m in zip(labels[1:], metrics[1:]):
+        k = min(base["max_turns"], m["max_turns"])
+        d, se, n = paired_difference(base, m, k)
+        lines.append(f"| {label} | {k} | {_pct(d, se)} | {n} |")
+    return "\n".join(lines) + "\n"

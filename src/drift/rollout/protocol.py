@@ -1,0 +1,85 @@
+"""The small protocol every generation backend (hf, vllm, openai) implements.
+
+The rollout engine owns the multi-turn loop; a backend only turns conversations into
+assistant messages. Conversation identity (`ConvId`) is passed so a backend may keep
+per-conversation state between turns (the hf backend keeps KV caches) and must be told
+when a conversation ends (`release`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+ConvId = tuple[str, int]  # (prompt_id, sample_idx)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every sampling parameter, set explicitly and saved with the run."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class GenRequest:
+    """Generate one assistant message for each conversation in `conv_ids`.
+
+    All of them share the same history `messages` (turn 1: the n samples of one prompt
+    group; later turns: exactly one live conversation).
+    """
+
+    conv_ids: list[ConvId]
+    messages: list[dict[str, str]]
+    turn: int  # 1-based turn being generated
+
+
+@dataclass
+class GenOutput:
+    text: str  # the assistant message, without the end-of-turn token
+    tokens: int  # generated tokens (including the end-of-turn token if produced)
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class BackendStats:
+    prefill_tokens: int = 0  # prompt tokens actually run through the model (after any cache reuse)
+    generated_tokens: int = 0
+
+
+class PromptTooLong(Exception):
+    """A backend raises this when some histories do not fit the model's context.
+
+    It lists every offending conversation of the call and generates nothing for the call; the
+    engine counts and logs those conversations as skipped and repeats the call without them.
+    """
+
+    def __init__(self, conv_ids: list[ConvId], detail: str = ""):
+        super().__init__(f"{len(conv_ids)} conversation(s) exceed the model context" + (f": {detail}" if detail else ""))
+        self.conv_ids = list(conv_ids)
+        self.detail = detail
+
+
+class Backend(Protocol):
+    name: str
+    stats: BackendStats
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
+        """One list of outputs per request, one output per conv_id, in order."""
+        ...
+
+    def release(self, conv_ids: list[ConvId]) -> None:
+        """These conversations are finished: drop any state kept for them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def sample_seed(seed: int, conv: ConvId, turn: int) -> int:
+    """A reproducible 63-bit seed per (run seed, prompt, sample, turn)."""
+    h = hashlib.sha256(f"{seed}|{conv[0]}|{conv[1]}|{turn}".encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1

@@ -1,0 +1,233 @@
+"""Returns and per-group importance weights (the pure core of DRIFT), and `drift weights`.
+
+Return of one trajectory (every term configurable):
+    R = sum_t gamma^(t-1) * r_t  +  format_penalty * (#unparseable turns)
+        - repeat_penalty * (1 - unique_answers / answered_turns)
+r_t = 1 if turn t is correct else 0. Reference-format rows carry their summed format
+penalty themselves; it is used as stored.
+
+Weights of one prompt group with returns R_1..R_N:
+    drift:  w_i = exp(R_i/beta) / ((1/N) sum_j exp(R_j/beta))   (mean 1; max subtracted first)
+    sft:    w_i = 1
+    rft:    w_i = 1 if trajectory i was solved else 0
+    refit:  w_i = R_i                                            (R_i >= 0 required)
+    swift:  w_i = (R_i - mean(R)) / (std(R) + eps)              (population std, eps = 1e-6)
+A group is *degenerate* when all its returns are equal: it carries no preference signal.
+Rule `keep` leaves the method's weights (drift and sft: all 1 = plain SFT on the group; swift: all 0);
+rule `drop` sets the group's weights to 0.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from drift import DriftError
+from drift.checkers import normalize_answer
+from drift.config import option
+from drift.records import ReturnInputs, is_success, read_jsonl, return_inputs, write_json, write_jsonl
+
+METHODS = ("drift", "sft", "rft", "refit", "swift")
+SWIFT_EPS = 1e-6
+
+
+@dataclass
+class ReturnConfig:
+    gamma: float = option(0.9, "discount per turn: a success at turn t earns gamma^(t-1)")
+    format_penalty: float = option(-0.1, "added to the return for every unparseable turn (drift format)")
+    repeat_penalty: float = option(0.5, "lambda: subtract lambda * (1 - unique/answered) for repeated answers")
+
+
+def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
+    """R = discounted success + format penalty - repeat penalty (see module docstring)."""
+    discounted = sum(cfg.gamma ** t * r for t, r in enumerate(x.turn_rewards))
+    fmt = x.format_penalty_sum if x.format_penalty_sum is not None else cfg.format_penalty * x.format_errors
+    answered = len(x.answer_norms)
+    unique = len({normalize_answer(a) for a in x.answer_norms if a})
+    repeat = cfg.repeat_penalty * (1.0 - unique / answered) if answered else 0.0
+    return discounted + fmt - repeat
+
+
+def is_degenerate(returns: Sequence[float]) -> bool:
+    return max(returns) - min(returns) <= 1e-12
+
+
+def drift_weights(returns: Sequence[float], beta: float) -> list[float]:
+    """exp(R/beta) normalized to mean 1 within the group, computed stably."""
+    if beta <= 0:
+        raise DriftError(f"beta must be > 0, got {beta}")
+    top = max(returns)
+    e = [math.exp((r - top) / beta) for r in returns]
+    mean = sum(e) / len(e)
+    return [v / mean for v in e]
+
+
+def swift_weights(returns: Sequence[float]) -> list[float]:
+    """(R - mean) / (population std + 1e-6) within the group."""
+    mean = sum(returns) / len(returns)
+    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+    return [(r - mean) / (std + SWIFT_EPS) for r in returns]
+
+
+def refit_weights(returns: Sequence[float]) -> list[float]:
+    if min(returns) < 0:
+        raise ValueError("refit")
+    return list(returns)
+
+
+def group_weights(method: str, returns: Sequence[float], solved: Sequence[bool], beta: float) -> list[float]:
+    """Weights of one prompt group. Pure; raises ValueError('refit') on negative refit returns."""
+    if method == "drift":
+        return drift_weights(returns, beta)
+    if method == "sft":
+        return [1.0] * len(returns)
+    if method == "rft":
+        return [1.0 if s else 0.0 for s in solved]
+    if method == "refit":
+        return refit_weights(returns)
+    if method == "swift":
+        return swift_weights(returns)
+    raise DriftError(f"unknown weighting method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def effective_sample_size(weights: Sequence[float]) -> float:
+    """(sum w)^2 / sum w^2; 0 for an all-zero group."""
+    sq = sum(w * w for w in weights)
+    return (sum(weights) ** 2) / sq if sq > 0 else 0.0
+
+
+@dataclass
+class WeightsConfig:
+    input: str = option("", "trajectories: a drift JSONL file or shard directory, or reference-format JSONL")
+    output: str = option("", "where to write the weighted JSONL (every input row + 'return' and 'weight')")
+    method: Literal["drift", "sft", "rft", "refit", "swift"] = option("drift", "weighting method")
+    beta: float = option(0.1, "DRIFT temperature: w ∝ exp(R/beta)")
+    gamma: float = option(0.9, "discount per turn for the return")
+    format_penalty: float = option(-0.1, "return penalty per unparseable turn (drift format)")
+    repeat_penalty: float = option(0.5, "lambda of the repeated-answer penalty")
+    degenerate: Literal["keep", "drop"] = option("keep", "groups whose returns are all equal: keep the method's weights, or drop (weight 0)")
+    skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise DriftError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.gamma <= 1:
+            raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
+
+    @property
+    def returns(self) -> ReturnConfig:
+        return ReturnConfig(self.gamma, self.format_penalty, self.repeat_penalty)
+
+
+def _input_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl")) or sorted((path / "trajectories").glob("*.jsonl"))
+        if not files:
+            raise DriftError(f"{path}: no .jsonl files in this directory")
+        return files
+    if not path.is_file():
+        raise DriftError(f"input not found: {path}")
+    return [path]
+
+
+def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
+    """Read the input, return (rows with 'return'/'weight' added, diagnostics)."""
+    rows: list[dict] = []
+    where: list[str] = []
+    skipped = 0
+    for f in _input_files(Path(cfg.input)):
+        lines = read_jsonl(f, skip_bad=cfg.skip_bad_rows)
+        for lineno, row in lines:
+            loc = f"{f}:{lineno}"
+            if row is None:
+                skipped += 1
+                continue
+            try:
+                if "prompt_id" not in row or row["prompt_id"] in (None, ""):
+                    raise DriftError(f"{loc}: missing field 'prompt_id'")
+                ret = trajectory_return(return_inputs(row, loc), cfg.returns)
+            except DriftError:
+                if cfg.skip_bad_rows:
+                    skipped += 1
+                    continue
+                raise
+            if not math.isfinite(ret):
+                raise DriftError(f"{loc}: non-finite return {ret} (group {row['prompt_id']!r})")
+            rows.append({**row, "return": ret})
+            where.append(loc)
+    if not rows:
+        raise DriftError(f"{cfg.input}: no rows to weight (empty input)")
+
+    groups: OrderedDict[str, list[int]] = OrderedDict()
+    for i, row in enumerate(rows):
+        groups.setdefault(str(row["prompt_id"]), []).append(i)
+    per_group = []
+    for pid, idx in groups.items():
+        rets = [rows[i]["return"] for i in idx]
+        solved = [is_success(rows[i]) for i in idx]
+        degenerate = is_degenerate(rets)
+        try:
+            ws = group_weights(cfg.method, rets, solved, cfg.beta)
+        except ValueError:
+            bad = next(i for i in idx if rows[i]["return"] < 0)
+            raise DriftError(
+                f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad]['return']:.4g} "
+                "(penalties make returns negative: use --format-penalty 0 --repeat-penalty 0 with refit)") from None
+        if degenerate and cfg.degenerate == "drop":
+            ws = [0.0] * len(ws)
+        for i, w in zip(idx, ws):
+            rows[i]["weight"] = w
+        per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate,
+                          "ess": effective_sample_size(ws), "max_weight": max(ws), "solved": sum(solved)})
+    return rows, diagnostics(cfg, rows, per_group, skipped)
+
+
+def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int) -> dict:
+    weights = [r["weight"] for r in rows]
+    ess = [g["ess"] for g in per_group]
+    qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
+    return {
+        "method": cfg.method, "beta": cfg.beta, "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
+        "repeat_penalty": cfg.repeat_penalty, "degenerate_rule": cfg.degenerate,
+        "rows": len(rows), "skipped_rows": skipped, "groups": len(per_group),
+        "degenerate_groups": sum(g["degenerate"] for g in per_group),
+        "degenerate_share": sum(g["degenerate"] for g in per_group) / len(per_group),
+        "solved_share": sum(is_success(r) for r in rows) / len(rows),
+        "return_mean": statistics.fmean(r["return"] for r in rows),
+        "weight_sum": sum(weights), "weight_min": min(weights), "weight_max": max(weights),
+        "weight_quantiles": {"p10": qs[0], "p50": qs[4], "p90": qs[8]},
+        "rows_weight_below_1e-3": sum(abs(w) < 1e-3 for w in weights),
+        "ess_mean": statistics.fmean(ess), "ess_min": min(ess), "ess_median": statistics.median(ess),
+        "per_group": per_group,
+    }
+
+
+def run_weights(cfg: WeightsConfig) -> dict:
+    """`drift weights`: write the weighted rows and `<output stem>.weights.json` diagnostics."""
+    if not cfg.input or not cfg.output:
+        raise DriftError("drift weights needs an input and --output")
+    rows, diag = compute(cfg)
+    out = Path(cfg.output)
+    write_jsonl(out, rows)
+    write_json(out.with_name(out.stem + ".weights.json"), diag)
+    return diag
+
+
+def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
+    """(name, value) pairs for printing."""
+    q = diag["weight_quantiles"]
+    return [
+        ("method", f"{diag['method']} (beta {diag['beta']}, gamma {diag['gamma']})"),
+        ("rows / groups", f"{diag['rows']} / {diag['groups']}" + (f"  ({diag['skipped_rows']} skipped)" if diag["skipped_rows"] else "")),
+        ("solved trajectories", f"{diag['solved_share']:.1%}"),
+        ("mean return", f"{diag['return_mean']:.4f}"),
+        ("degenerate groups", f"{diag['degenerate_groups']} ({diag['degenerate_share']:.1%}, rule: {diag['degenerate_rule']})"),
+        ("ESS per group", f"mean {diag['ess_mean']:.2f}, min {diag['ess_min']:.2f}, median {diag['ess_median']:.2f}"),
+        ("weight min / p10 / p50 / p90 / max", f"{diag['weight_min']:.4g} / {q['p10']:.4g} / {q['p50']:.4g} / {q['p90']:.4g} / {diag['weight_max']:.4g}"),
+        ("rows with |weight| < 1e-3", str(diag["rows_weight_below_1e-3"])),
+    ]

@@ -1,0 +1,201 @@
+"""Returns and weights against numbers computed by hand (formulas in the comments)."""
+
+import json
+import math
+
+import pytest
+
+from drift import DriftError
+from drift.records import ReturnInputs
+from drift.weights import (
+    ReturnConfig,
+    WeightsConfig,
+    compute,
+    drift_weights,
+    effective_sample_size,
+    group_weights,
+    run_weights,
+    swift_weights,
+    trajectory_return,
+)
+
+REF = ReturnConfig(gamma=0.9, format_penalty=-0.1, repeat_penalty=0.5)
+
+
+def turn(status, norm=None):
+    return {"response": "x", "answer": norm, "answer_norm": norm, "status": status, "tokens": 3, "finish_reason": "stop"}
+
+
+def drift_row(pid, idx, turns, success_turn=None):
+    return {"prompt_id": pid, "sample_idx": idx, "messages": [{"role": "user", "content": "q"}],
+            "turns": turns, "gold": "c", "success_turn": success_turn, "metadata": {}, "schema_version": 1}
+
+
+def ref_row(pid, rewards, norms, fp=0.0, t_star=None):
+    return {"prompt_id": pid, "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "turn_rewards": {f"t{i + 1}": r for i, r in enumerate(rewards)}, "answer_norms": norms,
+            "format_penalty": fp, "verifier": {}, "t_star": t_star}
+
+
+# --- returns -------------------------------------------------------------------------------
+
+def test_return_success_at_turn_3_with_one_format_error():
+    # wrong "b", unparseable, correct "c": 0.9^2 = 0.81; -0.1 format; 2 answers, 2 unique -> 0
+    x = ReturnInputs([0.0, 0.0, 1.0], ["b", "c"], format_errors=1)
+    assert trajectory_return(x, REF) == pytest.approx(0.71)
+
+
+def test_return_repeats_are_penalized():
+    # "B", "b ", "B" normalize to one answer: 0.5 * (1 - 1/3) = 1/3
+    x = ReturnInputs([0.0, 0.0, 0.0], ["B", "b ", "B"], format_errors=0)
+    assert trajectory_return(x, REF) == pytest.approx(-1 / 3)
+
+
+def test_return_terms_configurable():
+    x = ReturnInputs([0.0, 1.0], ["5", "5"], format_errors=2)
+    # gamma 0.5 -> 0.5; 2 format errors * -0.2 = -0.4; 1 - 1/2 unique, lambda 1 -> -0.5
+    assert trajectory_return(x, ReturnConfig(0.5, -0.2, 1.0)) == pytest.approx(-0.4)
+    assert trajectory_return(x, ReturnConfig(0.9, 0.0, 0.0)) == pytest.approx(0.9)
+
+
+def test_return_no_answers_no_repeat_penalty():
+    assert trajectory_return(ReturnInputs([0.0], [], format_errors=1), REF) == pytest.approx(-0.1)
+
+
+def test_reference_row_return_uses_stored_format_penalty(tmp_path):
+    # t2 success: 0.9; stored penalty -0.1; norms 5, 6 unique -> 0.8
+    # second row: "5","5","" -> unique 1 over 3 answered turns -> 0.5 * 2/3
+    path = tmp_path / "ref.jsonl"
+    path.write_text(json.dumps(ref_row("p", [0, 1], ["5", "6"], -0.1, 2)) + "\n"
+                    + json.dumps(ref_row("p", [0, 0, 0], ["5", "5", ""], 0.0)) + "\n")
+    rows, _ = compute(WeightsConfig(input=str(path), output="x", method="sft"))
+    assert rows[0]["return"] == pytest.approx(0.8)
+    assert rows[1]["return"] == pytest.approx(-1 / 3)
+
+
+# --- weights -------------------------------------------------------------------------------
+
+def test_drift_weights_two_rows():
+    # beta 0.1, R = [1, 0]: w = 2 e^10 / (e^10 + 1) = 2 / (1 + e^-10), and 2 / (e^10 + 1)
+    w = drift_weights([1.0, 0.0], 0.1)
+    assert w[0] == pytest.approx(1.9999092042, rel=1e-9)
+    assert w[1] == pytest.approx(9.0795e-5, rel=1e-4)
+    assert sum(w) / 2 == pytest.approx(1.0)
+
+
+def test_drift_weights_three_rows_beta_1():
+    # e^0.9 = 2.459603, e^0.81 = 2.247908, e^0 = 1; mean 1.902504
+    w = drift_weights([0.9, 0.81, 0.0], 1.0)
+    assert w == pytest.approx([1.292826, 1.181555, 0.525619], abs=1e-5)
+
+
+def test_drift_weights_stable_for_large_returns():
+    w = drift_weights([1000.0, 999.0], 0.01)  # exp(1e5) would overflow without the max shift
+    assert all(math.isfinite(v) for v in w) and w[0] == pytest.approx(2.0)
+
+
+def test_degenerate_group_drift_is_all_ones():
+    assert drift_weights([-0.2, -0.2, -0.2], 0.1) == [1.0, 1.0, 1.0]
+
+
+def test_swift_weights():
+    # R = [1, 0, 0, 0]: mean 0.25, population std sqrt(0.1875) = 0.4330127
+    w = swift_weights([1.0, 0.0, 0.0, 0.0])
+    assert w[0] == pytest.approx(0.75 / (0.4330127 + 1e-6), rel=1e-6)
+    assert w[1] == pytest.approx(-0.25 / (0.4330127 + 1e-6), rel=1e-6)
+    assert swift_weights([0.5, 0.5]) == [0.0, 0.0]
+
+
+def test_sft_rft_refit():
+    assert group_weights("sft", [0.3, -1.0], [True, False], 0.1) == [1.0, 1.0]
+    assert group_weights("rft", [0.81, 0.0], [True, False], 0.1) == [1.0, 0.0]
+    assert group_weights("refit", [0.81, 0.0], [True, False], 0.1) == [0.81, 0.0]
+
+
+def test_unknown_method():
+    with pytest.raises(DriftError, match="unknown weighting method 'ppo'"):
+        group_weights("ppo", [1.0], [True], 0.1)
+
+
+def test_ess():
+    assert effective_sample_size([1.0, 1.0, 1.0, 1.0]) == pytest.approx(4.0)
+    assert effective_sample_size([2.0, 0.0]) == pytest.approx(1.0)  # 4 / 4
+    assert effective_sample_size([0.0, 0.0]) == 0.0
+
+
+# --- the weights stage on files ----------------------------------------------------------
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_weights_stage_reference_format_matches_formula(tmp_path):
+    rows = [ref_row("a", [1], ["4"], 0.0, 1), ref_row("a", [0, 0], ["3", "3"], 0.0),
+            ref_row("b", [0, 1], ["1", "2"], -0.1, 2), ref_row("b", [0, 0], ["1", "2"], 0.0)]
+    inp = write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    diag = run_weights(WeightsConfig(input=inp, output=str(out), beta=0.1, gamma=0.9))
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [g["prompt_id"] for g in got] == ["a", "a", "b", "b"]  # same order, all fields kept
+    assert got[0]["turn_rewards"] == {"t1": 1}
+    # group a: R = [1, -0.25] (repeat: 0.5 * (1 - 1/2)); group b: R = [0.8, 0]
+    ra, rb = [1.0, -0.25], [0.8, 0.0]
+    for g, r in zip(got, ra + rb):
+        assert g["return"] == pytest.approx(r)
+    ea = [math.exp(r / 0.1) for r in ra]
+    eb = [math.exp(r / 0.1) for r in rb]
+    expect = [v / (sum(ea) / 2) for v in ea] + [v / (sum(eb) / 2) for v in eb]
+    assert [g["weight"] for g in got] == pytest.approx(expect, rel=1e-9)
+    assert diag["groups"] == 2 and diag["degenerate_groups"] == 0
+    assert (tmp_path / "out.weights.json").is_file()
+
+
+def test_degenerate_groups_keep_or_drop(tmp_path):
+    rows = [drift_row("a", i, [turn("wrong", str(i))]) for i in range(3)]
+    rows += [drift_row("b", 0, [turn("correct", "c")], 1), drift_row("b", 1, [turn("wrong", "d")])]
+    inp = write(tmp_path / "in.jsonl", rows)
+    keep, diag = compute(WeightsConfig(input=inp, output="o", degenerate="keep"))
+    assert [r["weight"] for r in keep[:3]] == [1.0, 1.0, 1.0]
+    assert diag["degenerate_groups"] == 1 and diag["degenerate_share"] == 0.5
+    drop, _ = compute(WeightsConfig(input=inp, output="o", degenerate="drop"))
+    assert [r["weight"] for r in drop[:3]] == [0.0, 0.0, 0.0]
+    assert drop[3]["weight"] == pytest.approx(2 / (1 + math.exp(-10)))
+
+
+def test_refit_negative_return_is_a_clear_error(tmp_path):
+    rows = [drift_row("a", 0, [turn("wrong", "1"), turn("wrong", "1")]), drift_row("a", 1, [turn("correct", "2")], 1)]
+    inp = write(tmp_path / "in.jsonl", rows)
+    with pytest.raises(DriftError, match=r"in.jsonl:1: refit needs returns >= 0"):
+        compute(WeightsConfig(input=inp, output="o", method="refit"))
+    ok, _ = compute(WeightsConfig(input=inp, output="o", method="refit", repeat_penalty=0.0, format_penalty=0.0))
+    assert [r["weight"] for r in ok] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"prompt_id": "a", "turn_rewards": {"t1": 1}}\n{not json\n', r"in.jsonl:2: malformed JSON"),
+    ('{"turn_rewards": {"t1": 1}}\n', r"in.jsonl:1: missing field 'prompt_id'"),
+    ('{"prompt_id": "a", "messages": []}\n', r"in.jsonl:1: row has neither 'turns'"),
+    ('{"prompt_id": "a", "turn_rewards": {"t1": "NaN"}}\n', r"in.jsonl:1: non-finite return"),
+    ('{"prompt_id": "a", "turn_rewards": {"first": 1}}\n', r"in.jsonl:1: turn_rewards key 'first'"),
+    ("", r"no rows to weight \(empty input\)"),
+])
+def test_bad_input_names_file_and_line(tmp_path, content, match):
+    p = tmp_path / "in.jsonl"
+    p.write_text(content)
+    with pytest.raises(DriftError, match=match):
+        compute(WeightsConfig(input=str(p), output="o"))
+
+
+def test_skip_bad_rows_counts(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text('{"prompt_id": "a", "turn_rewards": {"t1": 1}}\n{broken\n{"turn_rewards": {}}\n')
+    rows, diag = compute(WeightsConfig(input=str(p), output="o", skip_bad_rows=True))
+    assert len(rows) == 1 and diag["skipped_rows"] == 2  # the malformed line and the one without prompt_id
+
+
+def test_missing_input_and_bad_config():
+    with pytest.raises(DriftError, match="input not found"):
+        compute(WeightsConfig(input="/nonexistent/x.jsonl", output="o"))
+    with pytest.raises(DriftError, match="beta must be > 0"):
+        WeightsConfig(input="x", output="o", beta=0.0)
