@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import multiprocessing
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
+from multiprocessing.connection import Connection
 from typing import Any
 
 from drift import DriftError
@@ -62,7 +67,7 @@ def last_boxed(text: str) -> str | None:
     Only the last one counts: if it is cut off (unbalanced), the answer is None rather than an
     earlier, possibly intermediate, box. `\\boxed 5` (no braces) gives "5".
     """
-    starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\b", text)]
+    starts = list(re.finditer(r"\\(?:boxed|fbox)\b", text))
     if not starts:
         return None
     i = starts[-1].end()
@@ -103,30 +108,33 @@ def last_number(text: str) -> str | None:
 
 
 _LETTER = r"(?:\(([A-Da-d])\)|\[([A-Da-d])\]|\*\*([A-D])\*\*|([A-D])(?![\w])|([a-d])(?=[.):]|\s*$))"
-_LETTER_ANCHOR = re.compile(
-    r"\b(?i:answer|option|choice)\b(?:\s+(?i:is|would be|should be|will be))?[\s:=*]*"
-    r"(?:(?i:option|choice)\s*)?" + _LETTER)
-# An uppercase letter standing alone; "A" followed by a lower-case word is the article.
-_LONE_LETTER = re.compile(r"(?<![\w\\])([A-D])(?![\w])(?<!A(?=\s+(?!is\b|was\b|seems\b|would\b|should\b)[a-z]))")
-_LINE_LETTER = re.compile(r"^\s*[*_]*[(\[]?([A-D])[)\]]?[*_]*(?:[.):]|\s|$)(?<!A(?=\s+[a-z]))", re.M)
+_ANSWER_ANCHOR = re.compile(r"\b(?i:answer)\b(?:\s+(?i:is|would be|should be|will be))?[\s:=*]*(?:(?i:option|choice)\s*)?" + _LETTER)
+_OPTION_ANCHOR = re.compile(r"\b(?i:option|choice)\s*" + _LETTER)
+# Letters opening a line ("B. 82") and letters standing alone; "A" before a lower-case word is the article.
+_LINE_LETTER = re.compile(r"^\s*[*_]*[(\[]?(?!A\s+[a-z])([A-D])[)\]]?[*_]*(?:[.):]|\s|$)", re.M)
+_LONE_LETTER = re.compile(r"(?<![\w\\])(?!A\s+(?!is\b|was\b|seems\b|would\b|should\b)[a-z])([A-D])(?![\w])")
+
+
+def _letter_of(match: re.Match) -> str:
+    return next(g for g in match.groups() if g).upper()
 
 
 def find_letter(text: str) -> str | None:
     """A single choice letter (A-D, upper-cased) that `text` gives as its answer, or None.
 
     In order: the whole text is one letter ("b", "(B)", "C."); the last "answer is X" /
-    "Answer: X" / "option X"; letters opening lines ("B. 82") if they agree; letters standing
-    alone anywhere if they agree. Several different candidates give None.
+    "Answer: X"; else, each in turn, "option X" mentions, letters opening lines ("B. 82") and
+    letters standing alone: the first kind present decides if all its letters agree, else None.
     """
     text = text.strip()
     m = re.fullmatch(r"[*_]*[(\[]?([A-Da-d])[)\]]?[.:]?[*_]*", text)
     if m:
         return m.group(1).upper()
-    anchors = list(_LETTER_ANCHOR.finditer(text))
-    if anchors:
-        return next(g for g in anchors[-1].groups() if g).upper()
-    for pattern in (_LINE_LETTER, _LONE_LETTER):
-        letters = set(pattern.findall(text))
+    answers = list(_ANSWER_ANCHOR.finditer(text))
+    if answers:
+        return _letter_of(answers[-1])
+    for pattern in (_OPTION_ANCHOR, _LINE_LETTER, _LONE_LETTER):
+        letters = {_letter_of(m) for m in pattern.finditer(text)}
         if len(letters) == 1:
             return letters.pop()
         if len(letters) > 1:
@@ -155,7 +163,11 @@ def extract_answer(text: str, mode: str) -> str | None:
         answer = boxed
     elif mode in ("number", "letter"):
         read = last_number if mode == "number" else find_letter
-        answer = next((a for a in (read(s) for s in (tagged, boxed) if s) if a), None) or read(text)
+        answer = None
+        for source in (tagged, boxed, text):
+            answer = read(source) if source else None
+            if answer:
+                break
     elif mode == "last_line":
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         answer = lines[-1] if lines else None
@@ -206,12 +218,18 @@ class Checker:
         raise NotImplementedError
 
 
+def _number_text(s: str) -> str | None:
+    """`s` as plain number text ("1,234." -> "1234", "\\frac{3}{4}" -> "3/4") if it is one number."""
+    s = _clean_math(s).strip().strip("$").strip().rstrip(".").lstrip("+")
+    return s.replace(",", "") if _NUMBER.fullmatch(s) else None
+
+
 def to_number(s: str) -> Fraction | None:
     """`s` as an exact number if it is one ("1,234", "-2.5", "3/4", "\\frac{3}{4}", "1e-3", "42.")."""
-    s = _clean_math(s).strip().strip("$").strip().rstrip(".").lstrip("+")
-    if not _NUMBER.fullmatch(s):
+    text = _number_text(s)
+    if text is None:
         return None
-    num, _, den = s.replace(",", "").partition("/")
+    num, _, den = text.partition("/")
     try:
         return Fraction(num) / Fraction(den or 1)
     except (ValueError, ZeroDivisionError):
@@ -224,9 +242,7 @@ class NumericChecker(Checker):
     name = "numeric"
 
     def read(self, answer: str) -> str | None:
-        if to_number(answer) is not None:
-            return _clean_math(answer).strip().strip("$").strip().rstrip(".").lstrip("+").replace(",", "")
-        return last_number(answer)
+        return _number_text(answer) or last_number(answer)
 
     def judge(self, answer: str, gold: str) -> str:
         g = to_number(gold)
@@ -285,9 +301,10 @@ class MathChecker(Checker):
             same = x == y if "." not in a + g else round(x, 6) == round(y, 6)
             return "correct" if same else "wrong"
         seconds = max(1, int(self.timeout))
-        outcome, value = run_in_worker("drift.checkers:math_verdict", (gold, answer, seconds), self.timeout)
+        outcome, value = run_in_worker("drift.checkers:math_verdict", (gold, answer, seconds), self.timeout,
+                                       preload=("math_verify",))
         if outcome == "error":
-            raise RuntimeError(f"math-verify failed in its worker: {value}")
+            raise DriftError(f"math checker: math-verify failed in its worker process ({value})")
         return value if outcome == "ok" else "timeout"
 
 
@@ -342,7 +359,7 @@ class FunctionChecker(Checker):
             raise DriftError(f"custom checker {self.name} failed: {value}")
         if outcome == "timeout":
             return "timeout"
-        return {True: "correct", False: "wrong", None: "unparseable"}[value]
+        return "unparseable" if value is None else "correct" if value else "wrong"
 
 
 def _resolve(spec: str) -> Any:
@@ -384,37 +401,55 @@ MAX_WORKERS = 2
 STARTUP_TIMEOUT = 120.0  # seconds for a worker to start and import a function (not part of `timeout`)
 
 
-def _serve(conn: Any) -> None:
-    """(worker main loop) Run ("load"|"call", spec, args) requests until the pipe closes."""
+def _serve(fd: int) -> None:
+    """(worker main loop) Answer ("import", spec, modules) and ("call", spec, args) requests on `fd`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it kills us
+    conn = Connection(fd)
     functions: dict[str, Any] = {}
     while True:
         try:
             op, spec, args = conn.recv()
         except (EOFError, OSError):
-            return
+            return  # the parent closed the pipe or died
         try:
             if spec not in functions:
                 functions[spec] = _resolve(spec)
-            value = functions[spec](*args)
-            conn.send(("ok", None if op == "load" or value is None else bool(value) if op == "call" and spec != "drift.checkers:math_verdict" else value))
-        except BaseException as e:  # noqa: BLE001 - reported to the caller, who raises DriftError
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+            if op == "import":
+                for module in args:
+                    importlib.import_module(module)
+                reply = ("ok", None)
+            else:
+                reply = ("ok", functions[spec](*args))
+        except BaseException as e:  # reported to the caller, which raises DriftError
+            reply = ("error", f"{type(e).__name__}: {e}")
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # an unpicklable return value
+            conn.send(("error", f"returned a value that cannot be sent back ({type(e).__name__}: {e})"))
 
 
 class _Worker:
-    """One worker process and its pipe; remembers which functions it has imported."""
+    """One worker process and its socket; remembers which functions it has imported.
+
+    A fresh interpreter (`python -c`) rather than multiprocessing's spawn, which would re-run the
+    caller's main script in the worker; the caller's sys.path is passed on as PYTHONPATH.
+    """
 
     def __init__(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="drift-checker")
-        self.process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        fd = theirs.fileno()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.process = subprocess.Popen([sys.executable, "-c", f"from drift.checkers import _serve; _serve({fd})"],
+                                        pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
         self.loaded: set[str] = set()
 
     def request(self, op: str, spec: str, args: tuple, timeout: float) -> tuple[str, Any]:
-        self.conn.send((op, spec, args))
         try:
+            self.conn.send((op, spec, args))
             if not self.conn.poll(timeout):
                 return "timeout", None
             return self.conn.recv()
@@ -423,7 +458,7 @@ class _Worker:
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join(5)
+        self.process.wait(5)
         self.conn.close()
 
 
@@ -464,17 +499,18 @@ def _release(worker: _Worker, healthy: bool) -> None:
     _slots.release()
 
 
-def run_in_worker(spec: str, args: tuple, timeout: float) -> tuple[str, Any]:
+def run_in_worker(spec: str, args: tuple, timeout: float, preload: tuple[str, ...] = ()) -> tuple[str, Any]:
     """Call the function `spec` (module:function) with `args` in a worker process.
 
     Returns ("ok", value), ("error", "ExcType: message") or ("timeout", None). Importing the
-    function into a fresh worker is not counted in `timeout`. A worker that timed out is killed.
+    function (and the `preload` modules) into a fresh worker is not counted in `timeout`. A worker
+    that timed out is killed; the next call starts a new one.
     """
     worker = _acquire()
     healthy = False
     try:
         if spec not in worker.loaded:
-            outcome, value = worker.request("import", spec, (), STARTUP_TIMEOUT)
+            outcome, value = worker.request("import", spec, preload, STARTUP_TIMEOUT)
             if outcome != "ok":
                 return outcome, value
             worker.loaded.add(spec)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import tomllib
 import types
@@ -125,7 +126,7 @@ def build(cls: type[C], data: dict[str, Any], where: str = "") -> C:
         name = key.replace("-", "_")
         full = f"{where}{name}"
         if name not in fields:
-            close = [f for f in fields if f.startswith(name[:3])]
+            close = difflib.get_close_matches(name, list(fields), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise DriftError(f"unknown config key '{full}'{hint}")
         tp = hints[name]

@@ -171,5 +171,6 @@ def _paired_table(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) -> s
     for label, m in zip(labels[1:], metrics[1:]):
         k = min(base["max_turns"], m["max_turns"])
         d, se, n = paired_difference(base, m, k)
-        lines.append(f"| {label} | {k} | {_pct(d, se)} | {n} |")
+        diff = "–" if d is None else f"{100 * d:+.1f}" + ("" if se is None else f" ± {100 * se:.1f}")
+        lines.append(f"| {label} | {k} | {diff} | {n} |")
     return "\n".join(lines) + "\n"

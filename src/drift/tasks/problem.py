@@ -19,7 +19,7 @@ class Problem:
     question: str
     answer: str  # gold answer as text
     checker: str = "math"  # math | numeric | choice | exact | module:function
-    extract: str = "auto"  # answer extraction: auto | answer_tag | boxed | number | letter | last_line
+    extract: str = "auto"  # answer extraction: auto | answer_tag | boxed | number | letter | last_line | full
     instruction: str | None = None  # answer-format instruction appended to the question
     messages: list[dict[str, str]] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,458 @@
+"""The rollout stage: sample multi-turn try-again conversations once from a reference model.
+
+A run directory holds
+    trajectories/shard-NNNNN.jsonl   finished trajectories, `shard_size` per file, fsynced per write
+    manifest.json                    model, tasks, sampling, backend, versions, counts, timings, summary
+A run is complete only when the manifest says `"status": "complete"` (`is_complete`).
+
+`RolloutConfig` extends `TaskSpec` and `EnvConfig`: their fields (`tasks`, `num_problems`,
+`max_turns`, `feedback`, ...) are flat fields of the rollout config, so every one of them is a
+CLI flag with its help text written once, and the config can be handed to `load_tasks` and
+`Episode` as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from drift import DriftError, __version__
+from drift.config import option, to_dict
+from drift.env import EnvConfig, Episode
+from drift.metrics import compute_metrics
+from drift.records import Trajectory, read_jsonl, read_trajectories, write_json
+from drift.rollout.protocol import Backend, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
+from drift.tasks import Problem, TaskSpec, load_tasks
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARDS = "trajectories"
+MANIFEST_EVERY = 30.0  # seconds between manifest refreshes while running
+# Settings that shape the samples: a resume must use the same values (plus every task and env field).
+SAME_ON_RESUME = ("model", "lora", "backend", "n", "temperature", "top_p", "max_new_tokens", "seed")
+
+
+@dataclass
+class RolloutConfig(TaskSpec, EnvConfig):
+    model: str = option("smollm2-135m", "reference model: directory, hub name or alias (hf, vllm); served model name (openai)")
+    output: str = option("", "run directory for trajectory shards and manifest.json (required)")
+    backend: Literal["hf", "vllm", "openai"] = option("hf", "generation backend")
+    n: int = option(8, "samples per prompt (the prompt group size)")
+    temperature: float = option(1.0, "sampling temperature (0: greedy)")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = option(256, "maximum generated tokens per assistant turn")
+    seed: int = option(0, "run seed; every (prompt, sample, turn) samples with its own seed derived from it")
+    resume: bool = option(False, "complete an interrupted run in --output (same sampling, task and env settings)")
+    shard_size: int = option(256, "trajectories per shard file")
+    max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish (none: max(n, 4 x batch_size))")
+    batch_size: int = option(16, "hf: sequences per forward pass")
+    dtype: str = option("auto", "hf, vllm: model dtype (auto, float32, bfloat16)")
+    device: str | None = option(None, "hf: torch device (none: the backend's choice)")
+    lora: str | None = option(None, "vllm: LoRA adapter directory served on top of the model")
+    tensor_parallel_size: int = option(1, "vllm: GPUs per model")
+    gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use")
+    max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
+    base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server")
+    api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)")
+    concurrency: int = option(8, "openai: requests in flight")
+    request_timeout: float = option(120.0, "openai: seconds per request attempt")
+    max_retries: int = option(3, "openai: retries after connection errors, timeouts, 429 and 5xx (exponential backoff)")
+    extra_body: dict = option({}, "openai: extra JSON fields for every request, e.g. {\"top_k\": 20}")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [("n", self.n >= 1), ("temperature", self.temperature >= 0), ("top_p", 0 < self.top_p <= 1),
+                  ("max_new_tokens", self.max_new_tokens >= 1), ("shard_size", self.shard_size >= 1),
+                  ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
+                  ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
+                  ("max_retries", self.max_retries >= 0)]
+        for key, ok in checks:
+            if not ok:
+                raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
+        if self.lora and self.backend != "vllm":
+            raise DriftError(f"lora adapters are applied by the vllm backend; with {self.backend}, "
+                             "merge the adapter or serve it under its own model name")
+
+
+def task_spec(cfg: RolloutConfig) -> TaskSpec:
+    return TaskSpec(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TaskSpec)})
+
+
+def env_config(cfg: RolloutConfig) -> EnvConfig:
+    return EnvConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvConfig)})
+
+
+def sampling_params(cfg: RolloutConfig) -> SamplingParams:
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
+def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
+    """The backend named by `cfg.backend` (its module is imported only now)."""
+    if cfg.backend == "openai":
+        from drift.rollout.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                             timeout=cfg.request_timeout, max_retries=cfg.max_retries, extra_body=cfg.extra_body)
+    from drift.models import resolve_model
+
+    path = model_path or resolve_model(cfg.model)
+    if cfg.backend == "vllm":
+        from drift.rollout.vllm_backend import VLLMBackend
+
+        return VLLMBackend(path, lora=cfg.lora, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                           dtype=cfg.dtype)
+    from drift.rollout.hf import HFBackend
+
+    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DriftError(f"{path}: unreadable manifest ({e})") from None
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Did a rollout finish in `directory` (every expected trajectory written or counted as skipped)?"""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("stage") == "rollout" and manifest.get("status") == "complete"
+
+
+def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
+    """Sample `cfg.n` conversations per problem into `cfg.output`; return the final manifest.
+
+    1. Load the problems and check the run directory (fresh, or --resume with the same settings).
+    2. Build the backend (unless given) and write the manifest with status "running".
+    3. Generate: finished trajectories are appended to shards as they end.
+    4. Re-read the shards, check every expected (prompt_id, sample_idx) is there exactly once
+       (or was skipped), summarize, and mark the manifest complete.
+    """
+    if not cfg.output:
+        raise DriftError("rollout needs an output directory (--output)")
+    out = Path(cfg.output)
+    shard_dir = out / SHARDS
+    # step 1
+    problems = load_tasks(task_spec(cfg)) if problems is None else problems
+    if not problems:
+        raise DriftError("rollout: no problems to sample")
+    fingerprint = tasks_fingerprint(problems)
+    previous = _check_run_dir(out, cfg, fingerprint)
+    done = _scan_shards(shard_dir)
+    todo = [(p, missing) for p in problems if (missing := [i for i in range(cfg.n) if (p.id, i) not in done])]
+    if done:
+        log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out, len(done), len(todo))
+    # step 2
+    model_path = None
+    own_backend = backend is None
+    if own_backend:
+        if cfg.backend != "openai":
+            from drift.models import resolve_model
+
+            model_path = resolve_model(cfg.model)
+        backend = make_backend(cfg, model_path)
+    session = {"started": _now(), "finished": None, "wall_seconds": 0.0, "trajectories": 0,
+               "generated_tokens": 0, "prefill_tokens": 0}
+    manifest = {
+        "stage": "rollout", "schema_version": 1, "status": "running",
+        "model": cfg.model, "model_path": model_path, "backend": backend.name,
+        "sampling": {**dataclasses.asdict(sampling_params(cfg)), "n": cfg.n,
+                     "seeding": "sha256(seed|prompt_id|sample_idx|turn) per sample and turn"},
+        "task": to_dict(task_spec(cfg)), "env": to_dict(env_config(cfg)), "tasks_fingerprint": fingerprint,
+        "config": to_dict(cfg), "versions": _versions(cfg.backend),
+        "counts": {"problems": len(problems), "expected": len(problems) * cfg.n, "written": len(done), "skipped": 0},
+        "timings": {"wall_seconds": 0.0, "sessions": (previous or {}).get("timings", {}).get("sessions", []) + [session]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MANIFEST, manifest)
+    # step 3
+    writer = ShardWriter(shard_dir, cfg.shard_size)
+    start, stats0 = time.monotonic(), dataclasses.replace(backend.stats)
+    last_refresh = start
+
+    def refresh(written: int) -> None:
+        nonlocal last_refresh
+        session.update(wall_seconds=round(time.monotonic() - start, 3), trajectories=session["trajectories"] + written,
+                       generated_tokens=backend.stats.generated_tokens - stats0.generated_tokens,
+                       prefill_tokens=backend.stats.prefill_tokens - stats0.prefill_tokens)
+        manifest["counts"]["written"] += written
+        manifest["timings"]["wall_seconds"] = round(sum(s["wall_seconds"] for s in manifest["timings"]["sessions"]), 3)
+        if time.monotonic() - last_refresh > MANIFEST_EVERY:
+            write_json(out / MANIFEST, manifest)
+            last_refresh = time.monotonic()
+
+    try:
+        skipped = _sample(cfg, todo, backend, writer, refresh)
+    finally:
+        writer.close()
+        write_json(out / MANIFEST, manifest)  # still "running": counts and timings of this session so far
+        if own_backend:
+            backend.close()
+    # step 4
+    trajectories = read_trajectories(shard_dir) if any(shard_dir.glob("shard-*.jsonl")) else []
+    _check_complete(trajectories, problems, cfg.n, skipped)
+    if not trajectories:
+        raise DriftError(f"rollout produced no trajectories: all {len(skipped)} conversations were skipped "
+                         "(their prompts exceed the model context)")
+    session["finished"] = _now()
+    session["tokens_per_second"] = round(session["generated_tokens"] / max(session["wall_seconds"], 1e-9), 1)
+    manifest["counts"].update(written=len(trajectories), skipped=len(skipped))
+    manifest["skipped"] = skipped
+    manifest["summary"] = summarize(trajectories, cfg.max_turns)
+    manifest["status"] = "complete"
+    write_json(out / MANIFEST, manifest)
+    print_summary(manifest)
+    return manifest
+
+
+def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: Backend, writer: ShardWriter,
+            on_written: Callable[[int], None]) -> list[dict[str, Any]]:
+    """Run the conversations of `todo` (problem, sample indices) to their end; return the skipped ones.
+
+    Up to `max_live` conversations are in flight. Each backend call carries one request per live
+    conversation (its next turn) and one turn-1 request per newly admitted prompt group.
+    """
+    from tqdm.auto import tqdm
+
+    env, params = env_config(cfg), sampling_params(cfg)
+    max_live = cfg.max_live or max(cfg.n, 4 * cfg.batch_size)
+    queue = deque(todo)
+    open_samples = {p.id: len(idx) for p, idx in todo}  # per prompt: conversations not yet ended
+    live: dict[ConvId, Episode] = {}
+    skipped: list[dict[str, Any]] = []
+    bar = tqdm(total=len(todo), unit="prompt", desc="rollout", disable=None)
+    t0, tokens0 = time.monotonic(), backend.stats.generated_tokens
+    while queue or live:
+        requests = [GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1) for key, ep in live.items()]
+        while queue and (not live or len(live) + len(queue[0][1]) <= max_live):
+            problem, indices = queue.popleft()
+            group = {(problem.id, i): Episode(problem, i, env) for i in indices}
+            requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
+            live.update(group)
+        requests, outputs, too_long = _generate(backend, requests, params)
+        for key in too_long:
+            ep = live.pop(key)
+            skipped.append({"prompt_id": key[0], "sample_idx": key[1], "turn": len(ep.trajectory.turns) + 1})
+        finished = _step(requests, outputs, live)
+        writer.write(finished)
+        backend.release([t.key for t in finished] + too_long)
+        for key in [t.key for t in finished] + too_long:
+            open_samples[key[0]] -= 1
+            bar.update(open_samples[key[0]] == 0)
+        on_written(len(finished))
+        rate = (backend.stats.generated_tokens - tokens0) / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix(live=len(live), tok_s=f"{rate:.0f}", skipped=len(skipped))
+    bar.close()
+    return skipped
+
+
+def _step(requests: list[GenRequest], outputs: list[list[GenOutput]], live: dict[ConvId, Episode]) -> list[Trajectory]:
+    """Let the environment judge every response; remove and return the trajectories that ended."""
+    if len(outputs) != len(requests):
+        raise RuntimeError(f"backend returned {len(outputs)} output lists for {len(requests)} requests")
+    finished = []
+    for req, outs in zip(requests, outputs):
+        if len(outs) != len(req.conv_ids):
+            raise RuntimeError(f"backend returned {len(outs)} outputs for {len(req.conv_ids)} conversations")
+        for key, out in zip(req.conv_ids, outs):
+            ep = live[key]
+            ep.step(out.text, out.tokens, out.finish_reason)
+            if ep.done:
+                finished.append(live.pop(key).trajectory)
+    return finished
+
+
+def _generate(backend: Backend, requests: list[GenRequest], params: SamplingParams
+              ) -> tuple[list[GenRequest], list[list[GenOutput]], list[ConvId]]:
+    """backend.generate, minus requests whose history does not fit the context: (requests kept, outputs, skipped)."""
+    too_long: list[ConvId] = []
+    while requests:
+        try:
+            return requests, backend.generate(requests, params), too_long
+        except PromptTooLong as e:
+            bad = set(e.conv_ids)
+            dropped = [r for r in requests if bad.intersection(r.conv_ids)]
+            if not dropped:
+                raise RuntimeError(f"backend {backend.name} reported unknown conversations as too long") from e
+            keys = [c for r in dropped for c in r.conv_ids]
+            log.warning("skipping %d conversation(s) whose history exceeds the model context (%s): %s%s", len(keys),
+                        e.detail or "prompt too long", ", ".join(f"{p}#{i}" for p, i in keys[:5]),
+                        " ..." if len(keys) > 5 else "")
+            too_long += keys
+            requests = [r for r in requests if not bad.intersection(r.conv_ids)]
+    return [], [], too_long
+
+
+class ShardWriter:
+    """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
+
+    After a resume it continues the last shard on disk (whose torn tail `_scan_shards` removed).
+    """
+
+    def __init__(self, directory: Path, shard_size: int):
+        self.directory, self.shard_size = directory, shard_size
+        directory.mkdir(parents=True, exist_ok=True)
+        shards = sorted(directory.glob("shard-*.jsonl"))
+        self.index = int(shards[-1].stem.split("-")[1]) if shards else 0
+        self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
+        self._file = None
+
+    def write(self, trajectories: list[Trajectory]) -> None:
+        for t in trajectories:
+            if self._file is None or self.count >= self.shard_size:
+                self._open_next()
+            self._file.write(json.dumps(t.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
+            self.count += 1
+        if trajectories:
+            self._sync()
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._sync()
+            self._file.close()
+        if self.count >= self.shard_size:
+            self.index, self.count = self.index + 1, 0
+        self._file = (self.directory / f"shard-{self.index:05d}.jsonl").open("a", encoding="utf-8")
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._sync()
+            self._file.close()
+            self._file = None
+
+
+def _scan_shards(directory: Path) -> set[ConvId]:
+    """Keys of the trajectories on disk. A torn last line (a write cut by a kill) is cut off the file."""
+    done: set[ConvId] = set()
+    for path in sorted(directory.glob("shard-*.jsonl")):
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - end)
+            with path.open("r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        for lineno, row in read_jsonl(path):
+            try:
+                key = (str(row["prompt_id"]), int(row["sample_idx"]))
+            except (KeyError, TypeError, ValueError):
+                raise DriftError(f"{path}:{lineno}: not a trajectory record") from None
+            if key in done:
+                raise DriftError(f"{path}:{lineno}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]})")
+            done.add(key)
+    return done
+
+
+def _check_run_dir(out: Path, cfg: RolloutConfig, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of the run to resume (None: a fresh run). Refuses to mix runs."""
+    if out.exists() and not out.is_dir():
+        raise DriftError(f"output {out} exists and is not a directory")
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    if not cfg.resume:
+        raise DriftError(f"output directory {out} is not empty: pass --resume to complete that run, "
+                         "or choose another --output")
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("stage") != "rollout":
+        raise DriftError(f"cannot resume {out}: it is not a rollout directory (no {MANIFEST})")
+    old = manifest.get("config", {})
+    for key, value in _identity(cfg).items():
+        if old.get(key) != value:
+            raise DriftError(f"cannot resume {out}: '{key}' differs from the run on disk "
+                             f"({old.get(key)!r} there, {value!r} now)")
+    if manifest.get("tasks_fingerprint") != fingerprint:
+        raise DriftError(f"cannot resume {out}: the problems differ from those of the run on disk")
+    return manifest
+
+
+def _identity(cfg: RolloutConfig) -> dict[str, Any]:
+    keys = list(SAME_ON_RESUME) + [f.name for f in dataclasses.fields(TaskSpec) + dataclasses.fields(EnvConfig)]
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _check_complete(trajectories: list[Trajectory], problems: list[Problem], n: int, skipped: list[dict]) -> None:
+    """Every expected (prompt_id, sample_idx) exactly once on disk, or skipped; nothing else."""
+    expected = {(p.id, i) for p in problems for i in range(n)}
+    seen: set[ConvId] = set()
+    for t in trajectories:
+        if t.key in seen:
+            raise RuntimeError(f"duplicate trajectory {t.key} in the shards")
+        seen.add(t.key)
+    missing = expected - seen - {(s["prompt_id"], s["sample_idx"]) for s in skipped}
+    extra = seen - expected
+    if missing or extra:
+        raise RuntimeError(f"shards do not match the run: {len(missing)} missing, {len(extra)} unexpected")
+
+
+def tasks_fingerprint(problems: list[Problem]) -> str:
+    """A hash of the problems (ids, questions, answers), to refuse resuming with other tasks."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.question, p.answer, p.messages], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def summarize(trajectories: list[Trajectory], max_turns: int) -> dict[str, Any]:
+    """The closing summary: `drift.metrics` over all trajectories of the run."""
+    m = compute_metrics(trajectories, max_turns)
+    keys = ("num_problems", "num_trajectories", "accuracy", "succ_at_k", "attempted", "correct", "cond_acc",
+            "unique_ratio", "unique_ratio_multi_turn", "mean_turns", "unparseable_rate", "total_tokens",
+            "response_tokens", "length_cut_rate", "pass_at_k")
+    return {k: m[k] for k in keys}
+
+
+def print_summary(manifest: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s, counts, timings = manifest["summary"], manifest["counts"], manifest["timings"]
+    pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    table = Table(title=f"rollout: {manifest['model']} ({manifest['backend']})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("trajectories", f"{counts['written']} of {counts['expected']} ({counts['skipped']} skipped)")
+    table.add_row("problems", str(s["num_problems"]))
+    table.add_row("success within T", pct(s["accuracy"]))
+    for k, (att, cond, succ) in enumerate(zip(s["attempted"], s["cond_acc"], s["succ_at_k"]), 1):
+        table.add_row(f"turn {k}", f"{pct(cond)} of {att} attempted, succ@{k} {pct(succ)}")
+    table.add_row("unique-answer ratio", "–" if s["unique_ratio"] is None else f"{s['unique_ratio']:.3f}")
+    table.add_row("generated tokens", f"{s['total_tokens']:,}")
+    table.add_row("wall time", f"{timings['wall_seconds']:.1f} s")
+    session = timings["sessions"][-1]
+    table.add_row("this session", f"{session['trajectories']} trajectories, {session.get('tokens_per_second', 0)} tok/s")
+    Console().print(table)
+
+
+def _versions(backend: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {"drift": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm",)}.get(backend, ()):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

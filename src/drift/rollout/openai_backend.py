@@ -1,0 +1,131 @@
+"""Backend for any OpenAI-compatible chat-completions server (vLLM serve, SGLang, TGI, ...).
+
+One request per conversation and turn, turn 1 included (no `n` > 1): each sample then has its
+own seed, as with the hf backend, so a resumed, partly done prompt group samples what an
+uninterrupted run would have; `usage.completion_tokens` is that one sample's token count; and
+servers without `n` support work unchanged. Servers with prefix caching (vLLM, SGLang, TGI 3)
+compute a group's shared prompt once all the same.
+
+Requests run on a bounded thread pool. Connection errors, timeouts, 429 and 5xx are retried with
+exponential backoff; any other refusal is a DriftError at once. The API key is read from an
+environment variable and handed to the client only: it is never logged or saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from drift import DriftError
+from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
+
+log = logging.getLogger(__name__)
+
+# How servers word "the prompt does not fit" (vLLM, SGLang, TGI, OpenAI).
+_CONTEXT = re.compile(r"context length|context window|maximum model length|max_model_len|"
+                      r"longer than|too long|must be <= \d+", re.I)
+MAX_BACKOFF = 30.0  # seconds
+
+
+class _ContextOverflow(Exception):
+    pass
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+                 timeout: float = 60.0, max_retries: int = 3, extra_body: dict[str, Any] | None = None,
+                 backoff: float = 1.0):
+        from openai import OpenAI
+
+        self.base_url, self.model = base_url, model
+        self.api_key_env, self.max_retries, self.backoff = api_key_env, max_retries, backoff
+        self.extra_body = dict(extra_body or {})
+        self.stats = BackendStats()
+        self._lock = threading.Lock()
+        # The client's own retries are off: ours below know which errors are worth retrying.
+        self._client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                              max_retries=0, timeout=timeout)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="drift-openai")
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
+        jobs: list[tuple[ConvId, GenRequest]] = [(conv, req) for req in requests for conv in req.conv_ids]
+        futures = [self._pool.submit(self._complete, req.messages, params, sample_seed(params.seed, conv, req.turn))
+                   for conv, req in jobs]
+        results, too_long, detail = [], [], ""
+        try:
+            for (conv, _), fut in zip(jobs, futures):
+                try:
+                    results.append(fut.result())
+                except _ContextOverflow as e:
+                    too_long.append(conv)
+                    detail = str(e)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        if too_long:
+            raise PromptTooLong(too_long, detail)
+        it = iter(results)
+        return [[next(it) for _ in req.conv_ids] for req in requests]
+
+    def _complete(self, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> GenOutput:
+        import openai
+
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._client.chat.completions.create(
+                    model=self.model, messages=messages, n=1, temperature=params.temperature, top_p=params.top_p,
+                    max_tokens=params.max_new_tokens,
+                    seed=seed % 2**31,  # some servers keep seeds in 32-bit integers
+                    extra_body=self.extra_body or None)
+                return self._output(response)
+            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
+                if attempt == self.max_retries:
+                    raise DriftError(f"server {self.base_url} failed after {attempt + 1} attempt(s): {_reason(e)}") from None
+                delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
+                log.warning("server %s: %s; retry %d of %d in %.1f s", self.base_url, _reason(e), attempt + 1,
+                            self.max_retries, delay)
+                time.sleep(delay)
+            except openai.APIStatusError as e:
+                reason = _reason(e)
+                if e.status_code in (400, 413, 422) and _CONTEXT.search(reason):
+                    raise _ContextOverflow(reason) from None
+                hint = f" (is ${self.api_key_env} set to the server's key?)" if e.status_code in (401, 403) else ""
+                raise DriftError(f"server {self.base_url} refused the request: HTTP {e.status_code}: {reason}{hint}") from None
+        raise AssertionError("unreachable")
+
+    def _output(self, response: Any) -> GenOutput:
+        if not response.choices:
+            raise DriftError(f"server {self.base_url} returned no choices for model {self.model!r}")
+        choice = response.choices[0]
+        usage = response.usage
+        tokens = usage.completion_tokens if usage else 0
+        with self._lock:
+            self.stats.generated_tokens += tokens
+            self.stats.prefill_tokens += usage.prompt_tokens if usage else 0
+        return GenOutput(text=choice.message.content or "", tokens=tokens,
+                         finish_reason="length" if choice.finish_reason == "length" else "stop")
+
+    def release(self, conv_ids: list[ConvId]) -> None:
+        """The server keeps no per-conversation state for us."""
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def _reason(e: Exception) -> str:
+    """One line: the error and its cause (e.g. the connection error under "Connection error.")."""
+    text = getattr(e, "message", None) or str(e)
+    if e.__cause__ is not None:
+        text += f" ({type(e.__cause__).__name__}: {e.__cause__})"
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."

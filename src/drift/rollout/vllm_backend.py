@@ -1,0 +1,103 @@
+"""Backend on vLLM's offline engine (the optional extra: `pip install 'drift-rl[vllm]'`).
+
+Prefix caching is on, so a prompt group's shared opening and each conversation's growing
+history are computed once. A turn-1 request asks for the whole group at once (`n` = group size,
+one seed: that of the group's first sample); later turns ask for one sample per live
+conversation with its own seed. A LoRA adapter is applied with a `LoRARequest`.
+
+Prompts are rendered with the model's chat template and tokenized here, so their length can be
+checked against the context before anything is generated (`PromptTooLong`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from drift import DriftError
+from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)  # the max_lora_rank values vLLM accepts
+
+
+def build_requests(requests: list[GenRequest], params: SamplingParams) -> list[tuple[list[dict[str, str]], dict[str, Any]]]:
+    """(messages, keyword arguments of vllm.SamplingParams) per request, every sampling field explicit."""
+    return [(req.messages, {"n": len(req.conv_ids), "temperature": params.temperature, "top_p": params.top_p,
+                            "max_tokens": params.max_new_tokens,
+                            "seed": sample_seed(params.seed, req.conv_ids[0], req.turn)})
+            for req in requests]
+
+
+def too_long(requests: list[GenRequest], prompt_lengths: list[int], max_model_len: int) -> list[ConvId]:
+    """Conversations whose prompt leaves no room for one generated token."""
+    return [c for req, n in zip(requests, prompt_lengths) if n >= max_model_len for c in req.conv_ids]
+
+
+def lora_rank(adapter_dir: str) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds the adapter's rank."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        r = int(json.loads(path.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DriftError(f"lora {adapter_dir}: cannot read the adapter rank from {path} ({e})") from None
+    fitting = [k for k in LORA_RANKS if k >= r]
+    if not fitting:
+        raise DriftError(f"lora {adapter_dir}: rank {r} exceeds vLLM's largest ({LORA_RANKS[-1]})")
+    return fitting[0]
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model: str, lora: str | None = None, seed: int = 0, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto"):
+        try:
+            import vllm
+            from vllm.lora.request import LoRARequest
+        except ImportError:
+            raise DriftError("the vllm backend needs vLLM: pip install 'drift-rl[vllm]'") from None
+        self._sampling_params = vllm.SamplingParams
+        self._lora = LoRARequest("drift-adapter", 1, lora) if lora else None
+        kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype, enable_prefix_caching=True,
+                                      tensor_parallel_size=tensor_parallel_size,
+                                      gpu_memory_utilization=gpu_memory_utilization, enable_lora=lora is not None)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if lora:
+            kwargs["max_lora_rank"] = lora_rank(lora)
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.stats = BackendStats()
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
+        built = build_requests(requests, params)
+        prompts = [self._tokenize(messages) for messages, _ in built]
+        lengths = [len(p) for p in prompts]
+        bad = too_long(requests, lengths, self.max_model_len)
+        if bad:
+            raise PromptTooLong(bad, f"prompt of up to {max(lengths)} tokens, context {self.max_model_len}")
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    [self._sampling_params(**kw) for _, kw in built],
+                                    lora_request=self._lora, use_tqdm=False)
+        results = []
+        for out in outputs:
+            self.stats.prefill_tokens += len(out.prompt_token_ids) - (getattr(out, "num_cached_tokens", 0) or 0)
+            samples = []
+            for c in out.outputs:
+                self.stats.generated_tokens += len(c.token_ids)
+                samples.append(GenOutput(text=c.text, tokens=len(c.token_ids),
+                                         finish_reason="length" if c.finish_reason == "length" else "stop"))
+            results.append(samples)
+        return results
+
+    def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def release(self, conv_ids: list[ConvId]) -> None:
+        """vLLM's prefix cache evicts finished histories by itself."""
+
+    def close(self) -> None:
+        self.llm = None

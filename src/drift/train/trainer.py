@@ -1,0 +1,295 @@
+"""`drift train`: importance-weighted fine-tuning on the Hugging Face Trainer.
+
+Loss of one optimizer step over its global batch B (all micro-batches of the gradient
+accumulation, all ranks), with loss_i the mean token NLL over the trained tokens of example i:
+    normalize = mean:        L = sum_{i in B} w_i * loss_i / |B|        (the reference)
+    normalize = weight_sum:  L = sum_{i in B} w_i * loss_i / sum_{i in B} w_i
+Both normalizers are counted over the whole global batch before its first forward pass, so
+batch 1 x accumulation 4 gives the same gradient as batch 4 x accumulation 1, and N ranks the
+same as one process. With turns=all an example is a whole conversation and loss_i the mean over
+all its trained tokens.
+
+min_weight drops rows with |w| < min_weight before training. Under weight_sum the objective
+barely changes (the dropped weight share is reported). Under mean, |B| counts kept rows only, so
+the objective is rescaled by about 1 / (share of rows kept): the effective learning rate grows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from drift import DriftError
+from drift.config import option
+from drift.records import write_json
+from drift.train.data import Batching, GlobalBatchSampler, Turns, collate, load_examples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    model: str = option("smollm2-135m", "model to fine-tune (the reference policy): hub name, local directory "
+                        "or smollm2-135m")
+    data: str = option("", "weighted JSONL from `drift weights` (rows with messages and weight), or a directory")
+    output: str = option("runs/train", "output directory: save_pretrained model + tokenizer, train_summary.json")
+    turns: Literal["last", "all"] = option("last", "last: train the last assistant message (the reference); "
+                                           "all: every assistant message of the conversation in one pass")
+    normalize: Literal["mean", "weight_sum"] = option(
+        "mean", "mean: sum_i w_i*loss_i / rows (the reference); weight_sum: ... / sum_i w_i; over the global batch")
+    min_weight: float = option(1e-3, "drop rows with |weight| below this before training (0 keeps all)")
+    allow_negative_weights: bool = option(False, "admit negative weights (standardized ones such as swift's)")
+    skip_bad_rows: bool = option(False, "skip and count bad rows instead of stopping at the first")
+    max_length: int = option(1024, "tokens per example; longer ones lose prompt tokens from the left first")
+    batching: Literal["group", "pack", "random"] = option(
+        "group", "group: micro-batches of similar length; pack: padding-free rows (best with flash attention); "
+        "random: the naive recipe")
+    lr: float = option(1e-5, "peak learning rate")
+    epochs: float = option(2.0, "passes over the data")
+    max_steps: int = option(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int = option(8, "examples per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
+    warmup_ratio: float = option(0.1, "share of the steps with linear learning-rate warmup (0 <= r < 1)")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    lr_scheduler: str = option("constant_with_warmup", "transformers scheduler name (linear, cosine, ...)")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    seed: int = option(0, "seed for initialization and data order")
+    lora: bool = option(False, "train a LoRA adapter (peft) instead of all weights")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
+    merge_lora: bool = option(False, "also save the base model with the adapter merged in output/merged")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    bf16: bool | None = option(None, "bf16 mixed precision (default: on when the GPU supports it)")
+    attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2; "
+                                             "default: the transformers default)")
+    report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
+                                                                "unless WANDB_MODE says otherwise)")
+    logging_steps: int = option(10, "log the loss every this many steps")
+    save_steps: int = option(500, "save a resumable checkpoint every this many steps (0: none)")
+    save_total_limit: int = option(2, "checkpoints kept")
+    resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'")
+
+
+def weighted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
+    """sum_t token_weight[t] * NLL(labels[t] | logits[t-1]) over all positions (-100 = not trained).
+
+    logits [B, L, V]; labels, token_weight [B, L]. With token_weight = w_i / n_i on the trained
+    tokens of example i this is sum_i w_i * mean-token-NLL_i.
+    """
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                          reduction="none")
+    return (nll * token_weight[:, 1:].reshape(-1)).sum()
+
+
+class WeightedTrainer(Trainer):
+    """Trainer with the weighted loss, the global-batch normalizer and drift's batch sampler."""
+
+    loss_is_scaled_for_ga = True  # compute_loss already divides by the global-batch normalizer
+
+    def __init__(self, *args: Any, normalize: str = "mean", batching: Batching = "group", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.normalize = normalize
+        self.batching = batching
+        self.token_counts = torch.zeros(3, dtype=torch.float64)  # trained, real (non-padding), slots
+
+    def get_train_dataloader(self) -> DataLoader:
+        args = self.args
+        sampler = GlobalBatchSampler([len(e.input_ids) for e in self.train_dataset], args.per_device_train_batch_size,
+                                     args.gradient_accumulation_steps, args.world_size, self.batching, args.seed)
+        pad_id = self.processing_class.pad_token_id
+        pack = self.batching == "pack"
+        loader = DataLoader(self.train_dataset, batch_sampler=sampler, num_workers=0,
+                            collate_fn=lambda examples: collate(examples, pad_id, pack))
+        return self.accelerator.prepare(loader)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The step's micro-batches and this rank's share of the global normalizer.
+
+        Gradients are averaged over ranks, so each rank divides by normalizer / world_size.
+        """
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if not batches:
+            return batches, None
+        weights = torch.cat([b["weight"] for b in batches]).to(device)
+        local = weights.sum() if self.normalize == "weight_sum" else torch.tensor(float(weights.numel()), device=device)
+        total = self.accelerator.reduce(local.float(), reduction="sum")
+        total = torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: loss 0, not NaN
+        for b in batches:
+            real = b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            self.token_counts += torch.tensor([float((b["labels"] != -100).sum()), float(real),
+                                               float(b["input_ids"].numel())], dtype=torch.float64)
+        return batches, total / self.args.world_size
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if "weight" not in inputs or "token_weight" not in inputs:
+            raise RuntimeError("batch without the weight column: training would silently be unweighted")
+        inputs = dict(inputs)
+        labels, token_weight, weight = inputs.pop("labels"), inputs.pop("token_weight"), inputs.pop("weight")
+        outputs = model(**inputs)
+        total = weighted_nll_sum(outputs.logits, labels, token_weight)
+        if num_items_in_batch is None:  # outside the training loop: normalize over this batch
+            num_items_in_batch = weight.sum() if self.normalize == "weight_sum" else weight.numel()
+        loss = total / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+def _check(cfg: TrainConfig) -> None:
+    if not cfg.data:
+        raise DriftError("train: set data (a weighted JSONL from `drift weights`)")
+    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise DriftError(f"config key 'warmup_ratio' must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.min_weight < 0 or not math.isfinite(cfg.min_weight):
+        raise DriftError(f"config key 'min_weight' must be a finite number >= 0, got {cfg.min_weight}")
+    if cfg.normalize == "weight_sum" and cfg.allow_negative_weights:
+        raise DriftError("normalize=weight_sum needs non-negative weights; use normalize=mean with "
+                         "allow_negative_weights")
+    if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise DriftError("report_to=wandb needs the wandb package (pip install wandb)")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise DriftError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
+    if cfg.merge_lora and not cfg.lora:
+        raise DriftError("merge_lora needs lora")
+
+
+def _load_model(path: str, cfg: TrainConfig) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except Exception as e:  # transformers raises many types for a bad checkpoint
+        raise DriftError(f"cannot load model {cfg.model!r}: {' '.join(str(e).split())[:300]}") from None
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise DriftError(f"LoRA: {e}") from None
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _training_args(cfg: TrainConfig) -> Any:
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return TrainingArguments(
+        output_dir=cfg.output, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, bf16=bf16,
+        report_to=cfg.report_to, logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
+        save_total_limit=cfg.save_total_limit, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=not cuda, disable_tqdm=True)
+
+
+def _resume(cfg: TrainConfig) -> str | bool | None:
+    if cfg.resume_from_checkpoint in (None, ""):
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        if not any(Path(cfg.output).glob("checkpoint-*")):
+            raise DriftError(f"resume_from_checkpoint=latest: no checkpoint-* in {cfg.output}")
+        return True
+    if not Path(cfg.resume_from_checkpoint).is_dir():
+        raise DriftError(f"checkpoint not found: {cfg.resume_from_checkpoint}")
+    return cfg.resume_from_checkpoint
+
+
+def _save_merged(base_path: str, output: Path, tokenizer: Any) -> None:
+    """Reload the base model, merge the saved adapter into it, save to output/merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(output)).merge_and_unload()
+    merged.save_pretrained(output / "merged")
+    tokenizer.save_pretrained(output / "merged")
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Weighted fine-tuning; returns (and writes to output/train_summary.json) a summary.
+
+    1. load the tokenizer and turn the weighted rows into examples (masks, truncation, min_weight)
+    2. load the model (full weights or a LoRA adapter)
+    3. train with WeightedTrainer
+    4. save model + tokenizer (+ merged model), write the summary
+    """
+    from drift.models import load_tokenizer, resolve_model
+
+    _check(cfg)
+    # step 1
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    if not tokenizer.chat_template:
+        raise DriftError(f"model {cfg.model!r} has no chat template: masks are built from it")
+    examples, stats = load_examples(cfg.data, tokenizer, cfg.turns, cfg.max_length, cfg.min_weight,
+                                    cfg.skip_bad_rows, cfg.allow_negative_weights)
+    log.info("train: %d rows used of %d; %d dropped below min_weight %g (%.3g%% of the weight); skipped %s",
+             stats.rows_used, stats.rows_read, stats.dropped_min_weight, cfg.min_weight,
+             100 * stats.weight_share_dropped, stats.skipped or "none")
+    if stats.weight_total - stats.weight_dropped <= 0:
+        raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
+    # step 2 (the arguments first: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
+    args = _training_args(cfg)
+    model = _load_model(path, cfg)
+    # step 3
+    trainer = WeightedTrainer(model=model, args=args, train_dataset=examples,
+                              processing_class=tokenizer, normalize=cfg.normalize, batching=cfg.batching)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=_resume(cfg))
+    seconds = time.perf_counter() - start
+    trained, real, slots = trainer.accelerator.reduce(trainer.token_counts.to(trainer.args.device),
+                                                      reduction="sum").tolist()
+    # step 4
+    out = Path(cfg.output)
+    trainer.save_model(str(out))
+    summary = _summary(cfg, stats, trainer, result, seconds, trained, real, slots)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(out)
+        if cfg.merge_lora:
+            _save_merged(path, out, tokenizer)
+        write_json(out / "train_summary.json", summary)
+    return summary
+
+
+def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, seconds: float,
+             trained: float, real: float, slots: float) -> dict[str, Any]:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
+        "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+        "train_loss": result.training_loss, "losses": losses, "final_loss": losses[-1] if losses else None,
+        "seconds": seconds, "trained_tokens": int(trained), "tokens": int(real),
+        "padding_share": 1 - real / slots if slots else 0.0,
+        "tokens_per_second": real / seconds if seconds else 0.0,
+        "trained_tokens_per_second": trained / seconds if seconds else 0.0,
+    }
+

@@ -1,0 +1,275 @@
+"""The rollout engine: loop logic with a scripted backend, resume, bad input, the real hf backend, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from drift import DriftError
+from drift.records import read_trajectories
+from drift.rollout import BackendStats, GenOutput, PromptTooLong, RolloutConfig, is_complete, read_manifest, run_rollout
+from drift.rollout.protocol import sample_seed
+from drift.tasks import Problem
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def problems(k: int = 3) -> list[Problem]:
+    return [Problem(id=f"p{j}", question=f"What is {j} + 7?", answer=str(j + 7), checker="numeric", extract="number")
+            for j in range(k)]
+
+
+class ScriptedBackend:
+    """Sample i of every prompt answers correctly at turn i + 1 (never if i + 1 > max_turns); wrong
+    answers are 100 + turn (so they differ across turns). Records every call."""
+
+    name = "scripted"
+
+    def __init__(self, problems: list[Problem], fail_after: int | None = None,
+                 too_long: dict[str, int] | None = None):
+        self.gold = {p.id: p.answer for p in problems}
+        self.fail_after = fail_after  # raise after this many successful calls
+        self.too_long = too_long or {}  # prompt_id -> turn at which its history no longer fits
+        self.calls: list[list[tuple[list, int, int]]] = []  # per call: (conv_ids, turn, len(messages))
+        self.released: list = []
+        self.stats = BackendStats()
+
+    def generate(self, requests, params):
+        bad = [c for r in requests for c in r.conv_ids if self.too_long.get(c[0]) == r.turn]
+        if bad:
+            raise PromptTooLong(bad, "scripted")
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise RuntimeError("backend crashed")
+        self.calls.append([(list(r.conv_ids), r.turn, len(r.messages)) for r in requests])
+        outs = []
+        for r in requests:
+            outs.append([])
+            for pid, i in r.conv_ids:
+                text = self.gold[pid] if i + 1 == r.turn else str(100 + r.turn)
+                outs[-1].append(GenOutput(text=text, tokens=3, finish_reason="stop"))
+                self.stats.generated_tokens += 3
+        return outs
+
+    def release(self, conv_ids):
+        self.released += conv_ids
+
+    def close(self):
+        pass
+
+
+def config(tmp_path: Path, **kw) -> RolloutConfig:
+    base = dict(output=str(tmp_path / "run"), n=4, max_turns=3, shard_size=5, system_prompt="sys", seed=1)
+    return RolloutConfig(**{**base, **kw})
+
+
+def shard_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((out / "trajectories").glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_loop_continues_only_live_conversations(tmp_path):
+    probs = problems(3)
+    backend = ScriptedBackend(probs)
+    cfg = config(tmp_path)
+    manifest = run_rollout(cfg, probs, backend)
+    # max_live defaults to max(n, 4 * batch_size) = 64: all three groups start in the first call
+    first, second, third = backend.calls
+    assert [(ids, turn, m) for ids, turn, m in first] == [([(p.id, i) for i in range(4)], 1, 2) for p in probs]
+    # turn 2: samples 1, 2, 3 of each prompt, one request each, history = sys, user, assistant, feedback
+    assert sorted(ids[0] for ids, _, _ in second) == sorted((p.id, i) for p in probs for i in (1, 2, 3))
+    assert all(len(ids) == 1 and turn == 2 and m == 4 for ids, turn, m in second)
+    assert sorted(ids[0] for ids, _, _ in third) == sorted((p.id, i) for p in probs for i in (2, 3))
+    assert all(turn == 3 and m == 6 for _, turn, m in third)
+    assert sorted(backend.released) == sorted((p.id, i) for p in probs for i in range(4))
+
+    rows = shard_rows(Path(cfg.output))
+    assert len(rows) == 12 and len({(r["prompt_id"], r["sample_idx"]) for r in rows}) == 12
+    assert [len(f.read_text().splitlines()) for f in sorted((Path(cfg.output) / "trajectories").glob("*"))] == [5, 5, 2]
+    by_key = {(r["prompt_id"], r["sample_idx"]): r for r in rows}
+    assert [len(by_key[("p0", i)]["turns"]) for i in range(4)] == [1, 2, 3, 3]
+    assert [by_key[("p0", i)]["success_turn"] for i in range(4)] == [1, 2, 3, None]
+    assert [m["role"] for m in by_key[("p0", 3)]["messages"]] == ["system", "user"] + ["assistant", "user"] * 2 + ["assistant"]
+
+    assert manifest["status"] == "complete" and is_complete(cfg.output)
+    assert read_manifest(cfg.output) == json.loads(json.dumps(manifest))
+    assert manifest["counts"] == {"problems": 3, "expected": 12, "written": 12, "skipped": 0}
+    assert manifest["sampling"]["temperature"] == 1.0 and manifest["sampling"]["n"] == 4
+    assert manifest["env"]["max_turns"] == 3 and manifest["task"]["tasks"] == "mc-arith"
+    s = manifest["summary"]
+    assert s["succ_at_k"] == [0.25, 0.5, 0.75]
+    assert s["attempted"] == [12, 9, 6] and s["correct"] == [3, 3, 3]
+    assert s["cond_acc"] == pytest.approx([1 / 4, 1 / 3, 1 / 2])
+    assert s["unique_ratio"] == 1.0  # the scripted wrong answers differ per turn
+    assert s["total_tokens"] == 3 * (12 + 9 + 6)
+
+
+def test_max_live_admits_groups_as_others_finish(tmp_path):
+    probs = problems(5)
+    backend = ScriptedBackend(probs)
+    run_rollout(config(tmp_path, max_live=8), probs, backend)
+    sizes = [sum(len(ids) for ids, _, _ in call) for call in backend.calls]
+    assert max(sizes) <= 8
+    # a new group joins turn-2/3 conversations of earlier groups in one call
+    assert any({turn for _, turn, _ in call} == {1, 2} for call in backend.calls)
+    assert len(shard_rows(tmp_path / "run")) == 20
+
+
+def test_prompt_too_long_is_a_counted_skip(tmp_path, caplog):
+    probs = problems(3)
+    backend = ScriptedBackend(probs, too_long={"p1": 1, "p2": 2})
+    manifest = run_rollout(config(tmp_path), probs, backend)
+    keys = {(r["prompt_id"], r["sample_idx"]) for r in shard_rows(tmp_path / "run")}
+    # p1 never starts; p2 sample 0 finished at turn 1, its other samples are dropped at turn 2
+    assert keys == {("p0", i) for i in range(4)} | {("p2", 0)}
+    assert manifest["counts"] == {"problems": 3, "expected": 12, "written": 5, "skipped": 7}
+    assert {(s["prompt_id"], s["turn"]) for s in manifest["skipped"]} == {("p1", 1), ("p2", 2)}
+    assert "exceeds the model context" in caplog.text
+    assert ("p2", 3) in backend.released
+
+
+def test_all_skipped_is_an_error(tmp_path):
+    probs = problems(1)
+    with pytest.raises(DriftError, match="no trajectories"):
+        run_rollout(config(tmp_path), probs, ScriptedBackend(probs, too_long={"p0": 1}))
+    assert not is_complete(tmp_path / "run")
+
+
+def test_crash_then_resume_gives_every_trajectory_once(tmp_path):
+    probs = problems(4)
+    reference = tmp_path / "reference"
+    run_rollout(config(tmp_path, output=str(reference), max_live=4), probs, ScriptedBackend(probs))
+
+    cfg = config(tmp_path, max_live=4)
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_rollout(cfg, probs, ScriptedBackend(probs, fail_after=4))
+    out = Path(cfg.output)
+    partial = shard_rows(out)
+    assert 0 < len(partial) < 16 and not is_complete(out)
+    assert read_manifest(out)["status"] == "running"
+    shards = sorted((out / "trajectories").glob("*.jsonl"))
+    with shards[-1].open("a") as f:
+        f.write('{"prompt_id": "p3", "sample_idx": 1, "mess')  # a write torn by a kill
+
+    with pytest.raises(DriftError, match="not empty: pass --resume"):
+        run_rollout(cfg, probs, ScriptedBackend(probs))
+    backend = ScriptedBackend(probs)
+    manifest = run_rollout(config(tmp_path, max_live=4, resume=True), probs, backend)
+    rows = shard_rows(out)
+    keys = [(r["prompt_id"], r["sample_idx"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 16
+    done_before = {(r["prompt_id"], r["sample_idx"]) for r in partial}
+    started = {c for call in backend.calls for ids, turn, _ in call if turn == 1 for c in ids}
+    assert started == {(p.id, i) for p in probs for i in range(4)} - done_before  # only the missing samples
+    assert manifest["status"] == "complete" and len(manifest["timings"]["sessions"]) == 2
+    canon = lambda rs: sorted(json.dumps(r, sort_keys=True) for r in rs)  # noqa: E731
+    assert canon(rows) == canon(shard_rows(reference))  # same as an uninterrupted run
+
+
+def test_resume_refuses_other_settings_or_tasks(tmp_path):
+    probs = problems(2)
+    run_rollout(config(tmp_path), probs, ScriptedBackend(probs))
+    with pytest.raises(DriftError, match="'temperature' differs"):
+        run_rollout(config(tmp_path, resume=True, temperature=0.5), probs, ScriptedBackend(probs))
+    with pytest.raises(DriftError, match="'max_turns' differs"):
+        run_rollout(config(tmp_path, resume=True, max_turns=2), probs, ScriptedBackend(probs))
+    other = problems(3)
+    with pytest.raises(DriftError, match="problems differ"):
+        run_rollout(config(tmp_path, resume=True), other, ScriptedBackend(other))
+    # resuming a complete run changes nothing
+    backend = ScriptedBackend(probs)
+    manifest = run_rollout(config(tmp_path, resume=True, batch_size=2), probs, backend)
+    assert backend.calls == [] and manifest["counts"]["written"] == 8
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(DriftError, match="output directory"):
+        run_rollout(RolloutConfig(output=""), problems(1), ScriptedBackend(problems(1)))
+    with pytest.raises(DriftError, match="'top_p' is out of range"):
+        RolloutConfig(top_p=0.0)
+    with pytest.raises(DriftError, match="max_turns"):
+        RolloutConfig(max_turns=0)
+    with pytest.raises(DriftError, match="model path not found"):
+        run_rollout(config(tmp_path, model=str(tmp_path / "nope/")), problems(1))
+    with pytest.raises(DriftError, match="lora adapters are applied by the vllm backend"):
+        config(tmp_path, lora=str(tmp_path))
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"}\n')
+    with pytest.raises(DriftError, match=r"tasks.jsonl:2: missing field 'answer'"):
+        run_rollout(config(tmp_path, tasks=str(bad)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_seeds_are_per_sample_and_turn():
+    assert sample_seed(0, ("p", 0), 1) != sample_seed(0, ("p", 1), 1) != sample_seed(0, ("p", 1), 2)
+    assert sample_seed(0, ("p", 0), 1) == sample_seed(0, ("p", 0), 1) < 2**63
+
+
+def test_hf_backend_rollout(tmp_path, tiny_model_dir):
+    cfg = config(tmp_path, model=str(tiny_model_dir), tasks="arith", num_problems=3, n=2, max_turns=2,
+                 max_new_tokens=6, batch_size=4)
+    manifest = run_rollout(cfg)
+    trajs = read_trajectories(Path(cfg.output) / "trajectories")
+    assert sorted(t.key for t in trajs) == sorted((p, i) for p in {t.prompt_id for t in trajs} for i in range(2))
+    assert len(trajs) == 6 and manifest["backend"] == "hf" and manifest["model_path"] == str(tiny_model_dir)
+    for t in trajs:
+        assert 1 <= len(t.turns) <= 2 and all(0 < turn.tokens <= 6 for turn in t.turns)
+    assert manifest["summary"]["total_tokens"] == sum(turn.tokens for t in trajs for turn in t.turns)
+    assert manifest["versions"]["torch"] and manifest["status"] == "complete"
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from drift.rollout import RolloutConfig, make_backend, run_rollout
+    cfg = RolloutConfig(model=sys.argv[1], output=sys.argv[2], resume=sys.argv[3] == "1", tasks="arith",
+                        num_problems=24, n=3, max_turns=3, max_new_tokens=8, batch_size=4, max_live=6,
+                        shard_size=4, system_prompt=None)
+    backend = make_backend(cfg)
+    generate = backend.generate
+    def slow_generate(requests, params):  # slow enough to be killed mid-run
+        time.sleep(float(sys.argv[4]))
+        return generate(requests, params)
+    backend.generate = slow_generate
+    run_rollout(cfg, backend=backend)
+""")
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    script = tmp_path / "rollout_script.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(out), "0", "0.3"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sum(len(f.read_bytes().splitlines()) for f in (out / "trajectories").glob("*.jsonl")) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not is_complete(out)
+    before = len(shard_rows_tolerant(out))
+    assert 6 <= before < 72
+
+    done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out), "1", "0"], env=env,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    rows = shard_rows(out)
+    keys = [(r["prompt_id"], r["sample_idx"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 72  # 24 problems x 3 samples, each exactly once
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["counts"]["written"] == 72
+    assert len(manifest["timings"]["sessions"]) == 2
+
+
+def shard_rows_tolerant(out: Path) -> list[str]:
+    return [line for f in (out / "trajectories").glob("*.jsonl") for line in f.read_text().splitlines()
+            if line.endswith("}")]
