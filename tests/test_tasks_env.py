@@ -1,0 +1,136 @@
+"""Tasks (generators, files), the try-again environment rules, typed configs."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from drift import DriftError
+from drift.config import apply_overrides, build, option
+from drift.env import EnvConfig, Episode
+from drift.records import Trajectory
+from drift.tasks import TaskSpec, load_tasks, split_problems
+
+
+def test_generators_deterministic_and_splits_disjoint_by_fact():
+    a = load_tasks(TaskSpec(tasks="mul", num_problems=20, task_seed=3, split="train"))
+    b = load_tasks(TaskSpec(tasks="mul", num_problems=20, task_seed=3, split="train"))
+    assert [p.id for p in a] == [p.id for p in b]
+    train = load_tasks(TaskSpec(tasks="mul", split="train"))
+    test = load_tasks(TaskSpec(tasks="mul", split="test"))
+    assert len(train) + len(test) == 121
+    assert not {p.metadata["fact"] for p in train} & {p.metadata["fact"] for p in test}
+    assert all(p.answer == str(p.metadata["a"] * p.metadata["b"]) for p in train)
+
+
+def test_mc_arith_problem():
+    (p,) = load_tasks(TaskSpec(tasks="mc-arith", num_problems=1, task_seed=0, split="test"))
+    total = p.metadata["a"] + p.metadata["b"]
+    options = p.metadata["options"]
+    assert len(set(options)) == 4 and total in options
+    assert p.answer == "ABCD"[options.index(total)]
+    assert all(abs(o - total) in (0, 1, 2, 10) for o in options)
+    assert p.checker == "choice" and p.extract == "letter"
+    assert f"{p.answer}. {total}" in p.question
+
+
+def test_generator_asks_for_too_many():
+    with pytest.raises(DriftError, match="only"):
+        load_tasks(TaskSpec(tasks="mul", num_problems=500, split="test"))
+
+
+def test_jsonl_tasks_gsm8k_and_boxed_answers(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"id": "g1", "question": "2+2?", "answer": "so 4\n#### 4"}) + "\n"
+                 + json.dumps({"id": "m1", "question": "half?", "answer": "it is \\boxed{\\frac{1}{2}}"}) + "\n"
+                 + json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "3+3?"}],
+                               "answer": 6, "checker": "numeric"}) + "\n")
+    ps = load_tasks(TaskSpec(tasks=str(f)))
+    assert [p.answer for p in ps] == ["4", "\\frac{1}{2}", "6"]
+    assert ps[2].id == "t-3" and ps[2].checker == "numeric"
+    assert ps[2].opening() == [{"role": "user", "content": "3+3?"}]  # the system prompt comes from the env
+
+
+@pytest.mark.parametrize("line,match", [
+    ('{"id": "a", "question": "q"}', r"t.jsonl:1: missing field 'answer'"),
+    ('{"id": "a", "answer": "1"}', r"t.jsonl:1: needs 'question' or 'messages'"),
+    ('{"id": "a", "question": "q", "answer": "1"}\n{"id": "a", "question": "r", "answer": "2"}', "duplicate problem id 'a'"),
+    ("[1, 2]", r"t.jsonl:1: malformed JSON line"),
+    ("", "no problems"),
+])
+def test_bad_task_files(tmp_path, line, match):
+    f = tmp_path / "t.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(DriftError, match=match):
+        load_tasks(TaskSpec(tasks=str(f)))
+
+
+def test_unknown_task_source():
+    with pytest.raises(DriftError, match="not a built-in generator"):
+        load_tasks(TaskSpec(tasks="nope.jsonl"))
+
+
+def test_split_problems_is_disjoint():
+    ps = load_tasks(TaskSpec(tasks="arith", num_problems=30))
+    tr, te = split_problems(ps, 10, seed=1)
+    assert len(te) == 10 and len(tr) == 20 and not {p.id for p in tr} & {p.id for p in te}
+
+
+def mul_problem():
+    return load_tasks(TaskSpec(tasks="mul", num_problems=1, split="train"))[0]
+
+
+def test_episode_feedback_then_success():
+    p = mul_problem()
+    ep = Episode(p, 0, EnvConfig(max_turns=3))
+    assert ep.messages[0] == {"role": "system", "content": "You're a helpful assistant."}
+    assert ep.messages[1]["content"].endswith("Answer with just the number.")
+    ep.step("I think 1")
+    assert ep.messages[-1] == {"role": "user", "content": "Incorrect. Please think again."}
+    ep.step("no idea")
+    assert ep.trajectory.turns[1].status == "unparseable" and not ep.done
+    ep.step(f"It is {p.answer}.")
+    t = ep.trajectory
+    assert ep.done and t.success_turn == 3 and t.format_errors == 1
+    assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert Trajectory.from_json(json.loads(json.dumps(t.to_json()))) == t
+
+
+def test_episode_turn_limit_and_config():
+    ep = Episode(mul_problem(), 1, EnvConfig(max_turns=2, feedback="Try again.", system_prompt=None, instruction="Be brief."))
+    assert ep.messages[0]["role"] == "user" and ep.messages[0]["content"].endswith("Be brief.")
+    ep.step("0")
+    ep.step("0")
+    assert ep.done and ep.trajectory.success_turn is None
+    assert ep.messages[-1]["role"] == "assistant"  # no feedback after the last turn
+    assert [m["content"] for m in ep.messages if m["role"] == "user"][1:] == ["Try again."]
+    with pytest.raises(RuntimeError):
+        ep.step("1")
+    with pytest.raises(DriftError, match="max_turns"):
+        EnvConfig(max_turns=0)
+
+
+@dataclass
+class Inner:
+    k: int = option(1, "k")
+
+
+@dataclass
+class Outer:
+    name: str = option("x", "name")
+    rate: float = option(0.1, "rate")
+    flag: bool = option(False, "flag")
+    maybe: int | None = option(None, "maybe")
+    inner: Inner = option(None, "inner")
+
+
+def test_config_build_types_and_errors():
+    cfg = build(Outer, {"rate": 1, "flag": "true", "maybe": "none", "inner": {"k": "3"}})
+    assert cfg.rate == 1.0 and cfg.flag is True and cfg.maybe is None and cfg.inner.k == 3
+    with pytest.raises(DriftError, match="unknown config key 'inner.j'"):
+        build(Outer, {"inner": {"j": 1}})
+    with pytest.raises(DriftError, match="config key 'maybe' expects int or none, got 1.5"):
+        build(Outer, {"maybe": 1.5})
+    with pytest.raises(DriftError, match="config key 'flag' expects bool"):
+        build(Outer, {"flag": "maybe"})
+    assert apply_overrides({"inner": {"k": 1}}, ["inner.k=2", "name=abc"]) == {"inner": {"k": 2}, "name": "abc"}
