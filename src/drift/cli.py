@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cls, run, _ = _load(args.command)
-        cfg = from_cli(cls, args, getattr(args, "config", None), args.set)
+        config_file = args.config_path if args.command == "run" else args.config
+        cfg = from_cli(cls, args, config_file, args.set)
         result = run(cfg)
         _print_result(args.command, result)
     except DriftError as e:

@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         if f.name in positional:
             parser.add_argument(f.name, nargs="?", default=None, help=help_text)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         base, _ = _base_type(tp)
         if base is bool:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,

@@ -10,16 +10,123 @@ An existing trajectory file or directory can be scored instead of a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drift import DriftError
+from drift.config import option, to_dict
+from drift.metrics import compute_metrics
+from drift.records import read_trajectories, write_json
+from drift.rollout.engine import SHARDS, RolloutConfig, read_manifest, run_rollout
+from drift.rollout.protocol import Backend
+from drift.tasks import Problem
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.md"
+ROLLOUT_DIR = "rollout"
+
+
+@dataclass
+class EvalConfig(RolloutConfig):
+    """A rollout config with eval defaults (held-out split, one greedy sample) plus `trajectories`.
+
+    Every task, environment, sampling and backend field of `RolloutConfig` applies to the eval
+    rollout, which is written to `<output>/rollout` by the rollout engine itself.
+    """
+
+    model: str | None = option(None, "model to evaluate (directory, hub name or alias); give this or --trajectories")
+    trajectories: str | None = option(None, "score an existing trajectory file, shard directory or rollout directory "
+                                      "instead of generating (give this or --model)")
+    output: str = option("", "eval directory: metrics.json, metrics.md and the eval rollout in rollout/ (required)")
+    split: str = option("test", "which part of a built-in generator's problem space: train, test or all")
+    n: int = option(1, "samples per problem; > 1 also reports pass@k from the turn-1 samples (needs temperature > 0)")
+    temperature: float = option(0.0, "sampling temperature (0: greedy, the eval default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.model is None) == (self.trajectories is None):
+            raise DriftError("eval needs exactly one of --model (generate and score) and --trajectories "
+                             "(score existing trajectories)")
+        if not self.output:
+            raise DriftError("eval needs an output directory (--output)")
+        if self.model is not None and self.n > 1 and self.temperature == 0:
+            raise DriftError(f"n = {self.n} greedy samples would all be the same: set temperature > 0 for pass@k")
+
+
+def rollout_config(cfg: EvalConfig) -> RolloutConfig:
+    """The rollout of an eval: every shared field as it is, written to <output>/rollout."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
+    return RolloutConfig(**{**values, "output": str(Path(cfg.output) / ROLLOUT_DIR)})
+
+
+def trajectory_source(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(file or shard directory to read, rollout manifest if there is one) for --trajectories."""
+    p = Path(path)
+    if p.is_file():
+        return p, None
+    if not p.is_dir():
+        raise DriftError(f"trajectories {p}: no such file or directory")
+    if (p / SHARDS).is_dir():
+        return p / SHARDS, read_manifest(p)
+    return p, read_manifest(p.parent if p.name == SHARDS else p)
+
+
+def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
+    """Evaluate a model (or score existing trajectories); write metrics.json and metrics.md; return the metrics.
+
+    1. Trajectories: roll out `cfg.model` on the tasks into <output>/rollout (resumable), or read
+       `cfg.trajectories`.
+    2. Score them with turn limit `cfg.max_turns` (`drift.metrics.compute_metrics`).
+    3. Add what only the rollout knows (wall time, skipped conversations) and the eval config.
+    4. Write metrics.json and metrics.md; print the summary table.
+    """
+    out = Path(cfg.output)
+    # step 1
+    if cfg.model is not None:
+        rcfg = rollout_config(cfg)
+        manifest = run_rollout(rcfg, problems=problems, backend=backend)
+        trajs = read_trajectories(Path(rcfg.output) / SHARDS)
+        source = {"model": cfg.model, "rollout": str(Path(rcfg.output))}
+    else:
+        path, manifest = trajectory_source(cfg.trajectories)
+        trajs = read_trajectories(path)
+        source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
+        if manifest is not None and manifest.get("status") != "complete":
+            log.warning("%s: the rollout is not complete (status %r); scoring what is there",
+                        cfg.trajectories, manifest.get("status"))
+    # step 2
+    metrics = compute_metrics(trajs, cfg.max_turns)
+    if metrics["ended_early"]:
+        log.warning("%d unsolved conversation(s) ended before turn %d: were they rolled out with fewer turns? "
+                    "(score with --max-turns to match)", metrics["ended_early"], cfg.max_turns)
+    # step 3
+    manifest = manifest or {}
+    skipped = len(manifest.get("skipped") or [])
+    if skipped:
+        log.warning("%d conversation(s) were skipped by the rollout (prompt longer than the model context) "
+                    "and are not scored", skipped)
+    metrics.update(
+        wall_time_s=manifest.get("timings", {}).get("wall_seconds"),
+        skipped_conversations=skipped,
+        source=source,
+        config=to_dict(cfg),
+    )
+    # step 4
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / METRICS_FILE, metrics)
+    label = out.resolve().name
+    (out / TABLE_FILE).write_text(metrics_markdown(metrics, label))
+    print(markdown_table([metrics], [label]))
+    log.info("wrote %s and %s", out / METRICS_FILE, out / TABLE_FILE)
+    return metrics
 
 
 def _pct(x: float | None, se: float | None = None) -> str:
@@ -86,6 +193,11 @@ def metrics_markdown(m: dict[str, Any], label: str) -> str:
              f"turns cut at max_new_tokens: {_pct(m['length_cut_rate'])}"]
     if m.get("wall_time_s") is not None:
         extra.append(f"wall time: {m['wall_time_s']:.1f} s")
+    if m.get("skipped_conversations"):
+        extra.append("conversations skipped by the rollout (context too long), not scored: "
+                     f"{m['skipped_conversations']}")
+    if m.get("ended_early"):
+        extra.append(f"unsolved conversations that ended before turn {m['max_turns']}: {m['ended_early']}")
     parts += ["## Totals\n", "".join(f"- {e}\n" for e in extra)]
     return "\n".join(parts)
 

@@ -196,7 +196,7 @@ def compute_metrics(trajs: Sequence[Trajectory], max_turns: int) -> dict[str, An
     out: dict[str, Any] = {
         "num_problems": len(groups),
         "num_trajectories": len(trajs),
-        "samples_per_problem": sizes[0] if len(sizes) == 1 else sizes,
+        "samples_per_problem": sizes[0] if len(sizes) == 1 else sizes,  # the distinct sizes when they differ
         "max_turns": max_turns,
         "accuracy": succ["succ_at_k"][-1],
         "accuracy_se": succ["succ_at_k_se"][-1],

@@ -168,18 +168,8 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
 
             model_path = resolve_model(cfg.model)
         backend = make_backend(cfg, model_path)
-    session = {"started": _now(), "finished": None, "wall_seconds": 0.0, "trajectories": 0,
-               "generated_tokens": 0, "prefill_tokens": 0}
-    manifest = {
-        "stage": "rollout", "schema_version": 1, "status": "running",
-        "model": cfg.model, "model_path": model_path, "backend": backend.name,
-        "sampling": {**dataclasses.asdict(sampling_params(cfg)), "n": cfg.n,
-                     "seeding": "sha256(seed|prompt_id|sample_idx|turn) per sample and turn"},
-        "task": to_dict(task_spec(cfg)), "env": to_dict(env_config(cfg)), "tasks_fingerprint": fingerprint,
-        "config": to_dict(cfg), "versions": _versions(cfg.backend),
-        "counts": {"problems": len(problems), "expected": len(problems) * cfg.n, "written": len(done), "skipped": 0},
-        "timings": {"wall_seconds": 0.0, "sessions": (previous or {}).get("timings", {}).get("sessions", []) + [session]},
-    }
+    manifest = _start_manifest(cfg, problems, fingerprint, previous, backend.name, model_path, len(done))
+    session = manifest["timings"]["sessions"][-1]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / MANIFEST, manifest)
     # step 3
@@ -220,6 +210,23 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
     write_json(out / MANIFEST, manifest)
     print_summary(manifest)
     return manifest
+
+
+def _start_manifest(cfg: RolloutConfig, problems: list[Problem], fingerprint: str, previous: dict[str, Any] | None,
+                    backend_name: str, model_path: str | None, on_disk: int) -> dict[str, Any]:
+    """The manifest of a run that is starting (or resuming): status "running", a new session appended."""
+    session = {"started": _now(), "finished": None, "wall_seconds": 0.0, "trajectories": 0,
+               "generated_tokens": 0, "prefill_tokens": 0}
+    return {
+        "stage": "rollout", "schema_version": 1, "status": "running",
+        "model": cfg.model, "model_path": model_path, "backend": backend_name,
+        "sampling": {**dataclasses.asdict(sampling_params(cfg)), "n": cfg.n,
+                     "seeding": "sha256(seed|prompt_id|sample_idx|turn) per sample and turn"},
+        "task": to_dict(task_spec(cfg)), "env": to_dict(env_config(cfg)), "tasks_fingerprint": fingerprint,
+        "config": to_dict(cfg), "versions": _versions(cfg.backend),
+        "counts": {"problems": len(problems), "expected": len(problems) * cfg.n, "written": on_disk, "skipped": 0},
+        "timings": {"wall_seconds": 0.0, "sessions": (previous or {}).get("timings", {}).get("sessions", []) + [session]},
+    }
 
 
 def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: Backend, writer: ShardWriter,

@@ -282,11 +282,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, seconds: float,
              trained: float, real: float, slots: float) -> dict[str, Any]:
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    history = [{k: h[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in h}
+               for h in trainer.state.log_history if "loss" in h]
     return {
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-        "train_loss": result.training_loss, "losses": losses, "final_loss": losses[-1] if losses else None,
+        "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
         "seconds": seconds, "trained_tokens": int(trained), "tokens": int(real),
         "padding_share": 1 - real / slots if slots else 0.0,
         "tokens_per_second": real / seconds if seconds else 0.0,

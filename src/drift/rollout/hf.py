@@ -1,0 +1,379 @@
+"""The transformers backend: batched multi-turn sampling that does not re-read what it has seen.
+
+A naive loop re-renders every live conversation each turn and runs `generate` on it: almost all
+of its time is prefill. This backend instead
+- prefills each distinct prompt once and shares it across its n samples (turn 1);
+- keeps every live conversation's key/value cache between turns (least recently used ones are
+  dropped beyond a memory bound) and prefills only the tokens the new render adds: the previous
+  end-of-turn token plus the feedback message. The cached tokens are compared with the new
+  render; only their longest common prefix is reused, so a template that rewrites history costs
+  a longer prefill, never a wrong answer;
+- decodes with continuous batching: finished rows leave the batch at once and waiting rows are
+  packed into the free slots, so the batch stays full until the work runs out.
+Sampling draws one uniform number per token from a generator seeded per (seed, prompt, sample,
+turn), so a conversation's text does not depend on which others share its batch.
+
+Layout of a batch cache: per layer `[B, H, T, D]` keys and values, each row left-padded; a row's
+tokens occupy columns `start[r]..T-1` and have positions `0..T-1-start[r]`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from drift import DriftError
+from drift.models import load_model_and_tokenizer
+from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, SamplingParams, sample_seed
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+
+
+class _BufferLayer(DynamicLayer):
+    """A cache layer that writes into preallocated buffers instead of concatenating every step."""
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, length: int, spare: int):
+        super().__init__()
+        self.kbuf, self.vbuf, self.length, self.spare = keys, values, length, spare
+        if keys is not None:
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self.kbuf is None or self.length + n > self.kbuf.shape[-2]:
+            self._grow(key_states, value_states, self.length + n + self.spare)
+        self.kbuf[:, :, self.length : self.length + n] = key_states
+        self.vbuf[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        b, h, _, dk = k.shape
+        kbuf = k.new_zeros(b, h, capacity, dk)
+        vbuf = v.new_zeros(b, h, capacity, v.shape[-1])
+        if self.kbuf is not None:
+            kbuf[:, :, : self.length] = self.keys
+            vbuf[:, :, : self.length] = self.values
+        self.kbuf, self.vbuf = kbuf, vbuf
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+
+
+@dataclass
+class _KV:
+    """Keys/values of one token sequence: per layer `[H, L, D]`, computed from `ids`."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]  # per layer [H, L, D]; empty list when L == 0
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+@dataclass
+class _Row:
+    """One conversation being generated."""
+
+    conv: ConvId
+    out: tuple[int, int]  # (request index, index within its conv_ids)
+    prefix: _KV  # what the row's cache held when it was admitted
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
+
+
+def _pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare: int, n_layers: int):
+    """Left-pad per-row (keys, values, length) into one cache with `spare` free columns.
+
+    Returns (cache, start [B], T): row r occupies columns start[r]..T-1.
+    """
+    T = max(length for _, _, length in parts)
+    start = torch.tensor([T - length for _, _, length in parts])
+    first = next((p for p in parts if p[2] > 0), None)
+    if first is None:
+        return Cache(layers=[_BufferLayer(None, None, 0, spare) for _ in range(n_layers)]), start, 0
+    layers = []
+    for li, (k0, v0) in enumerate(zip(first[0], first[1])):
+        kbuf = k0.new_zeros(len(parts), k0.shape[0], T + spare, k0.shape[-1])
+        vbuf = v0.new_zeros(len(parts), v0.shape[0], T + spare, v0.shape[-1])
+        for r, (ks, vs, length) in enumerate(parts):
+            if length:
+                kbuf[r, :, T - length : T] = ks[li]
+                vbuf[r, :, T - length : T] = vs[li]
+        layers.append(_BufferLayer(kbuf, vbuf, T, spare))
+    return Cache(layers=layers), start, T
+
+
+class HFBackend:
+    """Generation with a transformers causal LM on CPU or one GPU (see the module docstring)."""
+
+    name = "hf"
+
+    def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
+                 max_cache_conversations: int | None = None, threads: int | None = None,
+                 max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
+        if batch_size < 1:
+            raise DriftError(f"batch_size must be >= 1, got {batch_size}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+        if not self.tokenizer.chat_template:
+            raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")
+        self.batch_size = batch_size
+        self.max_cache_conversations = max_cache_conversations
+        self.max_cache_bytes = int(max_cache_gb * 2**30)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = self.model.device
+        self.stop_ids = self._stop_ids()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.stats = BackendStats()
+        self.reused_tokens = 0  # prompt tokens served from a kept cache instead of prefilled
+        self.cache_mismatches = 0  # kept caches that were not a prefix of the new render
+        self.cache_evictions = 0
+        self._convs: OrderedDict[ConvId, _KV] = OrderedDict()
+        self._conv_bytes = 0
+        self.n_layers = self.model.config.get_text_config().num_hidden_layers
+
+    def _stop_ids(self) -> set[int]:
+        tok, ids = self.tokenizer, set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return ids
+
+    # ---- the conversation cache -------------------------------------------------------------
+
+    def _keep(self, conv: ConvId, kv: _KV) -> None:
+        self._drop(conv)
+        self._convs[conv] = kv
+        self._conv_bytes += kv.nbytes
+        while self._convs and (len(self._convs) > (self.max_cache_conversations or len(self._convs))
+                               or self._conv_bytes > self.max_cache_bytes):
+            self._drop(next(iter(self._convs)))
+            self.cache_evictions += 1
+
+    def _drop(self, conv: ConvId) -> _KV | None:
+        kv = self._convs.pop(conv, None)
+        if kv is not None:
+            self._conv_bytes -= kv.nbytes
+        return kv
+
+    def release(self, conv_ids: list[ConvId]) -> None:
+        for conv in conv_ids:
+            self._drop(conv)
+
+    def close(self) -> None:
+        self._convs.clear()
+        self._conv_bytes = 0
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the conversation followed by the assistant generation prompt."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
+        outputs: list[list[GenOutput | None]] = [[None] * len(r.conv_ids) for r in requests]
+        # step 1: render; find each request's reusable cache; order prefill work by new-token count
+        work = []
+        for i, req in enumerate(requests):
+            if req.conv_ids:
+                ids = self.render(req.messages)
+                past = self._reusable(req.conv_ids, ids)
+                work.append((len(ids) - len(past.ids), i, ids, past))
+        work.sort(key=lambda w: w[0])
+        # step 2: prefill lazily, decode with continuous batching
+        pending: list[_Row] = []
+        batch = _Decoding(self, params)
+        while work or pending or batch.live:
+            if (work or pending) and batch.free >= max(1, min(self.batch_size // 4, len(pending) + len(work))):
+                while work and len(pending) < batch.free:
+                    chunk, work = self._prefill_chunk(work)
+                    pending += self._rows(chunk, requests, params, outputs)
+                admitted, pending = pending[: batch.free], pending[batch.free :]
+                batch.rebuild(admitted)
+            elif batch.dead and batch.dead >= len(batch.live):
+                batch.rebuild([])
+            for row, out in batch.step():
+                outputs[row.out[0]][row.out[1]] = out
+        return outputs  # type: ignore[return-value]
+
+    def _reusable(self, conv_ids: list[ConvId], ids: list[int]) -> _KV:
+        """The longest kept prefix of `ids` among these conversations' caches (dropping the caches)."""
+        best = _KV([], [], [])
+        for conv in conv_ids:
+            kv = self._drop(conv)
+            if kv is None:
+                continue
+            n = 0
+            limit = min(len(kv.ids), len(ids) - 1)  # at least one token must be fed for logits
+            while n < limit and kv.ids[n] == ids[n]:
+                n += 1
+            if n < len(kv.ids):
+                self.cache_mismatches += 1
+            if n > len(best.ids):
+                best = _KV(kv.ids[:n], [k[:, :n] for k in kv.keys], [v[:, :n] for v in kv.values])
+        self.reused_tokens += len(best.ids)
+        return best
+
+    def _prefill_chunk(self, work: list) -> tuple[list, list]:
+        """Take requests off the work list while they fit one prefill forward."""
+        n = 0
+        while n < len(work) and n < self.batch_size and (n + 1) * work[n][0] <= max(self.max_prefill_tokens, work[0][0]):
+            n += 1
+        return work[:n], work[n:]
+
+    def _rows(self, chunk: list, requests: list[GenRequest], params: SamplingParams, outputs) -> list[_Row]:
+        """Prefill a chunk of requests (one forward) and make one row per conversation."""
+        prefixes = self._prefill([(ids, past) for _, _, ids, past in chunk])
+        rows = []
+        for (_, i, _, _), (kv, logits) in zip(chunk, prefixes):
+            req = requests[i]
+            for j, conv in enumerate(req.conv_ids):
+                gen = torch.Generator().manual_seed(sample_seed(params.seed, conv, req.turn))
+                row = _Row(conv, (i, j), kv, gen, [_sample(logits[None], params, [gen])[0]])
+                done = _finish(self, row, params)
+                if done is not None:  # finished on its first token: its cache is the prefix
+                    self._keep(conv, kv)
+                    outputs[i][j] = done
+                else:
+                    rows.append(row)
+        return rows
+
+    def _prefill(self, items: list[tuple[list[int], _KV]]) -> list[tuple[_KV, torch.Tensor]]:
+        """Run the new tokens of each item after its reused past; return (kv, next-token logits)."""
+        suffixes = [ids[len(past.ids):] for ids, past in items]
+        S = max(len(s) for s in suffixes)
+        cache, start, T = _pack([(p.keys, p.values, len(p.ids)) for _, p in items], S, self.n_layers)
+        input_ids = torch.full((len(items), S), self.pad_id, dtype=torch.long)
+        in_mask = torch.zeros(len(items), S, dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            input_ids[r, S - len(s):] = torch.tensor(s)
+            in_mask[r, S - len(s):] = 1
+        past_mask = (torch.arange(T)[None] >= start[:, None]).long()
+        position_ids = ((T - start)[:, None] + in_mask.cumsum(1) - 1).clamp(min=0)
+        mask = torch.cat([past_mask, in_mask], 1)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        self.stats.prefill_tokens += sum(len(s) for s in suffixes)
+        logits = out.logits[:, -1].float()
+        result = []
+        for r, (ids, _) in enumerate(items):
+            cols = mask[r].nonzero().squeeze(1).to(self.device)
+            kv = _KV(list(ids), [layer.keys[r][:, cols] for layer in cache.layers],
+                     [layer.values[r][:, cols] for layer in cache.layers])
+            result.append((kv, logits[r]))
+        return result
+
+
+class _Decoding:
+    """The running decode batch: up to `batch_size` rows sharing one left-padded cache."""
+
+    def __init__(self, backend: HFBackend, params: SamplingParams):
+        self.b, self.params = backend, params
+        self.rows: list[_Row | None] = []
+        self.cache: Cache | None = None
+        self.start = torch.zeros(0, dtype=torch.long)
+        self.T = 0
+
+    @property
+    def live(self) -> list[_Row]:
+        return [r for r in self.rows if r is not None]
+
+    @property
+    def dead(self) -> int:
+        return len(self.rows) - len(self.live)
+
+    @property
+    def free(self) -> int:
+        return self.b.batch_size - len(self.live)
+
+    def _row_kv(self, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        s = int(self.start[r])
+        return ([layer.keys[r, :, s:] for layer in self.cache.layers],
+                [layer.values[r, :, s:] for layer in self.cache.layers], self.T - s)
+
+    def rebuild(self, admitted: list[_Row]) -> None:
+        """Drop finished rows and pack the survivors and `admitted` into a fresh cache."""
+        keep = [r for r, row in enumerate(self.rows) if row is not None]
+        parts = [self._row_kv(r) for r in keep] + [(row.prefix.keys, row.prefix.values, len(row.prefix.ids))
+                                                    for row in admitted]
+        self.rows = [self.rows[r] for r in keep] + admitted
+        if not self.rows:
+            self.cache, self.start, self.T = None, torch.zeros(0, dtype=torch.long), 0
+            return
+        spare = self.params.max_new_tokens - min(len(row.tokens) for row in self.rows) + 1
+        self.cache, self.start, self.T = _pack(parts, spare, self.b.n_layers)
+
+    def step(self) -> list[tuple[_Row, GenOutput]]:
+        """Feed every row's last token, sample the next; return the rows that finished."""
+        if not self.live:
+            return []
+        last = torch.tensor([[row.tokens[-1] if row else self.b.pad_id] for row in self.rows])
+        mask = (torch.arange(self.T + 1)[None] >= self.start[:, None]).long()
+        position_ids = (self.T - self.start)[:, None]
+        dev = self.b.device
+        out = self.b.model(input_ids=last.to(dev), attention_mask=mask.to(dev), position_ids=position_ids.to(dev),
+                           past_key_values=self.cache, use_cache=True)
+        self.T += 1
+        live = [r for r, row in enumerate(self.rows) if row is not None]
+        logits = out.logits[live, -1].float()
+        tokens = _sample(logits, self.params, [self.rows[r].gen for r in live])
+        finished = []
+        for r, tok in zip(live, tokens):
+            row = self.rows[r]
+            row.tokens.append(tok)
+            done = _finish(self.b, row, self.params)
+            if done is not None:
+                keys, values, _ = self._row_kv(r)
+                ids = row.prefix.ids + row.tokens[:-1]
+                self.b._keep(row.conv, _KV(ids, [k.clone() for k in keys], [v.clone() for v in values]))
+                self.rows[r] = None
+                finished.append((row, done))
+        return finished
+
+
+def _finish(backend: HFBackend, row: _Row, params: SamplingParams) -> GenOutput | None:
+    """The row's output if its last token ends it (end-of-turn token or the length limit)."""
+    stop = row.tokens[-1] in backend.stop_ids
+    if not stop and len(row.tokens) < params.max_new_tokens:
+        return None
+    backend.stats.generated_tokens += len(row.tokens)
+    body = row.tokens[:-1] if stop else row.tokens
+    text = backend.tokenizer.decode(body, skip_special_tokens=True)
+    return GenOutput(text=text, tokens=len(row.tokens), finish_reason="stop" if stop else "length")
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> list[int]:
+    """One token per row of `logits` [B, V]: greedy at temperature 0, else temperature + top-p.
+
+    Each row draws exactly one uniform number from its own generator, so its choice does not
+    depend on the other rows.
+    """
+    if params.temperature <= 0:
+        return logits.argmax(-1).tolist()
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    order = None
+    if params.top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in gens]).to(cdf.device)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+    if order is not None:
+        idx = order.gather(-1, idx)
+    return idx.squeeze(-1).tolist()

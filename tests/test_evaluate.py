@@ -1,0 +1,197 @@
+"""`drift eval` and `drift compare`: eval runs with a scripted backend, scoring existing
+trajectories, the comparison table and plot, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drift import DriftError
+from drift.cli import main
+from drift.config import build
+from drift.evaluate import EvalConfig, compare, markdown_table, paired_difference, run_eval
+from drift.records import Trajectory, write_jsonl
+from drift.rollout.protocol import BackendStats, GenOutput
+from drift.tasks import Problem
+
+# Responses per turn; the checker is `numeric` (the last number of the response is the answer).
+# Mirrors test_metrics.five_problems: P1 right at once, P2 at turn 2, P3 never (unparseable, 7, 7),
+# P4 at turn 3 after an unparseable turn 2, P5 never (9, 8, 9).
+FIVE = {"P1": ["4"], "P2": ["5", "4"], "P3": ["no idea", "7", "7"], "P4": ["1", "hmm", "4"], "P5": ["9", "8", "9"]}
+ALL_FIRST = {p: ["4"] for p in FIVE}
+
+
+def problems(ids=tuple(FIVE)) -> list[Problem]:
+    return [Problem(id=p, question=f"{p}: what is 2 + 2?", answer="4", checker="numeric", extract="number")
+            for p in ids]
+
+
+class ScriptedBackend:
+    """Answers from a script: script[prompt_id][turn - 1], or a function of (conv_id, turn)."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+        self.stats = BackendStats()
+
+    def generate(self, requests, params):
+        out = []
+        for req in requests:
+            texts = [self.script(c, req.turn) if callable(self.script) else self.script[c[0]][req.turn - 1]
+                     for c in req.conv_ids]
+            out.append([GenOutput(text=t, tokens=len(t) + 1, finish_reason="stop") for t in texts])
+            self.stats.generated_tokens += sum(len(t) + 1 for t in texts)
+        return out
+
+    def release(self, conv_ids):
+        pass
+
+    def close(self):
+        pass
+
+
+def eval_run(tmp_path, name, script=FIVE, **kw):
+    cfg = EvalConfig(model="scripted", output=str(tmp_path / name), max_turns=3, **kw)
+    return run_eval(cfg, problems=problems(), backend=ScriptedBackend(script))
+
+
+def test_eval_run_writes_metrics(tmp_path):
+    m = eval_run(tmp_path, "base")
+    d = tmp_path / "base"
+    on_disk = json.loads((d / "metrics.json").read_text())
+    assert on_disk["succ_at_k"] == pytest.approx([0.2, 0.4, 0.6])
+    assert on_disk["cond_acc"] == pytest.approx([1 / 5, 1 / 4, 1 / 3])
+    assert on_disk["correction_rate"][1:] == pytest.approx([1 / 3, 0.0])
+    assert on_disk["unique_ratio"] == pytest.approx((1 + 1 + 0.5 + 1 + 2 / 3) / 5)
+    assert on_disk["mean_turns_to_success"] == pytest.approx(2.0)
+    assert on_disk["unparseable_rate"] == pytest.approx(2 / 12)
+    # tokens = characters + 1 per turn; characters: 1 + 2 + (7 + 1 + 1) + (1 + 3 + 1) + 3 = 20 over 12 turns
+    assert on_disk["total_tokens"] == 20 + 12
+    assert on_disk["response_chars"] == pytest.approx(20 / 12)
+    assert on_disk["wall_time_s"] is not None and on_disk["wall_time_s"] >= 0
+    assert on_disk["config"]["temperature"] == 0.0 and on_disk["config"]["split"] == "test"
+    assert on_disk["source"]["model"] == "scripted"
+    assert m["succ_at_k"] == on_disk["succ_at_k"]
+    assert sorted(p.name for p in (d / "rollout" / "trajectories").iterdir()) == ["shard-00000.jsonl"]
+    md = (d / "metrics.md").read_text()
+    assert "| base | 5 | 20.0 ± 20.0 | 40.0 ± 24.5 | 60.0 ± 24.5 |" in md
+    assert "| 2 | 4 | 1 | 25.0 | 33.3 (3) | 25.0 | 40.0 ± 24.5 |" in md  # the per-turn row of turn 2
+
+
+def test_eval_is_resumable(tmp_path):
+    first = eval_run(tmp_path, "r")
+    with pytest.raises(DriftError, match="--resume"):
+        eval_run(tmp_path, "r")
+    again = eval_run(tmp_path, "r", resume=True)
+    assert again["succ_at_k"] == first["succ_at_k"] and again["num_trajectories"] == 5
+
+
+def test_eval_with_samples_reports_pass_at_k(tmp_path):
+    # sample i of problem P1..P5 is right at turn 1 iff i < c(P) with c = 4, 2, 1, 0, 0; otherwise wrong then right
+    c = {"P1": 4, "P2": 2, "P3": 1, "P4": 0, "P5": 0}
+    m = eval_run(tmp_path, "s", script=lambda conv, turn: "4" if turn > 1 or conv[1] < c[conv[0]] else "3",
+                 n=4, temperature=1.0)
+    # pass@1 = mean c/4 = 7/20; pass@2: 1, 1 - C(2,2)/C(4,2) = 5/6, 1 - C(3,2)/C(4,2) = 1/2, 0, 0
+    # pass@4 = 3/5
+    assert m["pass_at_k"] == pytest.approx({"1": 7 / 20, "2": (1 + 5 / 6 + 0.5) / 5, "4": 0.6})
+    assert m["succ_at_k"] == pytest.approx([7 / 20, 1.0, 1.0])
+    assert "pass@2" in (tmp_path / "s" / "metrics.md").read_text()
+
+
+def test_score_existing_trajectories(tmp_path):
+    eval_run(tmp_path, "gen")
+    rollout = tmp_path / "gen" / "rollout"
+    for source in (rollout, rollout / "trajectories", rollout / "trajectories" / "shard-00000.jsonl"):
+        m = run_eval(EvalConfig(trajectories=str(source), output=str(tmp_path / "scored"), max_turns=3))
+        assert m["succ_at_k"] == pytest.approx([0.2, 0.4, 0.6])
+        assert m["source"]["trajectories"] == str(source)
+    assert m["wall_time_s"] is None  # a lone shard file carries no manifest
+    # at a smaller turn limit P4's success at turn 3 does not count
+    m2 = run_eval(EvalConfig(trajectories=str(rollout), output=str(tmp_path / "t2"), max_turns=2))
+    assert m2["succ_at_k"] == pytest.approx([0.2, 0.4]) and m2["wall_time_s"] is not None
+
+
+def test_compare_table_and_plot(tmp_path):
+    eval_run(tmp_path, "base")
+    eval_run(tmp_path, "trained", script=ALL_FIRST)
+    png = tmp_path / "plots" / "succ.png"
+    text = compare([str(tmp_path / "base"), str(tmp_path / "trained")], str(png))
+    assert "| base | 5 | 20.0 ± 20.0 | 40.0 ± 24.5 | 60.0 ± 24.5 |" in text
+    # every problem solved at turn 1: se 0; unique ratio 1, 1 turn to success, no unparseable turns, 2 tokens/turn
+    assert "| trained | 5 | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 1.000 | – | 1.00 | 0.0 | 2.0 |" in text
+    # paired difference at k = 3: per-problem [0, 0, 1, 0, 1] -> +40 points, se sqrt(0.3 / 5) = 24.5
+    assert "| trained | 3 | +40.0 ± 24.5 | 5 |" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labelled = compare([str(tmp_path / "base"), str(tmp_path / "trained")], None, labels=["A", "B"])
+    assert "| A | 5 |" in labelled and "| B | 5 |" in labelled
+
+
+def test_paired_difference_and_markdown_table():
+    a = {"per_problem": {"x": [0.0, 1.0], "y": [0.0, 0.0]}}
+    b = {"per_problem": {"x": [1.0, 1.0], "y": [1.0, 1.0], "z": [1.0, 1.0]}}
+    assert paired_difference(a, b, 1) == (1.0, 0.0, 2)
+    d, se, n = paired_difference(a, b, 2)
+    assert (d, n) == (0.5, 2) and se == pytest.approx(0.5)  # diffs [0, 1]: sd sqrt(0.5), se sqrt(0.5 / 2)
+    m = {"max_turns": 1, "num_problems": 1, "succ_at_k": [0.5], "succ_at_k_se": [None], "unique_ratio": None,
+         "unique_ratio_multi_turn": None, "mean_turns_to_success": 1.0, "unparseable_rate": 0.25,
+         "response_tokens": 7.0}
+    m2 = {**m, "max_turns": 2, "succ_at_k": [0.5, 0.75], "succ_at_k_se": [0.1, 0.1]}
+    table = markdown_table([m, m2], ["one", "two"])
+    assert "| one | 1 | 50.0 | – | – | – | 1.00 | 25.0 | 7.0 |" in table
+    assert "| two | 1 | 50.0 ± 10.0 | 75.0 ± 10.0 |" in table
+
+
+def test_cli_eval_and_compare(tmp_path, capsys):
+    eval_run(tmp_path, "gen")
+    rollout = tmp_path / "gen" / "rollout"
+    assert main(["eval", "--trajectories", str(rollout), "--output", str(tmp_path / "cli"), "--max-turns", "3"]) == 0
+    assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["accuracy"] == pytest.approx(0.6)
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(tmp_path / "gen"), str(tmp_path / "cli"), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| gen | 5 | 20.0 ± 20.0 |" in out and "| cli | 3 | +0.0 ± 0.0 | 5 |" in out
+    assert png.is_file()
+    assert main(["eval", "--output", str(tmp_path / "x")]) == 2
+    assert "exactly one of --model" in capsys.readouterr().err
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(DriftError, match="exactly one"):
+        EvalConfig(model="m", trajectories="t", output="o")
+    with pytest.raises(DriftError, match="exactly one"):
+        build(EvalConfig, {"output": "o"})
+    with pytest.raises(DriftError, match="output"):
+        EvalConfig(model="m")
+    with pytest.raises(DriftError, match="temperature"):
+        EvalConfig(model="m", output="o", n=4)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DriftError, match="empty"):
+        run_eval(EvalConfig(trajectories=str(empty), output=str(tmp_path / "e")))
+    with pytest.raises(DriftError, match="no such file"):
+        run_eval(EvalConfig(trajectories=str(tmp_path / "missing"), output=str(tmp_path / "e")))
+    dup = tmp_path / "dup.jsonl"
+    t = Trajectory(prompt_id="a", sample_idx=0, messages=[], turns=[], gold="1")
+    write_jsonl(dup, [t.to_json(), t.to_json()])
+    with pytest.raises(DriftError, match="duplicate"):
+        run_eval(EvalConfig(trajectories=str(dup), output=str(tmp_path / "e")))
+    with pytest.raises(DriftError, match="no metrics.json"):
+        compare([str(tmp_path)], None)
+    with pytest.raises(DriftError, match="labels"):
+        compare([str(tmp_path)], None, labels=["a", "b"])
+
+
+
+def test_cli_eval_with_the_hf_backend(tmp_path, tiny_model_dir):
+    """The real path: `drift eval --model` on a tiny random model, greedy, held-out arith problems."""
+    out = tmp_path / "hf"
+    argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "arith", "--num-problems", "3", "--max-turns", "2",
+            "--max-new-tokens", "4", "--output", str(out)]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_trajectories"] == 3 and m["config"]["split"] == "test" and m["config"]["temperature"] == 0.0
+    assert m["attempted"][0] == 3 and 0 < m["response_tokens"] <= 4
+    assert m["wall_time_s"] > 0 and m["source"]["model"] == str(tiny_model_dir)
+    assert all(p.startswith("arith-") for p in m["per_problem"])

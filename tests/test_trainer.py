@@ -1,0 +1,175 @@
+"""Weighted fine-tuning on a tiny random Llama: the loss against hand computation, invariances,
+saving, LoRA and resuming."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from drift import DriftError
+from drift.config import build
+from drift.train.data import Example, collate, tokenize_conversation
+from drift.train.trainer import TrainConfig, WeightedTrainer, run_train, weighted_nll_sum
+
+
+def make_rows(n: int, seed: int = 0, weights: list[float] | None = None) -> list[dict]:
+    """Try-again conversations of 1-3 turns with varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "You're a helpful assistant."},
+                {"role": "user", "content": f"What is {i} + {i}?" + " please" * rng.randint(0, 6)}]
+        for _ in range(rng.randint(1, 3)):
+            msgs.append({"role": "assistant", "content": f"<answer>{rng.randint(0, 99)}</answer>" + "!" * rng.randint(0, 30)})
+            msgs.append({"role": "user", "content": "Incorrect. Please think again."})
+        rows.append({"messages": msgs[:-1], "weight": weights[i] if weights else rng.choice([0.25, 1.0, 3.0])})
+    return rows
+
+
+def write_data(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train(tmp_path, model_dir, data, name="out", **kw):
+    base = dict(model=str(model_dir), data=data, output=str(tmp_path / name), lr=1e-3, epochs=1, warmup_ratio=0,
+                weight_decay=0, logging_steps=1, save_steps=0, min_weight=0, batch_size=4)
+    return run_train(build(TrainConfig, {**base, **kw}))
+
+
+def hand_loss(model_dir, rows, turns, normalize):
+    """sum_i w_i * (mean NLL of row i's trained tokens) / (N or sum w), with plain cross_entropy."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    total, weights = 0.0, [r["weight"] for r in rows]
+    with torch.no_grad():
+        for r in rows:
+            ids, mask = tokenize_conversation(r["messages"], tok, turns)
+            logits = model(torch.tensor([ids])).logits[0]
+            nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
+            total += r["weight"] * nll[torch.tensor(mask[1:]) == 1].mean().item()
+    return total / (len(rows) if normalize == "mean" else sum(weights))
+
+
+def final_params(out):
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("weights,normalize,turns", [
+    ("ones", "mean", "last"), ("ones", "weight_sum", "all"), ("varied", "mean", "all"), ("varied", "weight_sum", "last"),
+])
+def test_loss_equals_hand_computation(tmp_path, tiny_model_dir, weights, normalize, turns):
+    """One global batch of all rows: the logged first-step loss is the formula; weights 1 = plain SFT."""
+    rows = make_rows(6, weights=[1.0] * 6 if weights == "ones" else None)
+    summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", rows), batch_size=6,
+                    normalize=normalize, turns=turns, max_steps=1)
+    assert summary["history"][0]["loss"] == pytest.approx(hand_loss(tiny_model_dir, rows, turns, normalize), rel=1e-5)
+
+
+def test_weight_zero_row_contributes_no_gradient(tiny_model_dir, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = make_rows(2, seed=1)
+    a, b = (Example(*tokenize_conversation(r["messages"], tiny_tokenizer, "all"), w, i)
+            for i, (r, w) in enumerate(zip(rows, [2.0, 0.0])))
+
+    def grads(examples):
+        model.zero_grad()
+        batch = collate(examples, tiny_tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        weighted_nll_sum(logits, batch["labels"], batch["token_weight"]).backward()  # sum_i w_i * loss_i
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    alone = grads([b])
+    assert torch.count_nonzero(alone) == 0
+    assert torch.allclose(grads([a, b]), grads([a]), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
+def test_batch1_accum4_equals_batch4_accum1(tmp_path, tiny_model_dir, normalize):
+    data = write_data(tmp_path / "w.jsonl", make_rows(10, seed=2))
+    one = train(tmp_path, tiny_model_dir, data, "b1", batch_size=1, grad_accum=4, normalize=normalize, max_steps=2)
+    four = train(tmp_path, tiny_model_dir, data, "b4", batch_size=4, grad_accum=1, normalize=normalize, max_steps=2)
+    for h1, h4 in zip(one["history"], four["history"], strict=True):
+        assert h1["loss"] == pytest.approx(h4["loss"], rel=1e-5)
+        assert h1["grad_norm"] == pytest.approx(h4["grad_norm"], rel=1e-4)
+    # Adam divides by sqrt(v): float noise in near-zero gradients moves a few weights by ~1e-6
+    assert torch.allclose(final_params(tmp_path / "b1"), final_params(tmp_path / "b4"), atol=1e-5)
+
+
+def test_packed_grouped_random_and_checkpointed_batches_agree(tmp_path, tiny_model_dir):
+    """With one global batch per step holding every row, the batch layout must not matter."""
+    data = write_data(tmp_path / "w.jsonl", make_rows(6, seed=3))
+    runs = {b: train(tmp_path, tiny_model_dir, data, b, batching=b, batch_size=3, grad_accum=2, epochs=2,
+                     gradient_checkpointing=(b == "pack"))
+            for b in ("group", "pack", "random")}
+    losses = {b: [h["loss"] for h in s["history"]] for b, s in runs.items()}
+    assert len(losses["group"]) == 2
+    assert losses["pack"] == pytest.approx(losses["group"], rel=1e-5)
+    assert losses["random"] == pytest.approx(losses["group"], rel=1e-5)
+    assert runs["pack"]["padding_share"] == 0 and runs["group"]["padding_share"] < runs["random"]["padding_share"]
+
+
+def test_saved_model_loads_and_generates(tmp_path, tiny_model_dir):
+    data = write_data(tmp_path / "w.jsonl", make_rows(5, weights=[1.0, 2.0, 5e-5, 0.5, 1.0]))
+    summary = train(tmp_path, tiny_model_dir, data, max_steps=1, min_weight=1e-3)
+    out = tmp_path / "out"
+    assert summary["data"]["dropped_min_weight"] == 1 and summary["data"]["rows_used"] == 4
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 1
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert tok.chat_template and "im_start" in tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids.shape[1]
+
+
+def test_lora_saves_adapter_and_merged_model(tmp_path, tiny_model_dir):
+    data = write_data(tmp_path / "w.jsonl", make_rows(4))
+    train(tmp_path, tiny_model_dir, data, max_steps=1, lora=True, lora_r=4, merge_lora=True, report_to="tensorboard")
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert any(out.rglob("events.out.tfevents.*"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_merged, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert AutoTokenizer.from_pretrained(out / "merged").chat_template
+    merged.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path, tiny_model_dir):
+    data = write_data(tmp_path / "w.jsonl", make_rows(12, seed=4))
+    full = train(tmp_path, tiny_model_dir, data, "full", max_steps=3, save_steps=1, save_total_limit=3,
+                 batch_size=2)
+    resumed = train(tmp_path, tiny_model_dir, data, "resumed", max_steps=3, batch_size=2,
+                    resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    assert resumed["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], rel=1e-5)
+    assert torch.allclose(final_params(tmp_path / "full"), final_params(tmp_path / "resumed"), atol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir):
+    data = write_data(tmp_path / "w.jsonl", make_rows(3, weights=[1.0, -1.0, 1.0]))
+    with pytest.raises(DriftError, match="w.jsonl:2: negative weight"):
+        train(tmp_path, tiny_model_dir, data)
+    with pytest.raises(DriftError, match="model path not found"):
+        train(tmp_path, tmp_path / "no-such-model", data)
+    with pytest.raises(DriftError, match="weight_sum needs non-negative"):
+        train(tmp_path, tiny_model_dir, data, normalize="weight_sum", allow_negative_weights=True)
+    with pytest.raises(DriftError, match="set data"):
+        train(tmp_path, tiny_model_dir, "")
+    with pytest.raises(DriftError, match="unknown config key 'lr_rate'"):
+        train(tmp_path, tiny_model_dir, data, lr_rate=1.0)
+
+
+def test_missing_weight_column_is_refused():
+    trainer = object.__new__(WeightedTrainer)
+    with pytest.raises(RuntimeError, match="weight column"):
+        trainer.compute_loss(None, {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
