@@ -12,6 +12,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and oversubscribed cores make them 10x slower.
+torch.set_num_threads(1)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -41,6 +41,7 @@ def make_app(model_dir: str, state: ServerState) -> Any:
     from fastapi import Body, FastAPI, Header
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.set_num_threads(1)  # the test machine's few cores are shared: more threads only contend
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     generate_lock = threading.Lock()  # one generation at a time: torch's global seed is shared

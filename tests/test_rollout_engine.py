@@ -213,7 +213,7 @@ def test_seeds_are_per_sample_and_turn():
 
 def test_hf_backend_rollout(tmp_path, tiny_model_dir):
     cfg = config(tmp_path, model=str(tiny_model_dir), tasks="arith", num_problems=3, n=2, max_turns=2,
-                 max_new_tokens=6, batch_size=4)
+                 max_new_tokens=6, batch_size=4, threads=1)
     manifest = run_rollout(cfg)
     trajs = read_trajectories(Path(cfg.output) / "trajectories")
     assert sorted(t.key for t in trajs) == sorted((p, i) for p in {t.prompt_id for t in trajs} for i in range(2))
@@ -224,12 +224,12 @@ def test_hf_backend_rollout(tmp_path, tiny_model_dir):
     assert manifest["versions"]["torch"] and manifest["status"] == "complete"
 
 
-KILL_SCRIPT = textwrap.dedent("""
+KILL_CONFIG = dict(tasks="arith", num_problems=24, n=3, max_turns=3, max_new_tokens=8, batch_size=4, max_live=6,
+                   shard_size=4, system_prompt=None, threads=1)
+KILL_SCRIPT = textwrap.dedent(f"""
     import sys, time
     from drift.rollout import RolloutConfig, make_backend, run_rollout
-    cfg = RolloutConfig(model=sys.argv[1], output=sys.argv[2], resume=sys.argv[3] == "1", tasks="arith",
-                        num_problems=24, n=3, max_turns=3, max_new_tokens=8, batch_size=4, max_live=6,
-                        shard_size=4, system_prompt=None)
+    cfg = RolloutConfig(model=sys.argv[1], output=sys.argv[2], resume=sys.argv[3] == "1", **{KILL_CONFIG!r})
     backend = make_backend(cfg)
     generate = backend.generate
     def slow_generate(requests, params):  # slow enough to be killed mid-run
@@ -244,7 +244,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     script = tmp_path / "rollout_script.py"
     script.write_text(KILL_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(out), "0", "0.3"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -268,6 +268,10 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["counts"]["written"] == 72
     assert len(manifest["timings"]["sessions"]) == 2
+    # per-(prompt, sample, turn) seeds: the resumed run holds what an uninterrupted run samples
+    run_rollout(RolloutConfig(model=str(tiny_model_dir), output=str(tmp_path / "reference"), **KILL_CONFIG))
+    canon = lambda rs: sorted(json.dumps(r, sort_keys=True) for r in rs)  # noqa: E731
+    assert canon(rows) == canon(shard_rows(tmp_path / "reference"))
 
 
 def shard_rows_tolerant(out: Path) -> list[str]:

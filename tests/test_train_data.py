@@ -88,6 +88,9 @@ def test_truncate_prompt_from_left_then_completion():
     assert truncate(ids, mask, 7) == ([3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 1, 1, 1, 1], 3, 0)
     # one prompt token is always kept so the first trained token has a context; then cut the end
     assert truncate(ids, mask, 3) == ([5, 6, 7], [0, 1, 1], 5, 2)
+    # several trained turns: earlier turns go first, the last one is kept whole if it fits
+    two_turns = [0, 0, 1, 1, 0, 0, 1, 1, 1, 1]
+    assert truncate(ids, two_turns, 5) == ([5, 6, 7, 8, 9], [0, 1, 1, 1, 1], 5, 0)
 
 
 def test_load_examples_counts_truncation_and_min_weight(tmp_path, tiny_tokenizer):

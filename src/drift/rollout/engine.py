@@ -61,6 +61,7 @@ class RolloutConfig(TaskSpec, EnvConfig):
     batch_size: int = option(16, "hf: sequences per forward pass")
     dtype: str = option("auto", "hf, vllm: model dtype (auto, float32, bfloat16)")
     device: str | None = option(None, "hf: torch device (none: the backend's choice)")
+    threads: int | None = option(None, "hf: CPU threads for torch (none: torch's default)")
     lora: str | None = option(None, "vllm: LoRA adapter directory served on top of the model")
     tensor_parallel_size: int = option(1, "vllm: GPUs per model")
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use")
@@ -77,6 +78,7 @@ class RolloutConfig(TaskSpec, EnvConfig):
         checks = [("n", self.n >= 1), ("temperature", self.temperature >= 0), ("top_p", 0 < self.top_p <= 1),
                   ("max_new_tokens", self.max_new_tokens >= 1), ("shard_size", self.shard_size >= 1),
                   ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
+                  ("threads", self.threads is None or self.threads >= 1),
                   ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
                   ("max_retries", self.max_retries >= 0)]
         for key, ok in checks:
@@ -117,7 +119,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
                            dtype=cfg.dtype)
     from drift.rollout.hf import HFBackend
 
-    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
@@ -244,29 +246,28 @@ def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: 
     open_samples = {p.id: len(idx) for p, idx in todo}  # per prompt: conversations not yet ended
     live: dict[ConvId, Episode] = {}
     skipped: list[dict[str, Any]] = []
-    bar = tqdm(total=len(todo), unit="prompt", desc="rollout", disable=None)
     t0, tokens0 = time.monotonic(), backend.stats.generated_tokens
-    while queue or live:
-        requests = [GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1) for key, ep in live.items()]
-        while queue and (not live or len(live) + len(queue[0][1]) <= max_live):
-            problem, indices = queue.popleft()
-            group = {(problem.id, i): Episode(problem, i, env) for i in indices}
-            requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
-            live.update(group)
-        requests, outputs, too_long = _generate(backend, requests, params)
-        for key in too_long:
-            ep = live.pop(key)
-            skipped.append({"prompt_id": key[0], "sample_idx": key[1], "turn": len(ep.trajectory.turns) + 1})
-        finished = _step(requests, outputs, live)
-        writer.write(finished)
-        backend.release([t.key for t in finished] + too_long)
-        for key in [t.key for t in finished] + too_long:
-            open_samples[key[0]] -= 1
-            bar.update(open_samples[key[0]] == 0)
-        on_written(len(finished))
-        rate = (backend.stats.generated_tokens - tokens0) / max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix(live=len(live), tok_s=f"{rate:.0f}", skipped=len(skipped))
-    bar.close()
+    with tqdm(total=len(todo), unit="prompt", desc="rollout", disable=None) as bar:
+        while queue or live:
+            requests = [GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1) for key, ep in live.items()]
+            while queue and (not live or len(live) + len(queue[0][1]) <= max_live):
+                problem, indices = queue.popleft()
+                group = {(problem.id, i): Episode(problem, i, env) for i in indices}
+                requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
+                live.update(group)
+            requests, outputs, too_long = _generate(backend, requests, params)
+            for key in too_long:
+                ep = live.pop(key)
+                skipped.append({"prompt_id": key[0], "sample_idx": key[1], "turn": len(ep.trajectory.turns) + 1})
+            finished = _step(requests, outputs, live)
+            writer.write(finished)
+            backend.release([t.key for t in finished] + too_long)
+            for key in [t.key for t in finished] + too_long:
+                open_samples[key[0]] -= 1
+                bar.update(open_samples[key[0]] == 0)
+            on_written(len(finished))
+            rate = (backend.stats.generated_tokens - tokens0) / max(time.monotonic() - t0, 1e-9)
+            bar.set_postfix(live=len(live), tok_s=f"{rate:.0f}", skipped=len(skipped))
     return skipped
 
 

@@ -4,6 +4,8 @@ import argparse
 import logging
 import sys
 
+import torch
+
 from drift import DriftError
 from drift.config import add_arguments, from_cli
 from drift.train.trainer import TrainConfig, run_train
@@ -21,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     except DriftError as e:
         print(f"drift train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

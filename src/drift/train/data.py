@@ -64,8 +64,8 @@ class DataStats:
     dropped_min_weight_tokens: int = 0  # their tokens (all, not just trained ones)
     weight_total: float = 0.0  # sum of |weight| over all valid rows
     weight_dropped: float = 0.0  # sum of |weight| over the rows dropped by min_weight
-    prompt_truncated: int = 0  # rows whose prompt was cut from the left to fit max_length
-    completion_truncated: int = 0  # rows whose trained part was cut from the right
+    prompt_truncated: int = 0  # rows cut from the left to fit max_length (prompt, earlier turns)
+    completion_truncated: int = 0  # rows whose last trained turn was cut at the end
     tokens: int = 0  # tokens of the used rows
     trained_tokens: int = 0  # trained tokens of the used rows
 
@@ -120,13 +120,14 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any,
 
 
 def truncate(input_ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int], int, int]:
-    """Fit `max_length`: cut the prompt from the left (keeping one token before the first trained
-    token), then, if still too long, the end. Returns (ids, mask, cut_left, cut_right)."""
+    """Fit `max_length`: cut from the left first (the prompt and, with several trained turns, the
+    earlier ones), keeping the last trained turn and one token before it; if still too long, cut
+    the end of the last turn. Returns (ids, mask, cut_left, cut_right)."""
     excess = len(input_ids) - max_length
     if excess <= 0:
         return input_ids, mask, 0, 0
-    first = mask.index(1)
-    left = min(excess, max(first - 1, 0))
+    last_start = max(i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1]))
+    left = min(excess, max(last_start - 1, 0))
     right = excess - left
     ids, m = input_ids[left:len(input_ids) - right], mask[left:len(mask) - right]
     if not any(m):

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import SchedulerType, Trainer
 
 from drift import DriftError
 from drift.config import option
@@ -167,6 +167,9 @@ def _check(cfg: TrainConfig) -> None:
         raise DriftError("report_to=wandb needs the wandb package (pip install wandb)")
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise DriftError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler not in schedulers:
+        raise DriftError(f"config key 'lr_scheduler' must be one of {schedulers}, got {cfg.lr_scheduler!r}")
     if cfg.merge_lora and not cfg.lora:
         raise DriftError("merge_lora needs lora")
 
@@ -208,6 +211,7 @@ def _training_args(cfg: TrainConfig) -> Any:
         report_to=cfg.report_to, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
         save_total_limit=cfg.save_total_limit, remove_unused_columns=False, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         use_cpu=not cuda, disable_tqdm=True)
 
 
@@ -277,6 +281,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.merge_lora:
             _save_merged(path, out, tokenizer)
         write_json(out / "train_summary.json", summary)
+    trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
     return summary
 
 
