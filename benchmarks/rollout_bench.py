@@ -42,6 +42,7 @@ def run_drift(args: argparse.Namespace, path: str) -> dict:
     turn = 1
     while requests:
         outputs = backend.generate([r for r, _ in requests], params)
+        progress("drift", turn, sum(len(r.conv_ids) for r, _ in requests), t0)
         live = []
         for (req, eps), outs in zip(requests, outputs):
             for conv, ep, out in zip(req.conv_ids, eps, outs):
@@ -63,7 +64,7 @@ def run_naive(args: argparse.Namespace, path: str) -> dict:
     groups = episodes(args)
     prefill = generated = 0
     t0 = time.perf_counter()
-    live = [ep for g in groups for ep in g]
+    live, turn = [ep for g in groups for ep in g], 1
     while live:
         texts = [tok.apply_chat_template(ep.messages, tokenize=False, add_generation_prompt=True) for ep in live]
         for b in range(0, len(live), args.batch_size):
@@ -79,8 +80,13 @@ def run_naive(args: argparse.Namespace, path: str) -> dict:
                 generated += n
                 finish = "stop" if row[n - 1] in stop else "length"
                 ep.step(tok.decode(row[: n - (finish == "stop")], skip_special_tokens=True), n, finish)
-        live = [ep for ep in live if not ep.done]
+        progress("naive", turn, len(live), t0)
+        live, turn = [ep for ep in live if not ep.done], turn + 1
     return summary("naive generate loop", time.perf_counter() - t0, prefill, generated, groups)
+
+
+def progress(name: str, turn: int, rows: int, t0: float) -> None:
+    print(f"  {name} turn {turn}: {rows} conversations, {time.perf_counter() - t0:.1f} s elapsed", flush=True)
 
 
 def summary(name: str, seconds: float, prefill: int, generated: int, groups: list[list[Episode]],

@@ -33,7 +33,8 @@ def write_rows(path: Path, n: int) -> str:
         for i in range(n):
             msgs = [{"role": "user", "content": f"What is {i} * 3?" + " hm" * rng.randint(0, 8)}]
             for _ in range(rng.randint(1, 3)):
-                msgs += [{"role": "assistant", "content": f"<answer>{rng.randint(0, 50)}</answer>" + "." * rng.randint(0, 20)},
+                answer = f"<answer>{rng.randint(0, 50)}</answer>" + "." * rng.randint(0, 20)
+                msgs += [{"role": "assistant", "content": answer},
                          {"role": "user", "content": "Incorrect. Please think again."}]
             f.write(json.dumps({"messages": msgs[:-1], "weight": rng.choice([0.1, 1.0, 2.5])}) + "\n")
     return str(path)

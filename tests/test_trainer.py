@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drift import DriftError
 from drift.config import build
 from drift.train.data import Example, collate, tokenize_conversation
-from drift.train.trainer import TrainConfig, WeightedTrainer, run_train, weighted_nll_sum
+from drift.train.trainer import TrainConfig, WeightedTrainer, loss_targets, run_train, weighted_nll_sum
 
 
 def make_rows(n: int, seed: int = 0, weights: list[float] | None = None) -> list[dict]:
@@ -25,7 +25,8 @@ def make_rows(n: int, seed: int = 0, weights: list[float] | None = None) -> list
         msgs = [{"role": "system", "content": "You're a helpful assistant."},
                 {"role": "user", "content": f"What is {i} + {i}?" + " please" * rng.randint(0, 6)}]
         for _ in range(rng.randint(1, 3)):
-            msgs.append({"role": "assistant", "content": f"<answer>{rng.randint(0, 99)}</answer>" + "!" * rng.randint(0, 30)})
+            answer = f"<answer>{rng.randint(0, 99)}</answer>" + "!" * rng.randint(0, 30)
+            msgs.append({"role": "assistant", "content": answer})
             msgs.append({"role": "user", "content": "Incorrect. Please think again."})
         rows.append({"messages": msgs[:-1], "weight": weights[i] if weights else rng.choice([0.25, 1.0, 3.0])})
     return rows
@@ -62,7 +63,8 @@ def final_params(out):
 
 
 @pytest.mark.parametrize("weights,normalize,turns", [
-    ("ones", "mean", "last"), ("ones", "weight_sum", "all"), ("varied", "mean", "all"), ("varied", "weight_sum", "last"),
+    ("ones", "mean", "last"), ("ones", "weight_sum", "all"),
+    ("varied", "mean", "all"), ("varied", "weight_sum", "last"),
 ])
 def test_loss_equals_hand_computation(tmp_path, tiny_model_dir, weights, normalize, turns):
     """One global batch of all rows: the logged first-step loss is the formula; weights 1 = plain SFT."""
@@ -70,6 +72,15 @@ def test_loss_equals_hand_computation(tmp_path, tiny_model_dir, weights, normali
     summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", rows), batch_size=6,
                     normalize=normalize, turns=turns, max_steps=1)
     assert summary["history"][0]["loss"] == pytest.approx(hand_loss(tiny_model_dir, rows, turns, normalize), rel=1e-5)
+
+
+def test_loss_targets_keep_only_predicting_positions():
+    labels = torch.tensor([[-100, -100, -100, 4], [-100, -100, 7, -100]])
+    token_weight = torch.tensor([[0, 0, 0, 0.5], [0, 0, 2.0, 0]])
+    keep, targets, weights = loss_targets(labels, token_weight)
+    assert keep.tolist() == [1, 2]  # logits at t predict token t + 1
+    assert targets.tolist() == [[-100, 4], [7, -100]]
+    assert weights.tolist() == [[0, 0.5], [2.0, 0]]
 
 
 def test_weight_zero_row_contributes_no_gradient(tiny_model_dir, tiny_tokenizer):
@@ -81,8 +92,9 @@ def test_weight_zero_row_contributes_no_gradient(tiny_model_dir, tiny_tokenizer)
     def grads(examples):
         model.zero_grad()
         batch = collate(examples, tiny_tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        weighted_nll_sum(logits, batch["labels"], batch["token_weight"]).backward()  # sum_i w_i * loss_i
+        keep, targets, weights = loss_targets(batch["labels"], batch["token_weight"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+        weighted_nll_sum(logits, targets, weights).backward()  # sum_i w_i * loss_i
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     alone = grads([b])
@@ -165,6 +177,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir):
         train(tmp_path, tiny_model_dir, data, normalize="weight_sum", allow_negative_weights=True)
     with pytest.raises(DriftError, match="set data"):
         train(tmp_path, tiny_model_dir, "")
+    with pytest.raises(DriftError, match="lr_scheduler"):
+        train(tmp_path, tiny_model_dir, data, lr_scheduler="bogus")
     with pytest.raises(DriftError, match="unknown config key 'lr_rate'"):
         train(tmp_path, tiny_model_dir, data, lr_rate=1.0)
 

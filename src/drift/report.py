@@ -32,11 +32,11 @@ def cost_table(cfg: Any) -> str:
     gen = sum(s.get("generated_tokens", 0) for s in rt.get("sessions", []))
     lines = ["| stage | arm | rows | tokens generated | tokens trained | wall time (s) |",
              "|---|---|---:|---:|---:|---:|",
-             f"| rollout | all | {roll.get('counts', {}).get('trajectories', '–')} | {gen:,} | – | {rt.get('wall_seconds', 0):.0f} |"]
+             f"| rollout | all | {roll.get('counts', {}).get('written', '–')} | {gen:,} | – | {rt.get('wall_seconds', 0):.0f} |"]
     for arm in cfg.arms:
         w = _json(d / "weights" / f"{arm}.weights.json")
         t = _json(d / "train" / arm / "train_summary.json")
-        rows = t.get("data", {}).get("rows_kept", w.get("rows", "–"))
+        rows = t.get("data", {}).get("rows_used", w.get("rows", "–"))
         lines.append(f"| train | {arm} ({cfg.arms[arm].method}) | {rows} | – | "
                      f"{t.get('trained_tokens', 0):,} | {t.get('seconds', 0):.0f} |")
     for arm in _arms(cfg):

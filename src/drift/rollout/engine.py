@@ -247,7 +247,7 @@ def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: 
     live: dict[ConvId, Episode] = {}
     skipped: list[dict[str, Any]] = []
     t0, tokens0 = time.monotonic(), backend.stats.generated_tokens
-    with tqdm(total=len(todo), unit="prompt", desc="rollout", disable=None) as bar:
+    with tqdm(total=len(todo), unit="prompt", desc="rollout", disable=False) as bar:
         while queue or live:
             requests = [GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1) for key, ep in live.items()]
             while queue and (not live or len(live) + len(queue[0][1]) <= max_live):

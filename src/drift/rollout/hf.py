@@ -8,8 +8,8 @@ of its time is prefill. This backend instead
   end-of-turn token plus the feedback message. The cached tokens are compared with the new
   render; only their longest common prefix is reused, so a template that rewrites history costs
   a longer prefill, never a wrong answer;
-- decodes with continuous batching: finished rows leave the batch at once and waiting rows are
-  packed into the free slots, so the batch stays full until the work runs out.
+- decodes with continuous batching: a finished row's slot is given to a waiting row at the next
+  step (or the batch is repacked), so the batch stays full until the work runs out.
 Sampling draws one uniform number per token from a generator seeded per (seed, prompt, sample,
 turn), so a conversation's text does not depend on which others share its batch.
 
@@ -27,7 +27,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from drift import DriftError
 from drift.models import load_model_and_tokenizer
-from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, SamplingParams, sample_seed
+from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
+                                   sample_seed)
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
 
@@ -140,7 +141,9 @@ class HFBackend:
         self.cache_evictions = 0
         self._convs: OrderedDict[ConvId, _KV] = OrderedDict()
         self._conv_bytes = 0
-        self.n_layers = self.model.config.get_text_config().num_hidden_layers
+        text_config = self.model.config.get_text_config()
+        self.n_layers = text_config.num_hidden_layers
+        self.context = getattr(text_config, "max_position_embeddings", None) or 1 << 30
 
     def _stop_ids(self) -> set[int]:
         tok, ids = self.tokenizer, set()
@@ -187,25 +190,30 @@ class HFBackend:
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
         outputs: list[list[GenOutput | None]] = [[None] * len(r.conv_ids) for r in requests]
-        # step 1: render; find each request's reusable cache; order prefill work by new-token count
+        # step 1: render; refuse histories that fill the context (before touching any state)
+        rendered = [(i, self.render(req.messages)) for i, req in enumerate(requests) if req.conv_ids]
+        too_long = [(i, len(ids)) for i, ids in rendered if len(ids) >= self.context]
+        if too_long:
+            raise PromptTooLong([c for i, _ in too_long for c in requests[i].conv_ids],
+                                f"longest history {max(n for _, n in too_long)} tokens, context {self.context}")
+        # step 2: find each request's reusable cache; order the prefill work by new-token count
         work = []
-        for i, req in enumerate(requests):
-            if req.conv_ids:
-                ids = self.render(req.messages)
-                past = self._reusable(req.conv_ids, ids)
-                work.append((len(ids) - len(past.ids), i, ids, past))
+        for i, ids in rendered:
+            past = self._reusable(requests[i].conv_ids, ids)
+            work.append((len(ids) - len(past.ids), i, ids, past))
         work.sort(key=lambda w: w[0])
-        # step 2: prefill lazily, decode with continuous batching
+        # step 3: prefill lazily, decode with continuous batching
         pending: list[_Row] = []
         batch = _Decoding(self, params)
         while work or pending or batch.live:
-            if (work or pending) and batch.free >= max(1, min(self.batch_size // 4, len(pending) + len(work))):
-                while work and len(pending) < batch.free:
-                    chunk, work = self._prefill_chunk(work)
-                    pending += self._rows(chunk, requests, params, outputs)
+            while work and len(pending) < batch.free:
+                chunk, work = self._prefill_chunk(work)
+                pending += self._rows(chunk, requests, params, outputs)
+            pending = batch.fill_slots(pending)
+            if pending and batch.free >= max(1, min(self.batch_size // 4, len(pending))):
                 admitted, pending = pending[: batch.free], pending[batch.free :]
                 batch.rebuild(admitted)
-            elif batch.dead and batch.dead >= len(batch.live):
+            elif not pending and batch.dead and batch.dead >= len(batch.live):
                 batch.rebuild([])
             for row, out in batch.step():
                 outputs[row.out[0]][row.out[1]] = out
@@ -245,13 +253,23 @@ class HFBackend:
             for j, conv in enumerate(req.conv_ids):
                 gen = torch.Generator().manual_seed(sample_seed(params.seed, conv, req.turn))
                 row = _Row(conv, (i, j), kv, gen, [_sample(logits[None], params, [gen])[0]])
-                done = _finish(self, row, params)
+                done = self._finish(row, params)
                 if done is not None:  # finished on its first token: its cache is the prefix
                     self._keep(conv, kv)
                     outputs[i][j] = done
                 else:
                     rows.append(row)
         return rows
+
+    def _finish(self, row: _Row, params: SamplingParams) -> GenOutput | None:
+        """The row's output if its last token ends it (end-of-turn token, length limit, or context end)."""
+        stop = row.tokens[-1] in self.stop_ids
+        full = len(row.tokens) >= params.max_new_tokens or len(row.prefix.ids) + len(row.tokens) >= self.context
+        if not (stop or full):
+            return None
+        self.stats.generated_tokens += len(row.tokens)
+        text = self.tokenizer.decode(row.tokens[:-1] if stop else row.tokens, skip_special_tokens=True)
+        return GenOutput(text=text, tokens=len(row.tokens), finish_reason="stop" if stop else "length")
 
     def _prefill(self, items: list[tuple[list[int], _KV]]) -> list[tuple[_KV, torch.Tensor]]:
         """Run the new tokens of each item after its reused past; return (kv, next-token logits)."""
@@ -307,6 +325,26 @@ class _Decoding:
         return ([layer.keys[r, :, s:] for layer in self.cache.layers],
                 [layer.values[r, :, s:] for layer in self.cache.layers], self.T - s)
 
+    def fill_slots(self, waiting: list[_Row]) -> list[_Row]:
+        """Move waiting rows into finished rows' slots where their cache fits; return the others.
+
+        Cheap (copies only the newcomer's cache), so a slot is reused the step after it frees.
+        """
+        slots = [r for r, row in enumerate(self.rows) if row is None]
+        rest = []
+        for row in waiting:
+            n = len(row.prefix.ids)
+            if not slots or n > self.T:
+                rest.append(row)
+                continue
+            r = slots.pop()
+            for layer, k, v in zip(self.cache.layers, row.prefix.keys, row.prefix.values):
+                layer.kbuf[r, :, self.T - n : self.T] = k
+                layer.vbuf[r, :, self.T - n : self.T] = v
+            self.start[r] = self.T - n
+            self.rows[r] = row
+        return rest
+
     def rebuild(self, admitted: list[_Row]) -> None:
         """Drop finished rows and pack the survivors and `admitted` into a fresh cache."""
         keep = [r for r, row in enumerate(self.rows) if row is not None]
@@ -337,7 +375,7 @@ class _Decoding:
         for r, tok in zip(live, tokens):
             row = self.rows[r]
             row.tokens.append(tok)
-            done = _finish(self.b, row, self.params)
+            done = self.b._finish(row, self.params)
             if done is not None:
                 keys, values, _ = self._row_kv(r)
                 ids = row.prefix.ids + row.tokens[:-1]
@@ -345,17 +383,6 @@ class _Decoding:
                 self.rows[r] = None
                 finished.append((row, done))
         return finished
-
-
-def _finish(backend: HFBackend, row: _Row, params: SamplingParams) -> GenOutput | None:
-    """The row's output if its last token ends it (end-of-turn token or the length limit)."""
-    stop = row.tokens[-1] in backend.stop_ids
-    if not stop and len(row.tokens) < params.max_new_tokens:
-        return None
-    backend.stats.generated_tokens += len(row.tokens)
-    body = row.tokens[:-1] if stop else row.tokens
-    text = backend.tokenizer.decode(body, skip_special_tokens=True)
-    return GenOutput(text=text, tokens=len(row.tokens), finish_reason="stop" if stop else "length")
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> list[int]:

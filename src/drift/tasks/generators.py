@@ -22,7 +22,7 @@ from drift.tasks.problem import Problem
 
 LETTERS = "ABCD"
 NUMBER_INSTRUCTION = "Answer with just the number."
-LETTER_INSTRUCTION = "Answer with just the letter of the correct option (A, B, C or D)."
+LETTER_INSTRUCTION = "Give the letter of the correct option inside <answer></answer> tags."
 
 
 def _fact_split(fact: str) -> str:

@@ -105,6 +105,8 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any,
     end = 0
     for k, i in enumerate(targets):
         prompt, upto = encoded[2 * k], encoded[2 * k + 1]
+        if not prompt:  # the first token is never a target: packed sequences must not predict across rows
+            raise DriftError("the chat template renders an empty prompt before an assistant message")
         if upto[:len(prompt)] != prompt or full[:len(upto)] != upto:
             raise RowError(f"assistant message {i}: the chat template is not append-only (the rendered prompt "
                            "is not a token prefix of the rendered conversation)", "template_not_prefix")

@@ -48,7 +48,7 @@ def inspect_row(data: str, model: str, row: int, turns: str = "last", max_length
     tokenizer = load_tokenizer(model)
     try:
         weight = check_weight(found, allow_negative=True)
-        ids, mask = tokenize_conversation(check_messages(found), tokenizer, turns)  # type: ignore[arg-type]
+        ids, mask = tokenize_conversation(check_messages(found), tokenizer, turns)
         ids, mask, left, right = truncate(ids, mask, max_length)
     except RowError as e:
         raise DriftError(f"{data}:{row}: {e}") from None

@@ -34,7 +34,7 @@ from transformers import SchedulerType, Trainer
 from drift import DriftError
 from drift.config import option
 from drift.records import write_json
-from drift.train.data import Batching, GlobalBatchSampler, Turns, collate, load_examples
+from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,27 @@ class TrainConfig:
     resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'")
 
 
-def weighted_nll_sum(logits: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor) -> torch.Tensor:
-    """sum_t token_weight[t] * NLL(labels[t] | logits[t-1]) over all positions (-100 = not trained).
+def loss_targets(labels: torch.Tensor, token_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(keep, targets, weights): the positions whose next token is trained in some row, and the
+    next tokens and their weights there. Logits are computed only at `keep` (the lm_head over
+    a large vocabulary at every prompt position is most of the activation memory).
 
-    logits [B, L, V]; labels, token_weight [B, L]. With token_weight = w_i / n_i on the trained
+    labels, token_weight [B, L] -> keep [K], targets [B, K], weights [B, K].
+    """
+    shifted = labels[:, 1:]  # position t predicts token t + 1
+    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
+    return keep, shifted[:, keep], token_weight[:, 1:][:, keep]
+
+
+def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t weights[t] * NLL(targets[t] | logits[t]), -100 targets skipped.
+
+    logits [B, K, V]; targets, weights [B, K]. With weights = w_i / n_i on the n_i trained
     tokens of example i this is sum_i w_i * mean-token-NLL_i.
     """
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
                           reduction="none")
-    return (nll * token_weight[:, 1:].reshape(-1)).sum()
+    return (nll * weights.reshape(-1)).sum()
 
 
 class WeightedTrainer(Trainer):
@@ -142,8 +152,9 @@ class WeightedTrainer(Trainer):
             raise RuntimeError("batch without the weight column: training would silently be unweighted")
         inputs = dict(inputs)
         labels, token_weight, weight = inputs.pop("labels"), inputs.pop("token_weight"), inputs.pop("weight")
-        outputs = model(**inputs)
-        total = weighted_nll_sum(outputs.logits, labels, token_weight)
+        keep, targets, weights = loss_targets(labels, token_weight)
+        outputs = model(**inputs, logits_to_keep=keep)
+        total = weighted_nll_sum(outputs.logits, targets, weights)
         if num_items_in_batch is None:  # outside the training loop: normalize over this batch
             num_items_in_batch = weight.sum() if self.normalize == "weight_sum" else weight.numel()
         loss = total / num_items_in_batch
