@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from drift.config import build
 from drift.train.trainer import TrainConfig, run_train
 
@@ -97,9 +99,13 @@ def main() -> None:
     p.add_argument("--turns", default="all", choices=["last", "all"])
     p.add_argument("--recipes", default="random,group,pack", help="comma-separated batching modes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads; 1 makes CPU time a steady measure on a shared "
+                   "machine (no threads spinning while they wait for each other)")
     p.add_argument("--work", help="directory for data and outputs (default: a temporary one)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(args)
     print(table(results))
     if args.json:

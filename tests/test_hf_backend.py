@@ -173,3 +173,15 @@ def test_history_longer_than_the_context_is_refused(tmp_path):
     backend.stop_ids = set()  # never stop by itself
     out = backend.generate(reqs[:1], SamplingParams(0.0, 1.0, 200, 0))[0][0]
     assert out.finish_reason == "length" and len(backend.render(reqs[0].messages)) + out.tokens == 64
+
+
+def test_sampler_follows_temperature_and_top_p():
+    from drift.rollout.hf import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = [_sample(logits, SamplingParams(1.0, 1.0, 1, 0), [torch.Generator().manual_seed(s)])[0] for s in range(4000)]
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    nucleus = {_sample(logits, SamplingParams(1.0, 0.7, 1, 0), [torch.Generator().manual_seed(s)])[0] for s in range(300)}
+    assert nucleus == {0, 1}  # 0.5 + 0.3 covers 0.7; the rest is cut
+    assert _sample(logits, SamplingParams(0.0, 1.0, 1, 0), [torch.Generator()]) == [0]

@@ -66,6 +66,18 @@ def test_interrupted_conversion_leaves_no_cache(cache, monkeypatch, tmp_path):
     assert not cache.exists() and os.listdir(cache.parent) == []
 
 
+def test_failed_conversion_is_a_user_error(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_default_gguf", lambda: tmp_path / "fake.gguf")
+
+    def broken(src, out):
+        raise ValueError("bad magic\nin header")
+
+    monkeypatch.setattr(models, "_convert_gguf", broken)
+    with pytest.raises(DriftError, match="cannot convert the embedded default model .*bad magic in header"):
+        resolve_model(DEFAULT_MODEL)
+    assert os.listdir(cache.parent) == []
+
+
 def test_a_local_tiny_model_loads(tiny_model_dir):
     model, tok = load_model_and_tokenizer(str(tiny_model_dir), dtype="float32")
     assert not model.training and tok.pad_token is not None

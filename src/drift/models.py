@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
@@ -81,8 +84,12 @@ def ensure_default_model() -> Path:
     # Convert into a temporary sibling and rename: an interrupted conversion leaves no half cache,
     # and two processes converting at once both end with the same complete directory.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    log.info("converting the embedded %s to %s (once, about 30 s)", DEFAULT_MODEL_DIRNAME, target)
     try:
-        _convert_gguf(gguf, tmp)
+        try:
+            _convert_gguf(gguf, tmp)
+        except Exception as e:  # a broken wheel or a missing gguf package: say which step failed
+            raise DriftError(f"cannot convert the embedded default model {gguf}: {_one_line(e)}") from None
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             os.rename(tmp, target)

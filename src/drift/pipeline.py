@@ -162,14 +162,19 @@ def run_pipeline(cfg: RunConfig) -> str:
             raise DriftError(f"stage {name}: {e}") from None
         timings[name] = time.time() - t0
 
+    def evaluate_arm(arm: str) -> None:
+        e = cfg.eval_config(arm)
+        stage(f"eval/{arm}", (Path(e.output) / "metrics.json").is_file(), lambda: evaluate.run_eval(e))
+
+    # Arm by arm (weights, train, eval), so an interrupted run already has whole arms to report.
     stage("rollout", is_complete(cfg.dir / "rollout"), lambda: run_rollout(cfg.rollout_config()))
+    if cfg.eval_base:
+        evaluate_arm("base")
     for arm in cfg.arms:
         w, t = cfg.stage_configs(arm)
-        stage(f"weights/{arm}", Path(w.output).is_file(), lambda w=w: run_weights(w))
-        stage(f"train/{arm}", (Path(t.output) / "train_summary.json").is_file(), lambda t=t: run_train(t))
-    for arm in (["base"] if cfg.eval_base else []) + list(cfg.arms):
-        e = cfg.eval_config(arm)
-        stage(f"eval/{arm}", (Path(e.output) / "metrics.json").is_file(), lambda e=e: evaluate.run_eval(e))
+        stage(f"weights/{arm}", Path(w.output).is_file(), lambda: run_weights(w))
+        stage(f"train/{arm}", (Path(t.output) / "train_summary.json").is_file(), lambda: run_train(t))
+        evaluate_arm(arm)
     return report.write_report(cfg)
 
 

@@ -10,8 +10,8 @@ of its time is prefill. This backend instead
   a longer prefill, never a wrong answer;
 - decodes with continuous batching: a finished row's slot is given to a waiting row at the next
   step (or the batch is repacked), so the batch stays full until the work runs out.
-Sampling draws one uniform number per token from a generator seeded per (seed, prompt, sample,
-turn), so a conversation's text does not depend on which others share its batch.
+Sampling draws its noise from a generator seeded per (seed, prompt, sample, turn), so a
+conversation's text does not depend on which others share its batch (up to float rounding).
 
 Layout of a batch cache: per layer `[B, H, T, D]` keys and values, each row left-padded; a row's
 tokens occupy columns `start[r]..T-1` and have positions `0..T-1-start[r]`.
@@ -388,19 +388,18 @@ class _Decoding:
 def _sample(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> list[int]:
     """One token per row of `logits` [B, V]: greedy at temperature 0, else temperature + top-p.
 
-    Each row draws exactly one uniform number from its own generator, so its choice does not
-    depend on the other rows.
+    Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise drawn from the
+    row's own generator (V numbers per token, whatever the batch) — the same distribution as
+    softmax sampling. Batch composition changes matmul rounding in the last bits; that changes
+    a choice only when the two best noisy scores all but tie, which is far rarer than an
+    inverse-CDF draw landing on a shifted boundary of a cumulative sum over the vocabulary.
     """
     if params.temperature <= 0:
         return logits.argmax(-1).tolist()
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    order = None
+    scores = logits / params.temperature
     if params.top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= params.top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype) for g in gens]).to(cdf.device)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
-    if order is not None:
-        idx = order.gather(-1, idx)
-    return idx.squeeze(-1).tolist()
+        probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
+        outside = probs.cumsum(-1) - probs >= params.top_p  # in sorted order; the top token always stays
+        scores = scores.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), float("-inf"))
+    u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in gens]).to(scores.device)
+    return (scores - torch.log(-torch.log(u))).argmax(-1).tolist()

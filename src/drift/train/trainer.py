@@ -9,9 +9,12 @@ batch 1 x accumulation 4 gives the same gradient as batch 4 x accumulation 1, an
 same as one process. With turns=all an example is a whole conversation and loss_i the mean over
 all its trained tokens.
 
-min_weight drops rows with |w| < min_weight before training. Under weight_sum the objective
-barely changes (the dropped weight share is reported). Under mean, |B| counts kept rows only, so
-the objective is rescaled by about 1 / (share of rows kept): the effective learning rate grows.
+min_weight drops rows with |w| < min_weight before training. The default 1e-3: DRIFT weights
+average 1 per prompt group, so such a row pulls less than 0.1% of an average row, while with
+beta = 0.1 a failure in a group that also holds a success gets ~5e-5 and would cost a full
+forward and backward pass. Under weight_sum the objective barely changes (the dropped weight
+share is reported). Under mean, |B| counts kept rows only, so the objective is rescaled by about
+1 / (share of rows kept): the effective learning rate grows.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ class TrainConfig:
     report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
                                                                 "unless WANDB_MODE says otherwise)")
     logging_steps: int = option(10, "log the loss every this many steps")
-    save_steps: int = option(500, "save a resumable checkpoint every this many steps (0: none)")
+    save_steps: int = option(0, "save a resumable checkpoint (with optimizer state) every this many steps; "
+                             "0: none")
     save_total_limit: int = option(2, "checkpoints kept")
     resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'")
 
@@ -293,6 +297,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             _save_merged(path, out, tokenizer)
         write_json(out / "train_summary.json", summary)
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
+    log.info("train: %d steps, final loss %s, %.0f tokens/s, saved to %s", summary["steps"], summary["final_loss"],
+             summary["tokens_per_second"], out)
     return summary
 
 
