@@ -93,7 +93,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", help="weighted JSONL to use instead of synthetic conversations")
-    p.add_argument("--rows", type=int, default=64, help="synthetic conversations")
+    p.add_argument("--rows", type=int, default=48, help="synthetic conversations")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--turns", default="all", choices=["last", "all"])

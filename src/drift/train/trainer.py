@@ -171,6 +171,8 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
         if getattr(cfg, name) < 1:
             raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.epochs <= 0 and cfg.max_steps <= 0:
+        raise DriftError(f"config key 'epochs' must be > 0 (or set max_steps), got {cfg.epochs}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise DriftError(f"config key 'warmup_ratio' must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.min_weight < 0 or not math.isfinite(cfg.min_weight):
@@ -309,7 +311,7 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, second
     return {
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-        "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else None,
+        "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
         "seconds": seconds, "trained_tokens": int(trained), "tokens": int(real),
         "padding_share": 1 - real / slots if slots else 0.0,
