@@ -165,22 +165,17 @@ def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, 
             yield lineno, row
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a JSONL file (or every *.jsonl in a directory, sorted); empty input is an error."""
+def jsonl_files(path: str | Path) -> list[Path]:
+    """A JSONL file itself, or every *.jsonl in a directory (sorted: shard order)."""
     p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
-    rows = [row for f in files for _, row in read_jsonl(f)]
-    if not rows:
-        raise DriftError(f"{p}: no rows (empty input)")
-    return rows
+    return sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:
     """Drift-format trajectories from a file or a directory of shards."""
     p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
     out = []
-    for f in files:
+    for f in jsonl_files(p):
         for lineno, row in read_jsonl(f):
             try:
                 out.append(Trajectory.from_json(row))

@@ -30,7 +30,7 @@ from typing import Literal
 from drift import DriftError
 from drift.checkers import normalize_answer
 from drift.config import option
-from drift.records import ReturnInputs, is_success, read_jsonl, return_inputs, write_json, write_jsonl
+from drift.records import ReturnInputs, is_success, jsonl_files, read_jsonl, return_inputs, write_json, write_jsonl
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -126,7 +126,8 @@ class WeightsConfig:
 
 def _input_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(path.glob("*.jsonl")) or sorted((path / "trajectories").glob("*.jsonl"))
+        shards = path / "trajectories"  # a rollout run directory
+        files = jsonl_files(path) or (jsonl_files(shards) if shards.is_dir() else [])
         if not files:
             raise DriftError(f"{path}: no .jsonl files in this directory")
         return files

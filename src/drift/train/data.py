@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from drift import DriftError
-from drift.records import read_jsonl
+from drift.records import jsonl_files, read_jsonl
 
 Turns = Literal["last", "all"]
 Batching = Literal["group", "pack", "random"]
@@ -173,9 +173,8 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
     if max_length < 2:
         raise DriftError(f"max_length must be at least 2, got {max_length}")
     p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
     stats, skipped, out = DataStats(), Counter(), []
-    for f in files:
+    for f in jsonl_files(p):
         for line, row in read_jsonl(f):
             stats.rows_read += 1
             try:
