@@ -61,3 +61,26 @@ def test_bad_config_names_the_key(tmp_path, tiny_model_dir, capsys):
     path.write_text('output = "x"\n[rollout]\nn = "many"\n')
     assert main(["run", str(path)]) == 2
     assert "config key 'rollout.n' expects int" in capsys.readouterr().err
+
+
+def test_failed_stage_is_named_and_the_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    import drift.train.trainer as trainer
+
+    real = trainer.run_train
+
+    def full_disk(cfg):
+        raise OSError(errno.ENOSPC, "No space left on device", cfg.output)
+
+    monkeypatch.setattr(trainer, "run_train", full_disk)
+    cfg = build(RunConfig, config(tmp_path, tiny_model_dir))
+    with pytest.raises(DriftError, match=r"stage train/drift: .*No space left on device.*rerun"):
+        run_pipeline(cfg)
+    run = tmp_path / "run"
+    stamp = (run / "rollout/manifest.json").stat().st_mtime_ns
+    assert (run / "eval/base/metrics.json").is_file() and not (run / "train/drift/train_summary.json").exists()
+    monkeypatch.setattr(trainer, "run_train", real)
+    run_pipeline(cfg)  # goes on from the failed stage; the finished rollout is not redone
+    assert (run / "rollout/manifest.json").stat().st_mtime_ns == stamp
+    assert (run / "train/sft/train_summary.json").is_file() and (run / "report.md").is_file()

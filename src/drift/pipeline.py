@@ -160,6 +160,11 @@ def run_pipeline(cfg: RunConfig) -> str:
             fn()
         except DriftError as e:
             raise DriftError(f"stage {name}: {e}") from None
+        except OSError as e:  # a full disk, a vanished file: name the stage; finished stages stay
+            raise DriftError(f"stage {name}: {e}; finished stages are kept, rerun the same command to go on") from e
+        except Exception:
+            log.error("stage %s failed; finished stages are kept, rerun the same command to go on", name)
+            raise
         timings[name] = time.time() - t0
 
     def evaluate_arm(arm: str) -> None:
