@@ -63,6 +63,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, normalize):
     double = json.loads((tmp_path / "two" / "train_summary.json").read_text())
 
     assert double["world_size"] == 2 and single["world_size"] == 1
+    assert double["distributed_type"] == "MULTI_CPU" and single["distributed_type"] == "NO"
     assert len(double["history"]) == len(single["history"]) == 3
     for h2, h1 in zip(double["history"], single["history"]):
         assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
