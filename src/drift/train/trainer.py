@@ -229,7 +229,7 @@ def _training_args(cfg: TrainConfig) -> Any:
         save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=max(cfg.save_steps, 1),
         save_total_limit=cfg.save_total_limit, remove_unused_columns=False, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        use_cpu=not cuda, disable_tqdm=True)
+        use_cpu=not cuda)
 
 
 def _resume(cfg: TrainConfig) -> str | bool | None:
