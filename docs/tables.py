@@ -3,7 +3,8 @@
     python docs/tables.py runs/mul-s0 runs/mul-s1 --against drift
 
 Table 1: per arm, succ@k averaged over the run directories (each seed's value in brackets),
-the unique-answer ratio over conversations that got feedback, and the training cost.
+the unique-answer ratio over conversations that got feedback, and the training cost (tokens
+processed = every real token of every epoch, the load-independent cost; wall time depends on load).
 Table 2: paired differences at the last turn, `against` minus each other arm: per held-out
 problem the difference is averaged over seeds, then mean ± standard error over problems.
 """
@@ -34,8 +35,8 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
     arms = [a for a in runs[0] if all(a in r for r in runs)]
     turns = len(runs[0][arms[0]]["metrics"]["succ_at_k"])
     head = "| arm | " + " | ".join(f"succ@{k + 1}" for k in range(turns))
-    head += " | unique (≥2 turns) | rows trained | tokens trained | train wall time (s) |\n"
-    head += "|---|" + "---:|" * (turns + 4) + "\n"
+    head += " | unique (≥2 turns) | rows trained | tokens processed | tokens trained | train wall time (s) |\n"
+    head += "|---|" + "---:|" * (turns + 5) + "\n"
     lines = []
     for arm in arms:
         cells = []
@@ -49,10 +50,11 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
         trains = [r[arm]["train"] for r in runs if r[arm]["train"]]
         if trains:
             cells.append(" / ".join(str(t["data"]["rows_used"]) for t in trains))
+            cells.append(" / ".join(f"{t['tokens']:,}" for t in trains))
             cells.append(" / ".join(f"{t['trained_tokens']:,}" for t in trains))
             cells.append(" / ".join(f"{t['seconds']:.0f}" for t in trains))
         else:
-            cells += ["–", "–", "–"]
+            cells += ["–"] * 4
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
