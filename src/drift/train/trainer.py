@@ -311,7 +311,7 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, second
     return {
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-        "distributed_type": str(trainer.accelerator.distributed_type.value),
+        "distributed_type": trainer.accelerator.distributed_type.value,
         "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
         "seconds": seconds, "trained_tokens": int(trained), "tokens": int(real),
