@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
+
+from drift.metrics import mean_and_se
 
 
 def load(run: Path) -> dict[str, dict]:
@@ -68,10 +69,8 @@ def paired_table(runs: list[dict[str, dict]], against: str) -> str:
             d = [r[against]["metrics"]["per_problem"][pid][-1] - r[arm]["metrics"]["per_problem"][pid][-1]
                  for r in runs]
             diffs.append(sum(d) / len(d))
-        n = len(diffs)
-        mean = sum(diffs) / n
-        se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else 0.0
-        lines.append(f"| {arm} | {100 * mean:+.1f} | {100 * se:.1f} | {n} |")
+        mean, se = mean_and_se(diffs)
+        lines.append(f"| {arm} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {len(diffs)} |")
     return "\n".join(lines) + "\n"
 
 
