@@ -6,7 +6,9 @@ Table 1: per arm, succ@k averaged over the run directories (each seed's value in
 the unique-answer ratio over conversations that got feedback, and the training cost (tokens
 processed = every real token of every epoch, the load-independent cost; wall time depends on load).
 Table 2: paired differences at the last turn, `against` minus each other arm: per held-out
-problem the difference is averaged over seeds, then mean ± standard error over problems.
+problem the difference is averaged over seeds, then mean ± standard error over problems; then
+the mean difference of each seed (the spread between seeds, which the standard error over
+problems does not include).
 """
 
 from __future__ import annotations
@@ -62,15 +64,16 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
 
 def paired_table(runs: list[dict[str, dict]], against: str) -> str:
     arms = [a for a in runs[0] if a != against and all(a in r for r in runs)]
-    lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | problems |", "|---|---:|---:|---:|"]
+    lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | each seed | problems |",
+             "|---|---:|---:|---:|---:|"]
     for arm in arms:
-        diffs = []
-        for pid in runs[0][against]["metrics"]["per_problem"]:
-            d = [r[against]["metrics"]["per_problem"][pid][-1] - r[arm]["metrics"]["per_problem"][pid][-1]
-                 for r in runs]
-            diffs.append(sum(d) / len(d))
+        problems = list(runs[0][against]["metrics"]["per_problem"])
+        per_seed = [[r[against]["metrics"]["per_problem"][pid][-1] - r[arm]["metrics"]["per_problem"][pid][-1]
+                     for pid in problems] for r in runs]  # per run: one difference per held-out problem
+        diffs = [sum(d) / len(d) for d in zip(*per_seed)]
         mean, se = mean_and_se(diffs)
-        lines.append(f"| {arm} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {len(diffs)} |")
+        each = " / ".join(f"{100 * sum(d) / len(d):+.1f}" for d in per_seed)
+        lines.append(f"| {arm} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {each} | {len(diffs)} |")
     return "\n".join(lines) + "\n"
 
 
