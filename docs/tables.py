@@ -66,8 +66,8 @@ def paired_table(runs: list[dict[str, dict]], against: str) -> str:
     arms = [a for a in runs[0] if a != against and all(a in r for r in runs)]
     lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | each seed | problems |",
              "|---|---:|---:|---:|---:|"]
+    problems = list(runs[0][against]["metrics"]["per_problem"])
     for arm in arms:
-        problems = list(runs[0][against]["metrics"]["per_problem"])
         per_seed = [[r[against]["metrics"]["per_problem"][pid][-1] - r[arm]["metrics"]["per_problem"][pid][-1]
                      for pid in problems] for r in runs]  # per run: one difference per held-out problem
         diffs = [sum(d) / len(d) for d in zip(*per_seed)]
