@@ -83,6 +83,9 @@ def main() -> None:
     p.add_argument("--against", default="drift", help="arm whose paired differences are reported")
     args = p.parse_args()
     runs = [load(r) for r in args.runs]
+    for path, arms in zip(args.runs, runs):
+        if not arms:
+            p.error(f"{path}: no eval/<arm>/metrics.json (not a finished `drift run` directory)")
     print(summary_table(runs))
     if all(args.against in r for r in runs):
         print(paired_table(runs, args.against))
