@@ -46,6 +46,16 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
         VLLMBackend("some/model")
 
 
+class FakeTokenizer:
+    """One token per character; the 'template' joins the message contents."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": list(range(len(text)))}
+
+
 class FakeLLM:
     """Records the engine arguments and generate calls; answers 'ok' n times per prompt."""
 
@@ -57,8 +67,7 @@ class FakeLLM:
         FakeLLM.instances.append(self)
 
     def get_tokenizer(self):
-        return SimpleNamespace(apply_chat_template=lambda m, add_generation_prompt, tokenize: "".join(x["content"] for x in m),
-                               encode=lambda text, add_special_tokens: list(range(len(text))))
+        return FakeTokenizer()
 
     def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
         self.calls.append((prompts, sampling_params, lora_request))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import hashlib
 import json
 import tomllib
 import types
@@ -23,11 +24,51 @@ from drift import DriftError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its help text (the only place the help is written)."""
+def option(default: Any, help: str, result: bool = True, **kw: Any) -> Any:
+    """A config field with its help text (the only place the help is written).
+
+    `result=False` marks a key that cannot change what the stage produces (paths, threads,
+    batch sizes of inference, logging, retries): it is left out of the stage's `settings`.
+    """
+    meta = {"help": help, "result": result, **kw}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def settings(cfg: Any) -> dict[str, Any]:
+    """The keys of a stage config that shape its output, with their values (JSON-ready).
+
+    A stage stores them next to its output; a rerun compares them before reusing that output.
+    """
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("result", True)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return settings(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of a JSON-ready value (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old -> new' for every key whose value differs (nested tables as dotted keys)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in differences(a, b)]
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -44,8 +44,8 @@ class EvalConfig(RolloutConfig):
 
     model: str | None = option(None, "model to evaluate (directory, hub name or alias); give this or --trajectories")
     trajectories: str | None = option(None, "score an existing trajectory file, shard directory or rollout directory "
-                                      "instead of generating (give this or --model)")
-    output: str = option("", "eval directory: metrics.json, metrics.md and the eval rollout in rollout/ (required)")
+                                      "instead of generating (give this or --model)", result=False)
+    output: str = option("", "eval directory: metrics.json, metrics.md and the eval rollout in rollout/ (required)", result=False)
     split: str = option("test", "which part of a built-in generator's problem space: train, test or all")
     n: int = option(1, "samples per problem; > 1 also reports pass@k from the turn-1 samples (needs temperature > 0)")
     temperature: float = option(0.0, "sampling temperature (0: greedy, the eval default)")

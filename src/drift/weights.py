@@ -103,8 +103,8 @@ def effective_sample_size(weights: Sequence[float]) -> float:
 
 @dataclass
 class WeightsConfig:
-    input: str = option("", "trajectories: a drift JSONL file or shard directory, or reference-format JSONL")
-    output: str = option("", "where to write the weighted JSONL (every input row + 'return' and 'weight')")
+    input: str = option("", "trajectories: a drift JSONL file or shard directory, or reference-format JSONL", result=False)
+    output: str = option("", "where to write the weighted JSONL (every input row + 'return' and 'weight')", result=False)
     method: Literal["drift", "sft", "rft", "refit", "swift"] = option("drift", "weighting method")
     beta: float = option(0.1, "DRIFT temperature: w ∝ exp(R/beta)")
     gamma: float = option(0.9, "discount per turn for the return")

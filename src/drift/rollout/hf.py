@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from drift import DriftError
+from drift.chat import render_ids
 from drift.models import load_model_and_tokenizer
 from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
                                    sample_seed)
@@ -184,8 +185,7 @@ class HFBackend:
 
     def render(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation followed by the assistant generation prompt."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return render_ids(self.tokenizer, messages)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
+from drift.chat import render_ids
 from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)  # the max_lora_rank values vLLM accepts
@@ -93,8 +94,7 @@ class VLLMBackend:
         return results
 
     def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_ids(self.tokenizer, messages)
 
     def release(self, conv_ids: list[ConvId]) -> None:
         """vLLM's prefix cache evicts finished histories by itself."""

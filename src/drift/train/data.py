@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from drift import DriftError
+from drift.chat import render
 from drift.records import jsonl_files, read_jsonl
 
 Turns = Literal["last", "all"]
@@ -72,10 +73,6 @@ class DataStats:
     @property
     def weight_share_dropped(self) -> float:
         return self.weight_dropped / self.weight_total if self.weight_total else 0.0
-
-
-def render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _end_of_turn_ids(tokenizer: Any) -> set[int]:

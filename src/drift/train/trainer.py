@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     model: str = option("smollm2-135m", "model to fine-tune (the reference policy): hub name, local directory "
                         "or smollm2-135m")
-    data: str = option("", "weighted JSONL from `drift weights` (rows with messages and weight), or a directory")
-    output: str = option("runs/train", "output directory: save_pretrained model + tokenizer, train_summary.json")
+    data: str = option("", "weighted JSONL from `drift weights` (rows with messages and weight), or a directory", result=False)
+    output: str = option("runs/train", "output directory: save_pretrained model + tokenizer, train_summary.json", result=False)
     turns: Literal["last", "all"] = option("last", "last: train the last assistant message (the reference); "
                                            "all: every assistant message of the conversation in one pass")
     normalize: Literal["mean", "weight_sum"] = option(
@@ -75,17 +75,17 @@ class TrainConfig:
     lora_dropout: float = option(0.05, "LoRA dropout")
     lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     merge_lora: bool = option(False, "also save the base model with the adapter merged in output/merged")
-    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory", result=False)
     bf16: bool | None = option(None, "bf16 mixed precision (default: on when the GPU supports it)")
     attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2; "
-                                             "default: the transformers default)")
+                                             "default: the transformers default)", result=False)
     report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
-                                                                "unless WANDB_MODE says otherwise)")
-    logging_steps: int = option(10, "log the loss every this many steps")
+                                                                "unless WANDB_MODE says otherwise)", result=False)
+    logging_steps: int = option(10, "log the loss every this many steps", result=False)
     save_steps: int = option(0, "save a resumable checkpoint (with optimizer state) every this many steps; "
-                             "0: none")
-    save_total_limit: int = option(2, "checkpoints kept")
-    resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'")
+                             "0: none", result=False)
+    save_total_limit: int = option(2, "checkpoints kept", result=False)
+    resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'", result=False)
 
 
 def loss_targets(labels: torch.Tensor, token_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

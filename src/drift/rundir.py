@@ -1,0 +1,228 @@
+"""Where every stage keeps its output, and the stage record that makes an output honest.
+
+One owner of the layout: the folder and file names below are spelled here and nowhere else.
+
+    <run>/                      a `drift run` directory (RunDir)
+      config.json               the run's resolved config (the last one that ran)
+      rollout/                  a rollout directory (RolloutDir): manifest.json + trajectories/
+      weights/<arm>.jsonl       weighted rows; <arm>.weights.json beside it is their record
+      train/<arm>/              a trained model (save_pretrained) + train_summary.json
+      online/<arm>/             the online arm: live state, checkpoints, its eval curve
+      eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
+      report.md, succ_at_k.png, cost.png
+
+The stage record. Every stage writes, inside its summary file (manifest.json, <stem>.weights.json,
+train_summary.json, metrics.json), the same fields:
+
+    stage, status ("running" | "complete"), schema_version,
+    settings   the stage config's keys that shape the output (`drift.config.settings`),
+    input      the path and digest of the record it consumed (None for a first stage),
+    digest     a hash of settings and input digest: what a consumer records as its input,
+    cost       the cost ledger (`drift.ledger.Cost`).
+
+A reader trusts an output only when its record says complete; `drift run` compares settings and
+input digest before reusing one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from drift import DriftError
+from drift.config import differences, digest
+
+RECORD_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class RolloutDir:
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def shards(self) -> Path:
+        return self.path / "trajectories"
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    path: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def table(self) -> Path:
+        return self.path / "metrics.md"
+
+    @property
+    def rollout(self) -> RolloutDir:
+        return RolloutDir(self.path / "rollout")
+
+
+@dataclass(frozen=True)
+class TrainDir:
+    path: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "train_summary.json"
+
+
+def weights_record(output: str | Path) -> Path:
+    """The record (diagnostics) written beside a weighted JSONL file."""
+    p = Path(output)
+    return p.with_name(p.stem + ".weights.json")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def rollout(self) -> RolloutDir:
+        return RolloutDir(self.root / "rollout")
+
+    def weights(self, arm: str) -> Path:
+        return self.root / "weights" / f"{arm}.jsonl"
+
+    def train(self, arm: str) -> TrainDir:
+        return TrainDir(self.root / "train" / arm)
+
+    def online(self, arm: str) -> Path:
+        return self.root / "online" / arm
+
+    def eval(self, arm: str) -> EvalDir:
+        return EvalDir(self.root / "eval" / arm)
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "succ_at_k.png"
+
+    @property
+    def cost_plot(self) -> Path:
+        return self.root / "cost.png"
+
+    def stage_dirs(self, stage: str) -> list[Path]:
+        """What `--from STAGE` removes for one stage of the pipeline."""
+        return [self.root / stage]
+
+
+# --- stage records -------------------------------------------------------------------------
+
+
+def record(stage: str, settings: dict[str, Any], input_record: dict[str, Any] | None = None,
+           input_path: str | Path | None = None, status: str = "running") -> dict[str, Any]:
+    """The record fields of a stage's summary (see the module docstring)."""
+    source = None if input_record is None else {"path": str(input_path), "digest": input_record.get("digest")}
+    return {"stage": stage, "status": status, "schema_version": RECORD_SCHEMA, "settings": settings,
+            "input": source, "digest": digest({"settings": settings, "input": source and source["digest"]})}
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """A summary file's JSON (None if it does not exist); a newer schema or bad JSON is an error."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DriftError(f"{p}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise DriftError(f"{p}: not a drift summary file")
+    check_schema(data.get("schema_version", 1), p)
+    return data
+
+
+def check_schema(version: Any, where: Any, supported: int = RECORD_SCHEMA) -> None:
+    if not isinstance(version, int) or version > supported:
+        raise DriftError(f"{where}: written with schema_version {version!r}, but this drift reads up to "
+                         f"{supported}: upgrade drift to read it")
+
+
+def is_complete(rec: dict[str, Any] | None) -> bool:
+    return rec is not None and rec.get("status") == "complete"
+
+
+def mismatch(rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How a stored record differs from the one a rerun would write (settings, then input)."""
+    out = differences(rec.get("settings") or {}, new["settings"])
+    old_in, new_in = (rec.get("input") or {}).get("digest"), (new.get("input") or {}).get("digest")
+    if old_in != new_in:
+        out.append(f"input: made from {old_in or 'another input'}, now {new_in or 'another input'} "
+                   "(an earlier stage was redone)")
+    return out
+
+
+# --- output directories ------------------------------------------------------------------
+
+
+def ensure_writable(path: str | Path, is_file: bool = False) -> Path:
+    """Create the output directory (or a file's parent) and prove it is writable, before any work."""
+    p = Path(path)
+    target = p.parent if is_file else p
+    if is_file and p.is_dir():
+        raise DriftError(f"output {p} is a directory; give a file path")
+    if not is_file and p.exists() and not p.is_dir():
+        raise DriftError(f"output {p} exists and is not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".drift-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DriftError(f"cannot write to {target}: {e.strerror or e}") from None
+    return p
+
+
+class Lock:
+    """An exclusive lock on an output (a directory, or a file's lock beside it) for one writer.
+
+    A second drift process writing the same output gets one clear error; the lock goes away with
+    the process, however it ends (flock).
+    """
+
+    def __init__(self, path: str | Path, is_file: bool = False):
+        p = Path(path)
+        self.path = p.with_name(f".{p.name}.lock") if is_file else p / ".drift.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise DriftError(f"{self.path.parent} is being written by another drift process (pid {holder}); "
+                                 "wait for it to finish or choose another output") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
