@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drift import DriftError
 from drift.config import build
 from drift.train.data import Example, collate, tokenize_conversation
-from drift.train.trainer import TrainConfig, WeightedTrainer, loss_targets, run_train, weighted_nll_sum
+from drift.train.loss import loss_targets, weighted_nll_sum
+from drift.train.trainer import TrainConfig, WeightedTrainer, run_train
 
 
 def make_rows(n: int, seed: int = 0, weights: list[float] | None = None) -> list[dict]:

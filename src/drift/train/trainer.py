@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import SchedulerType, Trainer
 
@@ -38,6 +37,7 @@ from drift import DriftError
 from drift.config import option
 from drift.records import write_json
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
+from drift.train.loss import loss_targets, weighted_nll_sum
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +86,6 @@ class TrainConfig:
                              "0: none", result=False)
     save_total_limit: int = option(2, "checkpoints kept", result=False)
     resume_from_checkpoint: str | None = option(None, "checkpoint directory to resume from, or 'latest'", result=False)
-
-
-def loss_targets(labels: torch.Tensor, token_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(keep, targets, weights): the positions whose next token is trained in some row, and the
-    next tokens and their weights there. Logits are computed only at `keep` (the lm_head over
-    a large vocabulary at every prompt position is most of the activation memory).
-
-    labels, token_weight [B, L] -> keep [K], targets [B, K], weights [B, K].
-    """
-    shifted = labels[:, 1:]  # position t predicts token t + 1
-    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)
-    return keep, shifted[:, keep], token_weight[:, 1:][:, keep]
-
-
-def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_t weights[t] * NLL(targets[t] | logits[t]), -100 targets skipped.
-
-    logits [B, K, V]; targets, weights [B, K]. With weights = w_i / n_i on the n_i trained
-    tokens of example i this is sum_i w_i * mean-token-NLL_i.
-    """
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                          reduction="none")
-    return (nll * weights.reshape(-1)).sum()
 
 
 class WeightedTrainer(Trainer):
