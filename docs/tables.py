@@ -14,19 +14,19 @@ problems does not include).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from drift.metrics import mean_and_se
+from drift.rundir import RunDir, read_record
 
 
 def load(run: Path) -> dict[str, dict]:
+    d = RunDir(run)
     arms = {}
-    for metrics in sorted(run.glob("eval/*/metrics.json")):
-        arm = metrics.parent.name
-        summary = run / "train" / arm / "train_summary.json"
-        arms[arm] = {"metrics": json.loads(metrics.read_text()),
-                     "train": json.loads(summary.read_text()) if summary.is_file() else None}
+    for arm in d.evaluated():
+        metrics = read_record(d.eval(arm).metrics)
+        if metrics is not None:
+            arms[arm] = {"metrics": metrics, "train": read_record(d.train(arm).summary)}
     return arms
 
 
@@ -85,7 +85,7 @@ def main() -> None:
     runs = [load(r) for r in args.runs]
     for path, arms in zip(args.runs, runs):
         if not arms:
-            p.error(f"{path}: no eval/<arm>/metrics.json (not a finished `drift run` directory)")
+            p.error(f"{path}: no evaluation finished (not a `drift run` directory)")
     print(summary_table(runs))
     if all(args.against in r for r in runs):
         print(paired_table(runs, args.against))

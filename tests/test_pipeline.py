@@ -84,3 +84,92 @@ def test_failed_stage_is_named_and_the_run_resumes(tmp_path, tiny_model_dir, mon
     run_pipeline(cfg)  # goes on from the failed stage; the finished rollout is not redone
     assert (run / "rollout/manifest.json").stat().st_mtime_ns == stamp
     assert (run / "train/sft/train_summary.json").is_file() and (run / "report.md").is_file()
+
+
+def test_rerun_with_changed_settings_is_refused_until_redone(tmp_path, tiny_model_dir):
+    """A finished stage is reused only under the settings that made it; --from redoes it."""
+    data = config(tmp_path, tiny_model_dir)
+    run_pipeline(build(RunConfig, data))
+    run = tmp_path / "run"
+    changed = {**data, "weights": {"beta": 0.3}}
+    with pytest.raises(DriftError, match=r"weights/drift \(beta: 0.1 -> 0.3\).*weights/sft \(beta.*--from weights"):
+        run_pipeline(build(RunConfig, changed))
+    assert json.loads((run / "weights/drift.weights.json").read_text())["beta"] == 0.1  # nothing was touched
+    with pytest.raises(DriftError, match=r"train/sft \(lr: 0.0001 -> 0.0002\).*--from train"):
+        run_pipeline(build(RunConfig, {**data, "train": {**data["train"], "lr": 2e-4}}))
+    with pytest.raises(DriftError, match=r"eval/base \(max_new_tokens: 4 -> 5\)"):
+        run_pipeline(build(RunConfig, {**data, "eval": {**data["eval"], "max_new_tokens": 5}}))
+    md = run_pipeline(build(RunConfig, {**changed, "start_from": "weights"}))
+    assert json.loads((run / "weights/drift.weights.json").read_text())["beta"] == 0.3
+    assert "`beta=0.3`" in md and "`beta=0.1`" not in md  # the report shows each artifact's own settings
+    run_pipeline(build(RunConfig, changed))  # now consistent: every stage skipped
+
+
+def test_keys_that_cannot_change_results_do_not_count(tmp_path, tiny_model_dir):
+    data = config(tmp_path, tiny_model_dir)
+    run_pipeline(build(RunConfig, data))
+    stamp = (tmp_path / "run/train/drift/train_summary.json").stat().st_mtime_ns
+    data["rollout"] = {**data["rollout"], "batch_size": 3, "threads": 1}
+    data["train"] = {**data["train"], "logging_steps": 5}
+    run_pipeline(build(RunConfig, data))
+    assert (tmp_path / "run/train/drift/train_summary.json").stat().st_mtime_ns == stamp
+
+
+def test_an_upstream_redo_makes_downstream_outputs_stale(tmp_path, tiny_model_dir):
+    """Outputs made from another input are refused even when their own settings match."""
+    import shutil
+
+    data = config(tmp_path, tiny_model_dir)
+    run_pipeline(build(RunConfig, data))
+    shutil.rmtree(tmp_path / "run/rollout")
+    data["rollout"] = {**data["rollout"], "seed": 5}
+    with pytest.raises(DriftError, match=r"weights/drift \(input: made from \w+, now \w+"):
+        run_pipeline(build(RunConfig, data))
+
+
+def test_eval_inherits_the_rollout_environment(tmp_path, tiny_model_dir):
+    data = config(tmp_path, tiny_model_dir)
+    data["rollout"] = {**data["rollout"], "system_prompt": "Be brief.", "feedback": "Wrong, try again."}
+    cfg = build(RunConfig, data)
+    ev = cfg.eval_config("base")
+    assert (ev.system_prompt, ev.feedback) == ("Be brief.", "Wrong, try again.")
+    data["eval"] = {**data["eval"], "feedback": "No."}
+    assert build(RunConfig, data).eval_config("drift").feedback == "No."  # set explicitly: kept, and shown
+    md = run_pipeline(build(RunConfig, {**data, "arms": {"drift": {"method": "drift"}}}))
+    assert "| feedback | 'Wrong, try again.' | **'No.'** | **'No.'** |" in md
+    assert "| system_prompt | 'Be brief.' | 'Be brief.' | 'Be brief.' |" in md
+
+
+def test_a_crashed_eval_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    import drift.evaluate as evaluate
+
+    real = evaluate.compute_metrics
+    monkeypatch.setattr(evaluate, "compute_metrics", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}})
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(build(RunConfig, data))
+    assert (tmp_path / "run/eval/base/rollout/manifest.json").is_file()
+    monkeypatch.setattr(evaluate, "compute_metrics", real)
+    run_pipeline(build(RunConfig, data))
+    assert (tmp_path / "run/eval/drift/metrics.json").is_file()
+
+
+def test_a_second_writer_gets_one_clear_line(tmp_path, tiny_model_dir):
+    from drift.rundir import Lock
+
+    data = config(tmp_path, tiny_model_dir)
+    (tmp_path / "run").mkdir()
+    with Lock(tmp_path / "run"):
+        with pytest.raises(DriftError, match="being written by another drift process"):
+            run_pipeline(build(RunConfig, data))
+
+
+def test_report_has_the_ledger_and_cost_figure(tmp_path, tiny_model_dir):
+    md = run_pipeline(build(RunConfig, config(tmp_path, tiny_model_dir)))
+    assert "| rollout |" in md and "| weights/drift |" in md and "FLOPs" in md
+    assert (tmp_path / "run/cost.png").is_file()
+    summary = json.loads((tmp_path / "run/train/drift/train_summary.json").read_text())
+    manifest = json.loads((tmp_path / "run/rollout/manifest.json").read_text())
+    assert manifest["cost"]["generated_tokens"] == manifest["timings"]["sessions"][0]["generated_tokens"] > 0
+    assert manifest["cost"]["parameters"] > 0 and manifest["cost"]["flops"] > 0
+    assert summary["status"] == "complete" and summary["settings"]["lr"] == 1e-4

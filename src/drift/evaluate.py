@@ -20,19 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
-from drift.config import option, to_dict
+from drift.config import option, settings, to_dict
 from drift.metrics import compute_metrics
 from drift.records import read_trajectories, write_json
-from drift.rollout.engine import SHARDS, RolloutConfig, read_manifest, run_rollout
+from drift.rollout.engine import RolloutConfig, read_manifest, run_rollout, task_spec, tasks_fingerprint
 from drift.rollout.protocol import Backend
-from drift.tasks import Problem
+from drift.rundir import EvalDir, RolloutDir, record, trained_record, with_model
+from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-TABLE_FILE = "metrics.md"
-ROLLOUT_DIR = "rollout"
-
 
 @dataclass
 class EvalConfig(RolloutConfig):
@@ -64,7 +60,7 @@ class EvalConfig(RolloutConfig):
 def rollout_config(cfg: EvalConfig) -> RolloutConfig:
     """The rollout of an eval: every shared field as it is, written to <output>/rollout."""
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
-    return RolloutConfig(**{**values, "output": str(Path(cfg.output) / ROLLOUT_DIR)})
+    return RolloutConfig(**{**values, "output": str(EvalDir(Path(cfg.output)).rollout.path)})
 
 
 def trajectory_source(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
@@ -74,9 +70,9 @@ def trajectory_source(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
         return p, None
     if not p.is_dir():
         raise DriftError(f"trajectories {p}: no such file or directory")
-    if (p / SHARDS).is_dir():
-        return p / SHARDS, read_manifest(p)
-    return p, read_manifest(p.parent if p.name == SHARDS else p)
+    if RolloutDir(p).shards.is_dir():
+        return RolloutDir(p).shards, read_manifest(p)
+    return p, read_manifest(p.parent if p.name == RolloutDir(p.parent).shards.name else p)
 
 
 def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
@@ -88,15 +84,18 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
     3. Add what only the rollout knows (wall time, skipped conversations) and the eval config.
     4. Write metrics.json and metrics.md; print the summary table.
     """
-    out = Path(cfg.output)
+    out = EvalDir(Path(cfg.output))
     # step 1
     if cfg.model is not None:
         rcfg = rollout_config(cfg)
+        problems = load_tasks(task_spec(rcfg)) if problems is None else problems
+        rec = stage_record(cfg, problems, trained_record(cfg.model))
         manifest = run_rollout(rcfg, problems=problems, backend=backend)
-        trajs = read_trajectories(Path(rcfg.output) / SHARDS)
-        source = {"model": cfg.model, "rollout": str(Path(rcfg.output))}
+        trajs = read_trajectories(out.rollout.shards)
+        source = {"model": cfg.model, "rollout": str(out.rollout.path)}
     else:
         path, manifest = trajectory_source(cfg.trajectories)
+        rec = record("eval", settings(cfg), manifest, cfg.trajectories)
         trajs = read_trajectories(path)
         source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
         if manifest is not None and manifest.get("status") != "complete":
@@ -118,15 +117,21 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
         skipped_conversations=skipped,
         source=source,
         config=to_dict(cfg),
+        **{**rec, "status": "complete"}, cost=manifest.get("cost") if cfg.model is not None else None,
     )
     # step 4
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / METRICS_FILE, metrics)
-    label = out.resolve().name
-    (out / TABLE_FILE).write_text(metrics_markdown(metrics, label))
+    write_json(out.metrics, metrics)
+    label = out.path.resolve().name
+    out.table.write_text(metrics_markdown(metrics, label))
     print(markdown_table([metrics], [label]))
-    log.info("wrote %s and %s", out / METRICS_FILE, out / TABLE_FILE)
+    log.info("wrote %s and %s", out.metrics, out.table)
     return metrics
+
+
+def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    return record("eval", s, model_record, cfg.model)
 
 
 def _pct(x: float | None, se: float | None = None) -> str:
@@ -222,9 +227,9 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], k: int) -> tuple[flo
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
-    f = p / METRICS_FILE if p.is_dir() else p
+    f = EvalDir(p).metrics if p.is_dir() else p
     if not f.is_file():
-        raise DriftError(f"{p}: no {METRICS_FILE} (not an eval run directory)")
+        raise DriftError(f"{p}: no {f.name} (not an eval run directory)")
     try:
         m = json.loads(f.read_text())
     except json.JSONDecodeError as e:

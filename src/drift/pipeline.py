@@ -1,16 +1,17 @@
-"""`drift run` and `drift demo`: rollout -> weights -> train -> eval -> report in one run directory.
+"""`drift run` and `drift demo`: every stage of every arm in one run directory, never a stale one.
 
-Layout of a run directory (each stage reads only the files of the stages before it):
-
-    config.json               the resolved config of the run
-    rollout/                  trajectories/shard-*.jsonl + manifest.json   (shared by every arm)
-    weights/<arm>.jsonl       weighted rows, and <arm>.weights.json diagnostics
-    train/<arm>/              save_pretrained checkpoint + train_summary.json
-    eval/base/, eval/<arm>/   metrics.json, metrics.md, eval trajectories
-    report.md, succ_at_k.png
-
-A stage whose complete output exists is skipped, so a rerun after a crash goes on where it
-stopped; `--from STAGE` deletes the outputs of that stage and every later one first.
+The layout of the run directory is `drift.rundir.RunDir`'s. Before it runs anything, `drift run`
+computes the record each stage would write (its settings and the digest of its input, along the
+chain rollout -> weights -> train -> eval) and compares it with the record on disk:
+  - no record yet, or an unfinished one made with the same settings: the stage runs (the rollout
+    and the eval resume where they stopped, training from its last complete checkpoint);
+  - a finished record with the same settings and input: the stage is skipped;
+  - a record made with other settings, or from another input: one error naming every such stage
+    and key, and the way out (`--from STAGE` redoes that stage and every later one, or a new
+    output directory). Keys that cannot change a result (threads, inference batch sizes,
+    logging) are not compared.
+The held-out evaluation runs in the rollout's environment (system prompt, feedback, answer
+instruction, checker and its timeout, turn limit) unless `[eval]` sets a key itself.
 """
 
 from __future__ import annotations
@@ -18,18 +19,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drift import DriftError
 from drift.config import build, option, read_config_file
+from drift.env import EnvConfig
 from drift.records import write_json
+from drift.rundir import Lock, RunDir, ensure_writable, is_complete, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
 STAGES = ("rollout", "weights", "train", "eval", "report")
+# Keys of the environment the held-out evaluation inherits from [rollout] unless [eval] sets them.
+ENV_KEYS = tuple(f.name for f in dataclasses.fields(EnvConfig)) + ("checker",)
 
 
 @dataclass
@@ -45,18 +50,19 @@ class ArmConfig:
 class RunConfig:
     """The pipeline's config file. Stage tables hold the keys of the stage's own config."""
 
-    config_path: str | None = option(None, "the run's TOML/YAML config file")
-    output: str = option("runs/run", "run directory")
+    config_path: str | None = option(None, "the run's TOML/YAML config file", result=False)
+    output: str = option("runs/run", "run directory", result=False)
     model: str = option("smollm2-135m", "reference model (also the base of every arm)")
     rollout: dict = option({}, "drift rollout keys (tasks, num_problems, split, n, max_turns, temperature, ...)")
     weights: dict = option({}, "drift weights keys shared by all arms (beta, gamma, penalties, degenerate)")
     train: dict = option({}, "drift train keys shared by all arms (lr, epochs, batch_size, turns, ...)")
-    eval: dict = option({}, "drift eval keys (tasks, num_problems, split, max_turns, ...)")
+    eval: dict = option({}, "drift eval keys (tasks, num_problems, split, ...); the environment keys "
+                        f"({', '.join(ENV_KEYS)}) default to [rollout]'s")
     arms: dict = option({"drift": {"method": "drift"}}, "arm name -> {method, weights = {...}, train = {...}}")
     eval_base: bool = option(True, "also evaluate the reference model itself as arm 'base'")
-    start_from: str | None = option(None, "force this stage and every later one: rollout, weights, train, eval, report",
-                                    flag="--from")
-    title: str = option("drift run", "title of report.md")
+    start_from: str | None = option(None, "redo this stage and every later one: rollout, weights, train, eval, report",
+                                    flag="--from", result=False)
+    title: str = option("drift run", "title of report.md", result=False)
 
     def __post_init__(self) -> None:
         if self.start_from is not None and self.start_from not in STAGES:
@@ -69,19 +75,26 @@ class RunConfig:
             raise DriftError("arm name 'base' is reserved for the reference model")
         for name in self.arms:
             self.stage_configs(name)  # unknown keys and bad values fail now, not hours later
+        self.eval_config("base")
+
+    @property
+    def dir(self) -> RunDir:
+        return RunDir(Path(self.output))
 
     # --- stage configs ---------------------------------------------------------------------
     def rollout_config(self) -> Any:
         from drift.rollout.engine import RolloutConfig
 
-        return build(RolloutConfig, {**self.rollout, "model": self.model, "output": str(self.dir / "rollout"),
+        return build(RolloutConfig, {**self.rollout, "model": self.model, "output": str(self.dir.rollout.path),
                                      "resume": True}, "rollout.")
 
     def eval_config(self, arm: str) -> Any:
         from drift.evaluate import EvalConfig
 
-        model = self.model if arm == "base" else str(self.dir / "train" / arm)
-        return build(EvalConfig, {**self.eval, "model": model, "output": str(self.dir / "eval" / arm)}, "eval.")
+        inherited = {k: v for k, v in self.rollout.items() if k in ENV_KEYS and k not in self.eval}
+        model = self.model if arm == "base" else str(self.dir.train(arm).path)
+        return build(EvalConfig, {**inherited, **self.eval, "model": model, "output": str(self.dir.eval(arm).path),
+                                  "resume": True}, "eval.")
 
     def stage_configs(self, arm: str) -> tuple[Any, Any]:
         from drift.train.trainer import TrainConfig
@@ -89,22 +102,18 @@ class RunConfig:
 
         a = self.arms[arm]
         w = build(WeightsConfig, {**self.weights, **a.weights, "method": a.method,
-                                  "input": str(self.dir / "rollout" / "trajectories"),
-                                  "output": str(self.dir / "weights" / f"{arm}.jsonl")}, f"arms.{arm}.weights.")
+                                  "input": str(self.dir.rollout.shards),
+                                  "output": str(self.dir.weights(arm))}, f"arms.{arm}.weights.")
         t = {**self.train, **a.train}
         if a.method == "swift":
             t.setdefault("allow_negative_weights", True)
-        tc = build(TrainConfig, {**t, "model": self.model, "data": w.output, "output": str(self.dir / "train" / arm)},
+        tc = build(TrainConfig, {**t, "model": self.model, "data": w.output, "output": str(self.dir.train(arm).path)},
                    f"arms.{arm}.train.")
         return w, tc
 
-    @property
-    def dir(self) -> Path:
-        return Path(self.output)
 
-
-def check_disjoint(cfg: RunConfig) -> tuple[int, int]:
-    """Training and test problems must be disjoint by identity (id and, for generators, the fact)."""
+def check_disjoint(cfg: RunConfig) -> tuple[list, list]:
+    """The training and held-out problems; they must be disjoint by identity (id and, for generators, the fact)."""
     from drift.rollout.engine import task_spec
     from drift.tasks import load_tasks
 
@@ -116,71 +125,123 @@ def check_disjoint(cfg: RunConfig) -> tuple[int, int]:
         if a & b:
             raise DriftError(f"training and test problems overlap ({len(a & b)} shared by {key}, e.g. "
                              f"{sorted(a & b)[0]!r}): use split = 'train' for rollout and 'test' for eval")
-    return len(train), len(test)
+    return train, test
 
 
-def _forced(cfg: RunConfig, stage: str) -> bool:
-    return cfg.start_from is not None and STAGES.index(stage) >= STAGES.index(cfg.start_from)
+@dataclass
+class Step:
+    """One stage of one arm: where its record lives, the record a run would write, how to run it."""
+
+    name: str  # "rollout", "weights/drift", "train/drift", "eval/base", ...
+    record_path: Path
+    expected: dict[str, Any]
+    run: Callable[[], Any]
+
+    @property
+    def stage(self) -> str:
+        return self.name.split("/")[0]
+
+
+def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step]:
+    """Every step of the run in order, each with the record it would write (see the module docstring)."""
+    from drift import evaluate
+    from drift.rollout import engine
+    from drift.train import trainer
+    from drift import weights
+
+    d = cfg.dir
+    rc = cfg.rollout_config()
+    rollout = engine.stage_record(rc, train_problems, None)
+    steps = [Step("rollout", d.rollout.manifest, rollout, lambda: engine.run_rollout(rc, train_problems))]
+
+    def evaluate_arm(arm: str, model_record: dict[str, Any] | None) -> Step:
+        ec = cfg.eval_config(arm)
+        return Step(f"eval/{arm}", d.eval(arm).metrics, evaluate.stage_record(ec, test_problems, model_record),
+                    lambda: evaluate.run_eval(ec, test_problems))
+
+    if cfg.eval_base:
+        steps.append(evaluate_arm("base", None))
+    for arm in cfg.arms:
+        w, t = cfg.stage_configs(arm)
+        w_rec = weights.stage_record(w, rollout)
+        t_rec = trainer.stage_record(t, w_rec)
+        steps += [Step(f"weights/{arm}", weights.weights_record(w.output), w_rec, lambda w=w: weights.run_weights(w)),
+                  Step(f"train/{arm}", d.train(arm).summary, t_rec, lambda t=t: trainer.run_train(_resumed(t))),
+                  evaluate_arm(arm, t_rec)]
+    return steps
+
+
+def _resumed(t: Any) -> Any:
+    """An unfinished training run with checkpoints goes on from the last complete one."""
+    if any(Path(t.output).glob("checkpoint-*")):
+        return dataclasses.replace(t, resume_from_checkpoint="latest")
+    return t
+
+
+def check(steps: list[Step]) -> list[Step]:
+    """The steps to run; raise one error for every step whose output was made otherwise."""
+    todo, stale = [], []
+    for step in steps:
+        rec = read_record(step.record_path)
+        differ = mismatch(rec, step.expected) if rec is not None else []
+        if differ:
+            stale.append((step, differ))
+        elif not is_complete(rec):
+            todo.append(step)
+    if stale:
+        first = min(STAGES.index(s.stage) for s, _ in stale)
+        lines = "; ".join(f"{s.name} ({', '.join(d)})" for s, d in stale)
+        raise DriftError(f"the run directory holds outputs made with other settings: {lines}. Rerun with "
+                         f"--from {STAGES[first]} to redo them and every later stage, or choose a new output directory")
+    return todo
 
 
 def _clear(cfg: RunConfig) -> None:
     if cfg.start_from is None:
         return
     for stage in STAGES[STAGES.index(cfg.start_from):]:
-        target = cfg.dir / stage
         if stage == "report":
-            for f in ("report.md", "succ_at_k.png"):
-                (cfg.dir / f).unlink(missing_ok=True)
-        elif target.exists():
-            log.info("--from %s: removing %s", cfg.start_from, target)
-            shutil.rmtree(target)
+            for f in (cfg.dir.report, cfg.dir.plot, cfg.dir.cost_plot):
+                f.unlink(missing_ok=True)
+            continue
+        for target in cfg.dir.stage_dirs(stage):
+            if target.exists():
+                log.info("--from %s: removing %s", cfg.start_from, target)
+                shutil.rmtree(target)
 
 
 def run_pipeline(cfg: RunConfig) -> str:
-    """Run every stage that is not complete yet; return the report's markdown."""
-    from drift import evaluate, report
-    from drift.rollout.engine import is_complete, run_rollout
-    from drift.train.trainer import run_train
-    from drift.weights import run_weights
+    """Run every step that is not complete yet; return the report's markdown."""
+    from drift import report
 
-    cfg.dir.mkdir(parents=True, exist_ok=True)
-    n_train, n_test = check_disjoint(cfg)
-    _clear(cfg)
-    write_json(cfg.dir / "config.json", dataclasses.asdict(cfg))
-    log.info("run %s: %d training problems, %d held-out problems, arms %s", cfg.dir, n_train, n_test, list(cfg.arms))
-    timings: dict[str, float] = {}
+    ensure_writable(cfg.dir.root)
+    with Lock(cfg.dir.root):
+        train_problems, test_problems = check_disjoint(cfg)
+        _clear(cfg)
+        steps = plan(cfg, train_problems, test_problems)
+        todo = check(steps)
+        write_json(cfg.dir.config, dataclasses.asdict(cfg))
+        log.info("run %s: %d training problems, %d held-out problems, arms %s; %d of %d stages to run",
+                 cfg.dir.root, len(train_problems), len(test_problems), list(cfg.arms), len(todo), len(steps))
+        for step in steps:
+            if step in todo:
+                _run_step(step)
+            else:
+                log.info("stage %s: complete, skipped", step.name)
+        return report.write_report(cfg)
 
-    def stage(name: str, done: bool, fn: Any) -> None:
-        if done:
-            log.info("stage %s: complete, skipped", name)
-            return
-        log.info("stage %s: running", name)
-        t0 = time.time()
-        try:
-            fn()
-        except DriftError as e:
-            raise DriftError(f"stage {name}: {e}") from None
-        except OSError as e:  # a full disk, a vanished file: name the stage; finished stages stay
-            raise DriftError(f"stage {name}: {e}; finished stages are kept, rerun the same command to go on") from e
-        except Exception:
-            log.error("stage %s failed; finished stages are kept, rerun the same command to go on", name)
-            raise
-        timings[name] = time.time() - t0
 
-    def evaluate_arm(arm: str) -> None:
-        e = cfg.eval_config(arm)
-        stage(f"eval/{arm}", (Path(e.output) / "metrics.json").is_file(), lambda: evaluate.run_eval(e))
-
-    # Arm by arm (weights, train, eval), so an interrupted run already has whole arms to report.
-    stage("rollout", is_complete(cfg.dir / "rollout"), lambda: run_rollout(cfg.rollout_config()))
-    if cfg.eval_base:
-        evaluate_arm("base")
-    for arm in cfg.arms:
-        w, t = cfg.stage_configs(arm)
-        stage(f"weights/{arm}", Path(w.output).is_file(), lambda: run_weights(w))
-        stage(f"train/{arm}", (Path(t.output) / "train_summary.json").is_file(), lambda: run_train(t))
-        evaluate_arm(arm)
-    return report.write_report(cfg)
+def _run_step(step: Step) -> None:
+    log.info("stage %s: running", step.name)
+    try:
+        step.run()
+    except DriftError as e:
+        raise DriftError(f"stage {step.name}: {e}") from None
+    except OSError as e:  # a full disk, a vanished file: name the stage; finished stages stay
+        raise DriftError(f"stage {step.name}: {e}; finished stages are kept, rerun the same command to go on") from e
+    except Exception:
+        log.error("stage %s failed; finished stages are kept, rerun the same command to go on", step.name)
+        raise
 
 
 @dataclass
@@ -188,7 +249,7 @@ class DemoConfig:
     output: str | None = option(None, "run directory (default: runs/demo or runs/demo-quick)")
     quick: bool = option(False, "smoke preset: a few minutes on 2 CPU cores")
     model: str = option("smollm2-135m", "reference model (default: the embedded SmolLM2-135M-Instruct)")
-    start_from: str | None = option(None, "force this stage and every later one", flag="--from")
+    start_from: str | None = option(None, "redo this stage and every later one", flag="--from")
 
 
 def demo_config(demo: DemoConfig) -> RunConfig:

@@ -218,3 +218,14 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, float) and not math.isfinite(o):
         return None
     raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def input_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The rollout manifest of a trajectory input: a rollout directory's or its shard directory's (None: a file)."""
+    from drift.rundir import RolloutDir, read_record
+
+    p = Path(path)
+    for run in (p, p.parent):
+        if RolloutDir(run).manifest.is_file() and (p == run or p == RolloutDir(run).shards):
+            return read_record(RolloutDir(run).manifest)
+    return None

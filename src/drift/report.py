@@ -1,64 +1,145 @@
-"""report.md and succ_at_k.png for a pipeline run, and the demo's console summary.
+"""report.md, succ_at_k.png and cost.png for a pipeline run, and the demo's console summary.
 
-Reads only the files the stages wrote (manifest.json, <arm>.weights.json,
-train_summary.json, metrics.json, eval trajectories).
+Everything comes from the records the stages wrote (`drift.rundir`), read through `RunDir`:
+the settings shown are each artifact's own, not the config of the latest command.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from drift.evaluate import load_metrics, markdown_table, plot_succ_at_k
+from drift.ledger import Cost
 from drift.records import Trajectory, read_trajectories
+from drift.rundir import RunDir, read_record, weights_record
 
 EXAMPLES = 3
-
-
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+SETUP_KEYS = ("model", "tasks", "split", "num_problems", "n", "max_turns", "temperature", "top_p", "max_new_tokens",
+              "dtype", "seed")
+ENV_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns")
 
 
 def _arms(cfg: Any) -> list[str]:
     return (["base"] if cfg.eval_base else []) + list(cfg.arms)
 
 
-def cost_table(cfg: Any) -> str:
-    """Tokens generated, tokens trained and wall time of every stage."""
-    d = cfg.dir
-    roll = _json(d / "rollout" / "manifest.json")
-    rt = roll.get("timings", {})
-    gen = sum(s.get("generated_tokens", 0) for s in rt.get("sessions", []))
-    lines = ["| stage | arm | rows | tokens generated | tokens trained | wall time (s) |",
-             "|---|---|---:|---:|---:|---:|",
-             f"| rollout | all | {roll.get('counts', {}).get('written', '–')} | {gen:,} | – | {rt.get('wall_seconds', 0):.0f} |"]
-    for arm in cfg.arms:
-        w = _json(d / "weights" / f"{arm}.weights.json")
-        t = _json(d / "train" / arm / "train_summary.json")
-        rows = t.get("data", {}).get("rows_used", w.get("rows", "–"))
-        lines.append(f"| train | {arm} ({cfg.arms[arm].method}) | {rows} | – | "
-                     f"{t.get('trained_tokens', 0):,} | {t.get('seconds', 0):.0f} |")
+def _label(cfg: Any, arm: str) -> str:
+    return arm if arm == "base" else f"{arm} ({cfg.arms[arm].method})"
+
+
+def records(cfg: Any) -> dict[str, dict[str, Any]]:
+    """Every record on disk by step name ("rollout", "weights/drift", "train/drift", "eval/base", ...)."""
+    d: RunDir = cfg.dir
+    paths = {"rollout": d.rollout.manifest}
     for arm in _arms(cfg):
-        m = _json(d / "eval" / arm / "metrics.json")
-        lines.append(f"| eval | {arm} | {m.get('num_trajectories', '–')} | {m.get('total_tokens', 0):,} | – | "
-                     f"{m.get('wall_time_s') or 0:.0f} |")
+        if arm != "base":
+            paths[f"weights/{arm}"] = weights_record(d.weights(arm))
+            paths[f"train/{arm}"] = d.train(arm).summary
+        paths[f"eval/{arm}"] = d.eval(arm).metrics
+    found = {name: read_record(p) for name, p in paths.items()}
+    return {name: r for name, r in found.items() if r is not None}
+
+
+def arm_cost(recs: dict[str, dict[str, Any]], arm: str) -> Cost:
+    """What an arm's model cost to make: the shared rollout, its weights and its training (not its eval)."""
+    if arm == "base":
+        return Cost()
+    parts = [recs.get(name, {}).get("cost") for name in ("rollout", f"weights/{arm}", f"train/{arm}")]
+    total = Cost()
+    for p in parts:
+        total = total + Cost.from_json(p)
+    return total
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n else "–"
+
+
+def cost_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
+    """The ledger of every stage, then each arm's training budget (rollout + weights + train)."""
+    head = ("| stage | wall s | CPU s | generated tok | prefill tok | trained tok | aux fwd tok | steps | peak memory "
+            "| FLOPs |")
+    lines = [head, "|---|" + "---:|" * 9]
+
+    def row(name: str, c: Cost) -> str:
+        return (f"| {name} | {c.wall_seconds:.0f} | {c.cpu_seconds:.0f} | {c.generated_tokens:,} | {c.prefill_tokens:,} "
+                f"| {c.trained_tokens:,} | {c.aux_forward_tokens:,} | {c.optimizer_steps} "
+                f"| {_fmt_bytes(c.peak_memory_bytes)} | {c.flops:.3g} |")
+
+    for name, rec in recs.items():
+        if rec.get("cost"):
+            lines.append(row(name, Cost.from_json(rec["cost"])))
+    lines += ["", "Training budget of each arm (its share of the rollout counts in full; evaluation is not included):",
+              "", head.replace("stage", "arm"), "|---|" + "---:|" * 9]
+    lines += [row(_label(cfg, arm), arm_cost(recs, arm)) for arm in cfg.arms]
     return "\n".join(lines) + "\n"
 
 
-def weights_table(cfg: Any) -> str:
+def weights_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
     lines = ["| arm | method | rows | degenerate groups | ESS mean | max weight | rows with \\|w\\| < 1e-3 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for arm, a in cfg.arms.items():
-        w = _json(cfg.dir / "weights" / f"{arm}.weights.json")
+        w = recs.get(f"weights/{arm}")
         if w:
             lines.append(f"| {arm} | {a.method} | {w['rows']} | {w['degenerate_groups']}/{w['groups']} | "
                          f"{w['ess_mean']:.2f} | {w['weight_max']:.3g} | {w['rows_weight_below_1e-3']} |")
     return "\n".join(lines) + "\n"
 
 
+def environment_table(recs: dict[str, dict[str, Any]]) -> str:
+    """The try-again environment of the training rollout and of each evaluation; differences in bold."""
+    roll = (recs.get("rollout") or {}).get("settings", {})
+    evals = {name: r.get("settings", {}) for name, r in recs.items() if name.startswith("eval/")}
+    lines = ["| key | rollout | " + " | ".join(evals) + " |", "|---|---|" + "---|" * len(evals)]
+    for key in ENV_KEYS:
+        cells = []
+        for s in evals.values():
+            v = repr(s.get(key))
+            cells.append(f"**{v}**" if key in roll and s.get(key) != roll.get(key) else v)
+        lines.append(f"| {key} | {roll.get(key)!r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def settings_section(recs: dict[str, dict[str, Any]]) -> str:
+    """Each artifact with the settings that made it (as stored beside it)."""
+    out = []
+    for name, rec in recs.items():
+        s = rec.get("settings") or {}
+        body = ", ".join(f"`{k}={v!r}`" for k, v in s.items())
+        out.append(f"<details><summary>{name}: {rec.get('status')}, digest {rec.get('digest')}</summary>\n\n{body}\n"
+                   "</details>\n")
+    return "\n".join(out)
+
+
+def plot_cost(cfg: Any, recs: dict[str, dict[str, Any]], output_png: Path) -> bool:
+    """Held-out succ@T against each arm's cumulative FLOPs and wall seconds (cost.png)."""
+    from matplotlib.figure import Figure
+
+    points = []
+    for arm in _arms(cfg):
+        ev = recs.get(f"eval/{arm}")
+        if ev:
+            points.append((_label(cfg, arm), arm_cost(recs, arm), 100 * ev["succ_at_k"][-1]))
+    if not points:
+        return False
+    fig = Figure(figsize=(10, 4), dpi=120)
+    for i, (xlabel, x) in enumerate((("training FLOPs (rollout + weights + train)", lambda c: c.flops),
+                                     ("training wall seconds", lambda c: c.wall_seconds))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for label, cost, succ in points:
+            ax.scatter([x(cost)], [succ], label=label, s=40)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out succ@T (%)")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output_png)
+    return True
+
+
 def _eval_trajectories(cfg: Any, arm: str) -> dict[str, Trajectory]:
-    path = cfg.dir / "eval" / arm / "rollout" / "trajectories"
+    path = cfg.dir.eval(arm).rollout.shards
     if not path.is_dir():
         return {}
     return {t.prompt_id: t for t in read_trajectories(path) if t.sample_idx == 0}
@@ -93,32 +174,47 @@ def examples_markdown(cfg: Any, arm: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setup(recs: dict[str, dict[str, Any]]) -> str:
+    roll = (recs.get("rollout") or {}).get("settings", {})
+    evals = [r.get("settings", {}) for n, r in recs.items() if n.startswith("eval/")]
+    parts = [f"Rollouts: " + ", ".join(f"{k} `{roll[k]}`" for k in SETUP_KEYS if k in roll) + "."]
+    if evals:
+        parts.append("Evaluation: " + ", ".join(f"{k} `{evals[0][k]}`" for k in SETUP_KEYS if k in evals[0]) + ".")
+    return " ".join(parts)
+
+
 def write_report(cfg: Any) -> str:
-    """Write report.md and succ_at_k.png into the run directory; return the markdown."""
-    arms = [a for a in _arms(cfg) if (cfg.dir / "eval" / a / "metrics.json").is_file()]
-    metrics = [load_metrics(cfg.dir / "eval" / a) for a in arms]
-    labels = [a if a == "base" else f"{a} ({cfg.arms[a].method})" for a in arms]
-    plot_succ_at_k(metrics, labels, cfg.dir / "succ_at_k.png")
-    roll = cfg.rollout_config()
-    ev = cfg.eval_config("base")
+    """Write report.md, succ_at_k.png and cost.png into the run directory; return the markdown."""
+    d: RunDir = cfg.dir
+    recs = records(cfg)
+    arms = [a for a in _arms(cfg) if f"eval/{a}" in recs]
+    metrics = [load_metrics(d.eval(a).path) for a in arms]
+    labels = [_label(cfg, a) for a in arms]
+    if metrics:
+        plot_succ_at_k(metrics, labels, d.plot)
+    has_cost_plot = plot_cost(cfg, recs, d.cost_plot)
     shown = next((a for a in cfg.arms if a == "drift"), next(iter(cfg.arms)))
-    md = [f"# {cfg.title}", "",
-          f"Reference model `{cfg.model}`. Rollouts: {roll.num_problems or 'all'} `{roll.tasks}` problems "
-          f"(split {roll.split}) x {roll.n} samples, up to {roll.max_turns} turns, temperature {roll.temperature}. "
-          f"Evaluation: {ev.num_problems or 'all'} held-out `{ev.tasks}` problems (split {ev.split}), "
-          f"temperature {ev.temperature}, up to {ev.max_turns} turns with the feedback "
-          f"\"{roll.feedback}\".", "",
+    md = [f"# {cfg.title}", "", _setup(recs), "",
           "## Multi-turn success on held-out problems", "",
           "succ@k: share of problems solved within k turns (± standard error over problems); unique: distinct "
           "answers / answers per conversation (≥2 turns: conversations that got feedback).", "",
-          markdown_table(metrics, labels), "", "![succ@k](succ_at_k.png)", "",
-          "## Weights", "", weights_table(cfg), "",
-          "## Cost", "", cost_table(cfg), ""]
+          markdown_table(metrics, labels) if metrics else "(no evaluation finished yet)", "",
+          "![succ@k](succ_at_k.png)", "",
+          "## Environment", "",
+          "The try-again environment of the training rollout and of each evaluation (a value that differs from "
+          "the rollout's is in bold).", "", environment_table(recs), "",
+          "## Weights", "", weights_table(cfg, recs), "",
+          "## Cost", "",
+          "FLOPs: 2N per forward token (prefill, generated, auxiliary) + 6N per trained token, N = parameters.",
+          "", cost_table(cfg, recs), ""]
+    if has_cost_plot:
+        md += ["![succ@T against cost](cost.png)", ""]
     ex = examples_markdown(cfg, shown)
     if ex:
         md += [f"## Held-out conversations before and after training ({shown})", "", ex]
+    md += ["## Settings of each artifact", "", settings_section(recs)]
     text = "\n".join(md)
-    (cfg.dir / "report.md").write_text(text)
+    d.report.write_text(text)
     return text
 
 
@@ -128,8 +224,8 @@ def print_console_summary(cfg: Any) -> None:
     from rich.table import Table
 
     console = Console()
-    arms = [a for a in _arms(cfg) if (cfg.dir / "eval" / a / "metrics.json").is_file()]
-    metrics = [load_metrics(cfg.dir / "eval" / a) for a in arms]
+    arms = [a for a in _arms(cfg) if cfg.dir.eval(a).metrics.is_file()]
+    metrics = [load_metrics(cfg.dir.eval(a).path) for a in arms]
     if not metrics:
         return
     t_max = max(m["max_turns"] for m in metrics)
@@ -147,7 +243,7 @@ def print_console_summary(cfg: Any) -> None:
         pair.add_column(shown)
         pair.add_row(_plain(before), _plain(after))
         console.print(pair)
-    console.print(f"report: {cfg.dir / 'report.md'}")
+    console.print(f"report: {cfg.dir.report}")
 
 
 def _plain(t: Trajectory) -> str:

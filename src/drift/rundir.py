@@ -109,6 +109,11 @@ class RunDir:
     def eval(self, arm: str) -> EvalDir:
         return EvalDir(self.root / "eval" / arm)
 
+    def evaluated(self) -> list[str]:
+        """The arms that have an eval directory, by name."""
+        folder = self.root / "eval"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
     @property
     def report(self) -> Path:
         return self.root / "report.md"
@@ -226,3 +231,18 @@ class Lock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def trained_record(model: str | None) -> dict[str, Any] | None:
+    """The training record of a model directory that drift trained (None for any other model)."""
+    if not model:
+        return None
+    p = Path(model).expanduser()
+    return read_record(TrainDir(p).summary) if p.is_dir() else None
+
+
+def with_model(settings: dict[str, Any], model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """A model drift trained is identified by its training record, not by the path it lies at."""
+    if model_record is None:
+        return settings
+    return {**settings, "model": f"trained:{model_record.get('digest')}"}

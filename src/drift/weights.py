@@ -29,8 +29,11 @@ from typing import Literal
 
 from drift import DriftError
 from drift.checkers import normalize_answer
-from drift.config import option
-from drift.records import ReturnInputs, is_success, jsonl_files, read_jsonl, return_inputs, write_json, write_jsonl
+from drift.config import option, settings
+from drift.ledger import Cost, measure
+from drift.records import (ReturnInputs, input_manifest, is_success, jsonl_files, read_jsonl, return_inputs, write_json,
+                           write_jsonl)
+from drift.rundir import Lock, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -212,11 +215,21 @@ def run_weights(cfg: WeightsConfig) -> dict:
     """`drift weights`: write the weighted rows and `<output stem>.weights.json` diagnostics."""
     if not cfg.input or not cfg.output:
         raise DriftError("drift weights needs an input and --output")
-    rows, diag = compute(cfg)
     out = Path(cfg.output)
-    write_jsonl(out, rows)
-    write_json(out.with_name(out.stem + ".weights.json"), diag)
+    with Lock(out, is_file=True):
+        cost = Cost()
+        with measure(cost):
+            rows, diag = compute(cfg)
+            weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
+            write_jsonl(out, rows)
+        diag = {**stage_record(cfg, input_manifest(cfg.input)), "status": "complete", **diag, "cost": cost.to_json()}
+        write_json(weights_record(out), diag)
     return diag
+
+
+def stage_record(cfg: WeightsConfig, rollout_record: dict | None) -> dict:
+    """The weights stage's record (`drift.rundir`): its settings and the rollout it weighted."""
+    return record("weights", settings(cfg), rollout_record, cfg.input)
 
 
 def diagnostics_table(diag: dict) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,20 +30,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from drift import DriftError, __version__
-from drift.config import option, to_dict
+from drift.config import option, settings, to_dict
 from drift.env import EnvConfig, Episode
+from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_jsonl, read_trajectories, write_json
 from drift.rollout.protocol import Backend, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
+from drift.rundir import Lock, RolloutDir, mismatch, read_record, record, trained_record, with_model
 from drift.tasks import Problem, TaskSpec, load_tasks
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SHARDS = "trajectories"
 MANIFEST_EVERY = 30.0  # seconds between manifest refreshes while running
-# Settings that shape the samples: a resume must use the same values (plus every task and env field).
-SAME_ON_RESUME = ("model", "lora", "backend", "n", "temperature", "top_p", "max_new_tokens", "seed")
 
 
 @dataclass
@@ -123,13 +122,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DriftError(f"{path}: unreadable manifest ({e})") from None
+    return read_record(RolloutDir(Path(directory)).manifest)
 
 
 def is_complete(directory: str | Path) -> bool:
@@ -146,21 +139,42 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
     3. Generate: finished trajectories are appended to shards as they end.
     4. Re-read the shards, check every expected (prompt_id, sample_idx) is there exactly once
        (or was skipped), summarize, and mark the manifest complete.
+    A fresh run that fails before its first trajectory is written leaves no manifest behind, so
+    the corrected command starts afresh instead of being told to resume.
     """
     if not cfg.output:
         raise DriftError("rollout needs an output directory (--output)")
-    out = Path(cfg.output)
-    shard_dir = out / SHARDS
+    out = RolloutDir(Path(cfg.output))
     # step 1
     problems = load_tasks(task_spec(cfg)) if problems is None else problems
     if not problems:
         raise DriftError("rollout: no problems to sample")
-    fingerprint = tasks_fingerprint(problems)
-    previous = _check_run_dir(out, cfg, fingerprint)
-    done = _scan_shards(shard_dir)
+    expected = stage_record(cfg, problems, trained_record(cfg.model))
+    created = not out.path.exists()
+    with Lock(out.path):
+        previous = _check_run_dir(out, cfg, expected)
+        try:
+            return _run(cfg, out, problems, expected, previous, backend)
+        except BaseException:
+            if previous is None and not any(out.shards.glob("shard-*.jsonl")):
+                out.manifest.unlink(missing_ok=True)
+                if created:
+                    shutil.rmtree(out.path, ignore_errors=True)
+            raise
+
+
+def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The rollout's stage record (`drift.rundir`): its settings, the problems, the model's origin."""
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    return record("rollout", s, model_record, cfg.model)
+
+
+def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],
+         previous: dict[str, Any] | None, backend: Backend | None) -> dict[str, Any]:
+    done = _scan_shards(out.shards)
     todo = [(p, missing) for p in problems if (missing := [i for i in range(cfg.n) if (p.id, i) not in done])]
     if done:
-        log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out, len(done), len(todo))
+        log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out.path, len(done), len(todo))
     # step 2
     model_path = None
     own_backend = backend is None
@@ -170,35 +184,39 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
 
             model_path = resolve_model(cfg.model)
         backend = make_backend(cfg, model_path)
-    manifest = _start_manifest(cfg, problems, fingerprint, previous, backend.name, model_path, len(done))
+    manifest = _start_manifest(cfg, problems, expected, previous, backend.name, model_path, len(done))
     session = manifest["timings"]["sessions"][-1]
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / MANIFEST, manifest)
+    cost = Cost(parameters=backend.stats.parameters)
+    before = Cost.from_json(manifest["cost"])
+    write_json(out.manifest, manifest)
     # step 3
-    writer = ShardWriter(shard_dir, cfg.shard_size)
+    writer = ShardWriter(out.shards, cfg.shard_size)
     start, stats0 = time.monotonic(), dataclasses.replace(backend.stats)
     last_refresh = start
 
     def refresh(written: int) -> None:
         nonlocal last_refresh
+        cost.generated_tokens = backend.stats.generated_tokens - stats0.generated_tokens
+        cost.prefill_tokens = backend.stats.prefill_tokens - stats0.prefill_tokens
         session.update(wall_seconds=round(time.monotonic() - start, 3), trajectories=session["trajectories"] + written,
-                       generated_tokens=backend.stats.generated_tokens - stats0.generated_tokens,
-                       prefill_tokens=backend.stats.prefill_tokens - stats0.prefill_tokens)
+                       generated_tokens=cost.generated_tokens, prefill_tokens=cost.prefill_tokens)
         manifest["counts"]["written"] += written
         manifest["timings"]["wall_seconds"] = round(sum(s["wall_seconds"] for s in manifest["timings"]["sessions"]), 3)
         if time.monotonic() - last_refresh > MANIFEST_EVERY:
-            write_json(out / MANIFEST, manifest)
+            write_json(out.manifest, manifest)
             last_refresh = time.monotonic()
 
     try:
-        skipped = _sample(cfg, todo, backend, writer, refresh)
+        with measure(cost, str(getattr(backend, "device", "cpu"))):
+            skipped = _sample(cfg, todo, backend, writer, refresh)
     finally:
         writer.close()
-        write_json(out / MANIFEST, manifest)  # still "running": counts and timings of this session so far
+        manifest["cost"] = (before + cost).to_json()
+        write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
         if own_backend:
             backend.close()
     # step 4
-    trajectories = read_trajectories(shard_dir) if any(shard_dir.glob("shard-*.jsonl")) else []
+    trajectories = read_trajectories(out.shards) if any(out.shards.glob("shard-*.jsonl")) else []
     _check_complete(trajectories, problems, cfg.n, skipped)
     if not trajectories:
         raise DriftError(f"rollout produced no trajectories: all {len(skipped)} conversations were skipped "
@@ -209,25 +227,26 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
     manifest["skipped"] = skipped
     manifest["summary"] = summarize(trajectories, cfg.max_turns)
     manifest["status"] = "complete"
-    write_json(out / MANIFEST, manifest)
+    write_json(out.manifest, manifest)
     print_summary(manifest)
     return manifest
 
 
-def _start_manifest(cfg: RolloutConfig, problems: list[Problem], fingerprint: str, previous: dict[str, Any] | None,
+def _start_manifest(cfg: RolloutConfig, problems: list[Problem], expected: dict[str, Any], previous: dict[str, Any] | None,
                     backend_name: str, model_path: str | None, on_disk: int) -> dict[str, Any]:
     """The manifest of a run that is starting (or resuming): status "running", a new session appended."""
     session = {"started": _now(), "finished": None, "wall_seconds": 0.0, "trajectories": 0,
                "generated_tokens": 0, "prefill_tokens": 0}
     return {
-        "stage": "rollout", "schema_version": 1, "status": "running",
+        **expected, "status": "running",
         "model": cfg.model, "model_path": model_path, "backend": backend_name,
         "sampling": {**dataclasses.asdict(sampling_params(cfg)), "n": cfg.n,
                      "seeding": "sha256(seed|prompt_id|sample_idx|turn) per sample and turn"},
-        "task": to_dict(task_spec(cfg)), "env": to_dict(env_config(cfg)), "tasks_fingerprint": fingerprint,
-        "config": to_dict(cfg), "versions": _versions(cfg.backend),
+        "task": to_dict(task_spec(cfg)), "env": to_dict(env_config(cfg)),
+        "tasks_fingerprint": expected["settings"]["problems"], "config": to_dict(cfg), "versions": _versions(cfg.backend),
         "counts": {"problems": len(problems), "expected": len(problems) * cfg.n, "written": on_disk, "skipped": 0},
         "timings": {"wall_seconds": 0.0, "sessions": (previous or {}).get("timings", {}).get("sessions", []) + [session]},
+        "cost": (previous or {}).get("cost"),
     }
 
 
@@ -372,31 +391,22 @@ def _scan_shards(directory: Path) -> set[ConvId]:
     return done
 
 
-def _check_run_dir(out: Path, cfg: RolloutConfig, fingerprint: str) -> dict[str, Any] | None:
+def _check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of the run to resume (None: a fresh run). Refuses to mix runs."""
-    if out.exists() and not out.is_dir():
-        raise DriftError(f"output {out} exists and is not a directory")
-    if not (out.is_dir() and any(out.iterdir())):
+    if out.path.exists() and not out.path.is_dir():
+        raise DriftError(f"output {out.path} exists and is not a directory")
+    if not (out.path.is_dir() and any(p.name != ".drift.lock" for p in out.path.iterdir())):
         return None
     if not cfg.resume:
-        raise DriftError(f"output directory {out} is not empty: pass --resume to complete that run, "
+        raise DriftError(f"output directory {out.path} is not empty: pass --resume to complete that run, "
                          "or choose another --output")
-    manifest = read_manifest(out)
+    manifest = read_manifest(out.path)
     if manifest is None or manifest.get("stage") != "rollout":
-        raise DriftError(f"cannot resume {out}: it is not a rollout directory (no {MANIFEST})")
-    old = manifest.get("config", {})
-    for key, value in _identity(cfg).items():
-        if old.get(key) != value:
-            raise DriftError(f"cannot resume {out}: '{key}' differs from the run on disk "
-                             f"({old.get(key)!r} there, {value!r} now)")
-    if manifest.get("tasks_fingerprint") != fingerprint:
-        raise DriftError(f"cannot resume {out}: the problems differ from those of the run on disk")
+        raise DriftError(f"cannot resume {out.path}: it is not a rollout directory (no {out.manifest.name})")
+    differ = mismatch(manifest, expected)
+    if differ:
+        raise DriftError(f"cannot resume {out.path}: the run on disk was made with other settings ({'; '.join(differ)})")
     return manifest
-
-
-def _identity(cfg: RolloutConfig) -> dict[str, Any]:
-    keys = list(SAME_ON_RESUME) + [f.name for f in dataclasses.fields(TaskSpec) + dataclasses.fields(EnvConfig)]
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def _check_complete(trajectories: list[Trajectory], problems: list[Problem], n: int, skipped: list[dict]) -> None:

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from drift import DriftError
 from drift.chat import render_ids
+from drift.ledger import parameter_count
 from drift.models import load_model_and_tokenizer
 from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
                                    sample_seed)
@@ -136,7 +137,7 @@ class HFBackend:
         self.device = self.model.device
         self.stop_ids = self._stop_ids()
         self.pad_id = self.tokenizer.pad_token_id
-        self.stats = BackendStats()
+        self.stats = BackendStats(parameters=parameter_count(self.model))
         self.reused_tokens = 0  # prompt tokens served from a kept cache instead of prefilled
         self.cache_mismatches = 0  # kept caches that were not a prefix of the new render
         self.cache_evictions = 0

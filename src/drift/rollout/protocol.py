@@ -49,6 +49,7 @@ class GenOutput:
 class BackendStats:
     prefill_tokens: int = 0  # prompt tokens actually run through the model (after any cache reuse)
     generated_tokens: int = 0
+    parameters: int = 0  # N of the model generating, for the cost ledger (0: unknown, e.g. a remote server)
 
 
 class PromptTooLong(Exception):

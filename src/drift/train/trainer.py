@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader
 from transformers import SchedulerType, Trainer
 
 from drift import DriftError
-from drift.config import option
+from drift.config import option, settings
 from drift.records import write_json
+from drift.rundir import read_record, record, weights_record
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
 from drift.train.loss import loss_targets, weighted_nll_sum
 
@@ -274,7 +275,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         tokenizer.save_pretrained(out)
         if cfg.merge_lora:
             _save_merged(path, out, tokenizer)
-        write_json(out / "train_summary.json", summary)
+        rec = stage_record(cfg, read_record(weights_record(cfg.data)))
+        write_json(out / "train_summary.json", {**rec, "status": "complete", **summary})
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
     log.info("train: %d steps, final loss %s, %.0f tokens/s, saved to %s", summary["steps"], summary["final_loss"],
              summary["tokens_per_second"], out)
@@ -297,3 +299,8 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, second
         "trained_tokens_per_second": trained / seconds if seconds else 0.0,
     }
 
+
+
+def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The train stage's record (`drift.rundir`): its settings and the weighted rows it trained on."""
+    return record("train", settings(cfg), weights_record, cfg.data)
