@@ -197,8 +197,8 @@ def test_bad_input_errors(tmp_path):
         RolloutConfig(max_turns=0)
     with pytest.raises(DriftError, match="model path not found"):
         run_rollout(config(tmp_path, model=str(tmp_path / "nope/")), problems(1))
-    with pytest.raises(DriftError, match="lora adapters are applied by the vllm backend"):
-        config(tmp_path, lora=str(tmp_path))
+    with pytest.raises(DriftError, match="LoRA adapters are applied by the vllm backend"):
+        config(tmp_path, adapter=str(tmp_path))
     bad = tmp_path / "tasks.jsonl"
     bad.write_text('{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "q"}\n')
     with pytest.raises(DriftError, match=r"tasks.jsonl:2: missing field 'answer'"):

@@ -61,7 +61,7 @@ class RolloutConfig(TaskSpec, EnvConfig):
     dtype: str = option("auto", "hf, vllm: model dtype (auto, float32, bfloat16)")
     device: str | None = option(None, "hf: torch device (none: the backend's choice)", result=False)
     threads: int | None = option(None, "hf: CPU threads for torch (none: torch's default)", result=False)
-    lora: str | None = option(None, "vllm: LoRA adapter directory served on top of the model")
+    adapter: str | None = option(None, "vllm: a LoRA adapter directory served on top of the model")
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
@@ -83,8 +83,8 @@ class RolloutConfig(TaskSpec, EnvConfig):
         for key, ok in checks:
             if not ok:
                 raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
-        if self.lora and self.backend != "vllm":
-            raise DriftError(f"lora adapters are applied by the vllm backend; with {self.backend}, "
+        if self.adapter and self.backend != "vllm":
+            raise DriftError(f"LoRA adapters are applied by the vllm backend; with {self.backend}, "
                              "merge the adapter or serve it under its own model name")
 
 
@@ -113,7 +113,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
     if cfg.backend == "vllm":
         from drift.rollout.vllm_backend import VLLMBackend
 
-        return VLLMBackend(path, lora=cfg.lora, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+        return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                            dtype=cfg.dtype)
     from drift.rollout.hf import HFBackend
