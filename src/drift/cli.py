@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
                 "score trajectories (returns) and add per-group importance weights"),
     "train": ("drift.train.trainer", "TrainConfig", "run_train", None,
               "importance-weighted fine-tuning on weighted trajectories"),
+    "online": ("drift.online.run", "OnlineConfig", "run_online", None,
+               "online multi-turn RL on fresh samples of the current policy (the GRPO family): DRIFT's baseline"),
     "eval": ("drift.evaluate", "EvalConfig", "run_eval", None,
              "multi-turn evaluation (succ@k, correction rate, unique-answer ratio, pass@k)"),
     "run": ("drift.pipeline", "RunConfig", "run_pipeline", "config_path",

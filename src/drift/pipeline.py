@@ -26,15 +26,13 @@ from typing import Any
 
 from drift import DriftError
 from drift.config import build, option, read_config_file
-from drift.env import EnvConfig
+from drift.evaluate import ENVIRONMENT_KEYS, EvalConfig, inherit_environment
 from drift.records import write_json
 from drift.rundir import Lock, RunDir, ensure_writable, is_complete, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
 STAGES = ("rollout", "weights", "train", "eval", "report")
-# Keys of the environment the held-out evaluation inherits from [rollout] unless [eval] sets them.
-ENV_KEYS = tuple(f.name for f in dataclasses.fields(EnvConfig)) + ("checker",)
 
 
 @dataclass
@@ -57,7 +55,7 @@ class RunConfig:
     weights: dict = option({}, "drift weights keys shared by all arms (beta, gamma, penalties, degenerate)")
     train: dict = option({}, "drift train keys shared by all arms (lr, epochs, batch_size, turns, ...)")
     eval: dict = option({}, "drift eval keys (tasks, num_problems, split, ...); the environment keys "
-                        f"({', '.join(ENV_KEYS)}) default to [rollout]'s")
+                        f"({', '.join(ENVIRONMENT_KEYS)}) default to [rollout]'s")
     arms: dict = option({"drift": {"method": "drift"}}, "arm name -> {method, weights = {...}, train = {...}}")
     eval_base: bool = option(True, "also evaluate the reference model itself as arm 'base'")
     start_from: str | None = option(None, "redo this stage and every later one: rollout, weights, train, eval, report",
@@ -88,13 +86,10 @@ class RunConfig:
         return build(RolloutConfig, {**self.rollout, "model": self.model, "output": str(self.dir.rollout.path),
                                      "resume": True}, "rollout.")
 
-    def eval_config(self, arm: str) -> Any:
-        from drift.evaluate import EvalConfig
-
-        inherited = {k: v for k, v in self.rollout.items() if k in ENV_KEYS and k not in self.eval}
+    def eval_config(self, arm: str) -> EvalConfig:
         model = self.model if arm == "base" else str(self.dir.train(arm).path)
-        return build(EvalConfig, {**inherited, **self.eval, "model": model, "output": str(self.dir.eval(arm).path),
-                                  "resume": True}, "eval.")
+        return build(EvalConfig, {**inherit_environment(self.rollout, self.eval), "model": model,
+                                  "output": str(self.dir.eval(arm).path), "resume": True}, "eval.")
 
     def stage_configs(self, arm: str) -> tuple[Any, Any]:
         from drift.train.trainer import TrainConfig

@@ -79,6 +79,24 @@ class TrainDir:
         return self.path / "train_summary.json"
 
 
+@dataclass(frozen=True)
+class OnlineDir:
+    """An online run: the final model and its train_summary.json (stage "online"), the resumable
+    state, each iteration's rollout, and the held-out evaluations of its learning curve."""
+
+    path: Path
+
+    @property
+    def summary(self) -> Path:
+        return TrainDir(self.path).summary
+
+    def iteration(self, k: int) -> Path:
+        return self.path / "iterations" / f"{k:05d}"
+
+    def evaluation(self, k: int) -> Path:
+        return self.path / "evals" / f"{k:05d}"
+
+
 def weights_record(output: str | Path) -> Path:
     """The record (diagnostics) written beside a weighted JSONL file."""
     p = Path(output)
@@ -103,8 +121,8 @@ class RunDir:
     def train(self, arm: str) -> TrainDir:
         return TrainDir(self.root / "train" / arm)
 
-    def online(self, arm: str) -> Path:
-        return self.root / "online" / arm
+    def online(self, arm: str) -> OnlineDir:
+        return OnlineDir(self.root / "online" / arm)
 
     def eval(self, arm: str) -> EvalDir:
         return EvalDir(self.root / "eval" / arm)

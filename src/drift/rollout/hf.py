@@ -123,13 +123,27 @@ class HFBackend:
     def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
                  max_cache_conversations: int | None = None, threads: int | None = None,
                  max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
-        if batch_size < 1:
-            raise DriftError(f"batch_size must be >= 1, got {batch_size}")
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
-        if not self.tokenizer.chat_template:
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
+        if not tokenizer.chat_template:
             raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")
+        self._setup(model, tokenizer, batch_size, max_cache_conversations, max_cache_gb, max_prefill_tokens)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: object, batch_size: int = 16,
+                   max_cache_conversations: int | None = None, max_cache_gb: float = 4.0,
+                   max_prefill_tokens: int = 4096) -> HFBackend:
+        """A backend over a model already in memory (the online arm's policy): nothing is loaded."""
+        backend = cls.__new__(cls)
+        backend._setup(model, tokenizer, batch_size, max_cache_conversations, max_cache_gb, max_prefill_tokens)
+        return backend
+
+    def _setup(self, model: torch.nn.Module, tokenizer: object, batch_size: int, max_cache_conversations: int | None,
+               max_cache_gb: float, max_prefill_tokens: int) -> None:
+        if batch_size < 1:
+            raise DriftError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.max_cache_conversations = max_cache_conversations
         self.max_cache_bytes = int(max_cache_gb * 2**30)

@@ -1,0 +1,334 @@
+"""`drift online`: online multi-turn RL with group-relative advantages (the critic-free GRPO family).
+
+DRIFT and this arm differ only in where the samples come from: here every iteration samples
+`batch_prompts` problems x `n` conversations from the CURRENT policy, through the same rollout
+engine, environment and return function, and takes an optimizer step on them through the same
+loss (`drift.train.loss`) and masks (`turns = all`) as weighted SFT.
+
+Each iteration:
+  1. sample: the next `batch_prompts` training problems (epoch-shuffled by the seed), rolled out
+     from the in-memory generation copy of the policy (each process rolls out its share);
+  2. score: the return of every conversation (`drift.weights.trajectory_return`); with kl = ufo,
+     minus 0.001 x the summed k1 estimate log pi - log pi_ref over its assistant tokens;
+  3. advantages per group (`drift.online.advantages`): zero-spread groups skipped and counted,
+     `keep_top` filter; the rows of the kept groups carry A_i as their weight;
+  4. update (`Policy.update`): one optimizer step on the batch by default (on-policy: the ratio is
+     exactly 1, no clipping needed), or PPO-clipped minibatches/epochs on stored log-probs; kl =
+     matched adds beta x k3 to the loss;
+  5. every `eval_every` iterations and after the last: greedy held-out evaluation through
+     `drift eval`'s own path (the learning curve);
+  6. the cost ledger entry, then the state (weights, optimizer, progress) saved atomically.
+A kill at any point resumes with the same command from the last completed iteration: an
+unfinished iteration is discarded and redone from its start with the same random streams (all of
+them seeded from (seed, iteration)), so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from drift import DriftError
+from drift.config import build, settings, to_dict
+from drift.ledger import Cost, measure, parameter_count
+from drift.online import state as saved
+from drift.online.advantages import group_advantages, select_groups
+from drift.online.config import OnlineConfig
+from drift.online.policy import Policy
+from drift.records import Trajectory, read_trajectories, return_inputs, write_json
+from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
+from drift.tasks import Problem, load_tasks
+from drift.train.data import Example, RowError, tokenize_conversation, truncate
+from drift.weights import trajectory_return
+
+log = logging.getLogger(__name__)
+
+
+def derive(seed: int, *parts: object) -> int:
+    """A reproducible 63-bit seed for one random stream of the run."""
+    h = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
+def prompt_batch(problems: list[Problem], size: int, seed: int, iteration: int) -> list[Problem]:
+    """The problems of one iteration: consecutive slices of an order reshuffled every epoch."""
+    out = []
+    for pos in range(iteration * size, (iteration + 1) * size):
+        epoch, k = divmod(pos, len(problems))
+        order = list(range(len(problems)))
+        random.Random(derive(seed, "epoch", epoch)).shuffle(order)
+        out.append(problems[order[k]])
+    return out
+
+
+def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The online stage's record (`drift.rundir`)."""
+    from drift.rollout.engine import tasks_fingerprint
+
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    return record("online", s, model_record, cfg.model)
+
+
+def eval_config(cfg: OnlineConfig, model: str, output: Path) -> Any:
+    """The held-out evaluation of the learning curve: [eval] keys in this run's environment."""
+    from drift.evaluate import EvalConfig, inherit_environment
+
+    return build(EvalConfig, {**inherit_environment(to_dict(cfg), cfg.eval), "model": model, "output": str(output),
+                              "resume": True}, "eval.")
+
+
+def run_online(cfg: OnlineConfig) -> dict[str, Any]:
+    """Run (or resume) the online arm; return its summary (also written to train_summary.json)."""
+    from accelerate import Accelerator
+
+    from drift.models import load_model_and_tokenizer, resolve_model
+    from drift.rollout.engine import task_spec
+
+    if not cfg.output:
+        raise DriftError("online needs an output directory (--output)")
+    out = OnlineDir(ensure_writable(cfg.output))
+    problems = load_tasks(task_spec(cfg))
+    held_out = load_tasks(task_spec(eval_config(cfg, cfg.model, out.path)))
+    expected = stage_record(cfg, problems, trained_record(cfg.model))
+    accelerator = Accelerator(mixed_precision="bf16" if _gen_dtype(cfg) == torch.bfloat16 else "no",
+                              cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
+    lock = Lock(out.path) if accelerator.is_main_process else None
+    with lock or _Nothing():
+        previous = read_record(out.summary)
+        if previous is not None:
+            differ = mismatch(previous, expected)
+            if differ:
+                raise DriftError(f"{out.path} holds an online run made with other settings ({'; '.join(differ)}): "
+                                 "choose another --output")
+            if previous.get("status") == "complete":
+                log.info("online %s: already complete", out.path)
+                return previous
+            if not cfg.resume:
+                raise DriftError(f"{out.path} holds an unfinished online run: pass --resume to go on with it, "
+                                 "or choose another --output")
+        path = resolve_model(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(path, dtype="float32", device=str(accelerator.device))
+        model.train()
+        if cfg.lora:
+            model = _lora(model, cfg)
+        policy = Policy(cfg, model, tokenizer, accelerator, _gen_dtype(cfg))
+        progress = _fresh_progress(parameter_count(policy.unwrapped))
+        resume = saved.load(out.path) if previous is not None else None
+        if resume is not None:
+            policy.load(resume[0])
+            progress = resume[1]
+            log.info("online %s: resuming after iteration %d of %d", out.path, progress["iterations_done"], cfg.iterations)
+        if accelerator.is_main_process:
+            write_json(out.summary, {**expected, **_summary_fields(progress)})
+        loop = _Loop(cfg, out, policy, accelerator, problems, held_out, progress, expected)
+        loop.run()
+        return loop.finish()
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
+    from drift.models import _torch_dtype
+
+    dtype = _torch_dtype(cfg.dtype)
+    return torch.float32 if dtype == "auto" else dtype
+
+
+def _lora(model: Any, cfg: OnlineConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+    except ValueError as e:
+        raise DriftError(f"LoRA: {e}") from None
+
+
+def _fresh_progress(parameters: int) -> dict[str, Any]:
+    return {"iterations_done": 0, "cost": Cost(parameters=parameters).to_json(), "eval_cost": Cost().to_json(),
+            "curve": [], "iterations": []}
+
+
+def _summary_fields(progress: dict[str, Any]) -> dict[str, Any]:
+    return {"cost": progress["cost"], "eval_cost": progress["eval_cost"], "curve": progress["curve"],
+            "iterations_done": progress["iterations_done"], "iterations": progress["iterations"]}
+
+
+class _Loop:
+    """The iterations of one run (see the module docstring for the steps)."""
+
+    def __init__(self, cfg: OnlineConfig, out: OnlineDir, policy: Policy, accelerator: Any, problems: list[Problem],
+                 held_out: list[Problem], progress: dict[str, Any], expected: dict[str, Any]):
+        self.cfg, self.out, self.policy, self.acc = cfg, out, policy, accelerator
+        self.problems, self.held_out, self.progress, self.expected = problems, held_out, progress, expected
+        self.tokenizer = policy.tokenizer
+
+    def run(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        generator = self.policy.generator()
+        for it in range(self.progress["iterations_done"], cfg.iterations):
+            k = it + 1
+            if acc.is_main_process:
+                shutil.rmtree(self.out.iteration(k), ignore_errors=True)  # an unfinished iteration is redone
+                shutil.rmtree(self.out.evaluation(k), ignore_errors=True)
+            acc.wait_for_everyone()
+            cost = Cost(parameters=self.progress["cost"]["parameters"])
+            with measure(cost, str(acc.device)):
+                trajs, rollout_cost = self._sample(it, generator)
+                entry = self._learn(it, trajs, cost)
+            cost = cost + dataclasses.replace(rollout_cost, wall_seconds=0.0, cpu_seconds=0.0, peak_memory_bytes=0)
+            generator = self.policy.generator()
+            total = Cost.from_json(self.progress["cost"]) + cost
+            entry["cost"] = cost.to_json()
+            self.progress["cost"] = total.to_json()
+            self.progress["iterations"].append(entry)
+            if k == cfg.iterations or (cfg.eval_every and k % cfg.eval_every == 0):
+                self._evaluate(k, generator, total)
+            self.progress["iterations_done"] = k
+            log.info("online iteration %d/%d: return %.3f, %d of %d groups trained (%d zero spread), loss %s",
+                     k, cfg.iterations, entry["return_mean"], entry["groups_trained"], entry["groups"],
+                     entry["groups_zero_spread"], entry["loss"])
+            if acc.is_main_process and (k % cfg.save_every == 0 or k == cfg.iterations):
+                saved.save(self.out.path, self.policy.state(), self.progress)
+                write_json(self.out.summary, {**self.expected, **_summary_fields(self.progress)})
+            acc.wait_for_everyone()
+
+    # step 1
+    def _sample(self, it: int, generator: Any) -> tuple[list[Trajectory], Cost]:
+        from accelerate.utils import gather_object
+
+        from drift.rollout.engine import RolloutConfig, run_rollout
+        from drift.rollout.hf import HFBackend
+
+        cfg, acc = self.cfg, self.acc
+        batch = prompt_batch(self.problems, cfg.batch_prompts, cfg.seed, it)
+        mine = batch[acc.process_index::acc.num_processes]
+        name = "rollout" if acc.num_processes == 1 else f"rollout-rank{acc.process_index}"
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
+        rcfg = RolloutConfig(**{**values, "output": str(self.out.iteration(it + 1) / name),
+                                "model": f"{cfg.output}#policy-after-{it}", "seed": derive(cfg.seed, "rollout", it),
+                                "resume": False})
+        rows, cost = [], Cost()
+        if mine:
+            backend = HFBackend.from_model(generator, self.tokenizer, batch_size=cfg.batch_size)
+            manifest = run_rollout(rcfg, problems=mine, backend=backend)
+            rows = [t.to_json() for t in read_trajectories(Path(rcfg.output) / "trajectories")]
+            cost = Cost.from_json(manifest["cost"])
+        gathered = gather_object([(rows, cost.to_json())])
+        order = {p.id: i for i, p in enumerate(batch)}
+        trajs = sorted((Trajectory.from_json(r) for rs, _ in gathered for r in rs),
+                       key=lambda t: (order[t.prompt_id], t.sample_idx))
+        total = Cost()
+        for _, c in gathered:
+            total = total + Cost.from_json(c)
+        return trajs, total
+
+    # steps 2-4
+    def _learn(self, it: int, trajs: list[Trajectory], cost: Cost) -> dict[str, Any]:
+        cfg = self.cfg
+        returns = [trajectory_return(return_inputs(t.to_json(), f"{t.prompt_id}#{t.sample_idx}"), cfg.returns)
+                   for t in trajs]
+        examples = [self._example(t) for t in trajs]
+        kl_k1 = None
+        if cfg.kl == "ufo":
+            now, n1 = self._logprobs(examples)
+            ref, n2 = self._logprobs(examples, reference=True)
+            cost.aux_forward_tokens += n1 + n2
+            kl_k1 = [sum(a - b for a, b, m in zip(x, y, e.mask) if m) for x, y, e in zip(now, ref, examples)]
+            returns = [r - cfg.kl_coefficient * k for r, k in zip(returns, kl_k1)]
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(trajs):
+            groups.setdefault(t.prompt_id, []).append(i)
+        sel = select_groups({pid: [returns[i] for i in idx] for pid, idx in groups.items()}, cfg.keep_top)
+        train: list[Example] = []
+        for pid in sel.kept:
+            idx = groups[pid]
+            for i, a in zip(idx, group_advantages([returns[i] for i in idx], cfg.scale_by_std)):
+                e = examples[i]
+                scale = sum(e.mask) if cfg.normalize == "tokens" else 1  # collate divides by the row's tokens
+                train.append(Example(e.input_ids, e.mask, a * scale, e.line))
+        entry = {"iteration": it + 1, "conversations": len(trajs), "groups": len(groups),
+                 "groups_trained": len(sel.kept), "groups_zero_spread": len(sel.zero_spread),
+                 "groups_filtered": len(sel.filtered), "return_mean": sum(returns) / len(returns),
+                 "solved_share": sum(t.success_turn is not None for t in trajs) / len(trajs),
+                 "kl_k1_mean": sum(kl_k1) / len(kl_k1) if kl_k1 else None, "loss": None, "steps": 0}
+        if not train:  # no group carries a signal: the weights stay exactly as they are
+            return entry
+        old = ref = None
+        if cfg.ppo:
+            old, n = self._logprobs(train)
+            cost.aux_forward_tokens += n
+        if cfg.kl == "matched":
+            ref, n = self._logprobs(train, reference=True)
+            cost.aux_forward_tokens += n
+        torch.manual_seed(derive(cfg.seed, "update", it))
+        stats = self.policy.update(train, old, ref, derive(cfg.seed, "order", it))
+        cost.trained_tokens += int(self.acc.reduce(torch.tensor(stats.trained_tokens, device=self.acc.device),
+                                                   reduction="sum"))
+        cost.optimizer_steps += stats.steps
+        entry.update(loss=stats.loss[-1], losses=stats.loss, grad_norm=stats.grad_norm, steps=stats.steps,
+                     loss_tokens=stats.loss_tokens, clipped_tokens=stats.clipped, capped_tokens=stats.capped,
+                     kl_k3_mean=stats.kl_sum / stats.loss_tokens if cfg.kl == "matched" and stats.loss_tokens else None)
+        return entry
+
+    def _example(self, t: Trajectory) -> Example:
+        try:
+            ids, mask = tokenize_conversation(t.messages, self.tokenizer, "all")
+            ids, mask, _, _ = truncate(ids, mask, self.cfg.max_length)
+        except RowError as e:
+            raise DriftError(f"conversation {t.prompt_id}#{t.sample_idx}: {e}") from None
+        return Example(ids, mask, 0.0, t.sample_idx)
+
+    def _logprobs(self, examples: list[Example], reference: bool = False) -> tuple[list[list[float]], int]:
+        """Auxiliary log-probs of every example, each process computing its share."""
+        from accelerate.utils import gather_object
+
+        acc = self.acc
+        mine = list(range(acc.process_index, len(examples), acc.num_processes))
+        values, tokens = self.policy.logprobs([examples[i] for i in mine], reference)
+        gathered = gather_object([(mine, values, tokens)])
+        out: list[list[float]] = [[] for _ in examples]
+        for idx, vals, _ in gathered:
+            for i, v in zip(idx, vals):
+                out[i] = v
+        return out, sum(n for _, _, n in gathered)
+
+    # step 5
+    def _evaluate(self, k: int, generator: Any, cost: Cost) -> None:
+        from drift.evaluate import run_eval
+        from drift.rollout.hf import HFBackend
+
+        if self.acc.is_main_process:
+            ec = eval_config(self.cfg, f"{self.cfg.output}#policy-after-{k}", self.out.evaluation(k))
+            backend = HFBackend.from_model(generator, self.tokenizer, batch_size=self.cfg.batch_size)
+            metrics = run_eval(ec, self.held_out, backend)
+            self.progress["eval_cost"] = (Cost.from_json(self.progress["eval_cost"])
+                                          + Cost.from_json(metrics.get("cost"))).to_json()
+            self.progress["curve"].append({"iteration": k, "cost": cost.to_json(), "succ_at_k": metrics["succ_at_k"],
+                                           "unique_ratio_multi_turn": metrics["unique_ratio_multi_turn"],
+                                           "metrics": str(self.out.evaluation(k).relative_to(self.out.path))})
+        self.acc.wait_for_everyone()
+
+    def finish(self) -> dict[str, Any]:
+        """Save the final model (adapter merged) where `drift eval` and vLLM load it; mark the run complete."""
+        acc = self.acc
+        summary = {**self.expected, "status": "complete", **_summary_fields(self.progress)}
+        if acc.is_main_process:
+            self.policy.generator(torch.float32).save_pretrained(self.out.path)
+            self.tokenizer.save_pretrained(self.out.path)
+            write_json(self.out.summary, summary)
+        acc.wait_for_everyone()
+        return summary
