@@ -124,8 +124,6 @@ class HFBackend:
                  max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
         if batch_size < 1:
             raise DriftError(f"batch_size must be >= 1, got {batch_size}")
-        if threads:
-            torch.set_num_threads(threads)
         self.model, self.tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
         if not self.tokenizer.chat_template:
             raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")
