@@ -1,10 +1,13 @@
-"""The real `drift` CLI, run as a subprocess: output files, exit codes, one-line errors."""
+"""The real `drift` CLI, as a subprocess and in process (`drift.cli.main`): output files, exit codes,
+one-line errors."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+
+from drift.cli import COMMANDS, main
 
 
 def drift(*args, cwd=None):
@@ -57,3 +60,92 @@ def test_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_unknown_method_rejected_by_parser():
     r = drift("weights", "x", "--output", "o", "--method", "ppo")
     assert r.returncode == 2 and "invalid choice: 'ppo'" in r.stderr
+
+
+# --- in process: drift.cli.main --------------------------------------------------------------
+
+
+def fails_with_one_line(capsys, tmp_path, argv, message):
+    """Exit 2, exactly `drift CMD: error: MESSAGE` on stderr, no traceback, no temp file left."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"drift {argv[0]}: error: {message}"]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+SUBCOMMANDS = ["rollout", "weights", "train", "online", "eval", "compare", "run", "demo", "inspect"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_takes_config_and_set(capsys, command):
+    """The README's promise, for every subcommand (compare and run included)."""
+    assert sorted(COMMANDS) == sorted(SUBCOMMANDS)
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--config CONFIG" in out and "--set KEY=VALUE" in out
+
+
+def test_run_takes_its_config_file_as_positional_or_with_config(capsys, tmp_path, monkeypatch):
+    import drift.pipeline
+
+    seen = []
+    monkeypatch.setattr(drift.pipeline, "run_pipeline", lambda cfg: seen.append(cfg) or "report")
+    f = tmp_path / "run.toml"
+    f.write_text(f'output = "{tmp_path / "r"}"\n')
+    assert main(["run", "--config", str(f)]) == 0
+    assert main(["run", str(f)]) == 0
+    assert [(c.output, c.config_path) for c in seen] == [(str(tmp_path / "r"), str(f))] * 2
+    assert capsys.readouterr().out == "report\nreport\n"
+    fails_with_one_line(capsys, tmp_path, ["run", str(f), "--config", str(f)],
+                        f"two config files ({f} and --config {f}): give one")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_weights_refuses_a_non_finite_beta(capsys, tmp_path, value):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt_id": "p", "turn_rewards": {"t1": 1}}) + "\n")
+    fails_with_one_line(capsys, tmp_path, ["weights", str(inp), "--output", str(tmp_path / "w.jsonl"), "--beta", value],
+                        f"beta must be a finite number, got {value}")
+
+
+def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(capsys, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt_id": "p", "turn_rewards": {"t1": 1}}) + "\n")
+    (tmp_path / "adir").mkdir()
+    fails_with_one_line(capsys, tmp_path, ["weights", str(inp), "--output", str(tmp_path / "adir")],
+                        f"output {tmp_path / 'adir'} is a directory; give a file path")
+    fails_with_one_line(capsys, tmp_path, ["eval", "--trajectories", str(inp), "--output", str(inp)],
+                        f"output {inp} exists and is not a directory")
+    fails_with_one_line(capsys, tmp_path, ["rollout", "--model", "no-such/model", "--tasks", "arith",
+                                           "--num-problems", "1", "--output", str(inp / "run")],
+                        f"cannot write to {inp / 'run'}: Not a directory")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"id": "a", "question": "\xe9", "answer": "1"}\n', "t.jsonl:1: not UTF-8 text (byte 0xe9 at column 26)"),
+    (b'{"id": "a", "question": ["q"], "answer": "1"}\n', "t.jsonl:1: field 'question' must be a string, got list"),
+    (b'{"id": "a", "question": "q", "answer": {"x": 1}}\n',
+     "t.jsonl:1: field 'answer' must be a string or a number, got dict"),
+])
+def test_bad_task_files_are_one_line(capsys, tmp_path, content, message):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_bytes(content)
+    fails_with_one_line(capsys, tmp_path, ["rollout", "--model", "no-such/model", "--tasks", str(tasks),
+                                           "--output", str(tmp_path / "out")], f"{tmp_path}/{message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_parquet_task_file_that_is_not_parquet(capsys, tmp_path):
+    tasks = tmp_path / "t.parquet"
+    tasks.write_text("id,question,answer\na,q,1\n")
+    assert main(["rollout", "--model", "no-such/model", "--tasks", str(tasks), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"drift rollout: error: {tasks}: not a readable Parquet file")
+
+
+def test_a_directory_without_a_model(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    fails_with_one_line(capsys, tmp_path, ["eval", "--model", str(tmp_path / "m"), "--tasks", "arith",
+                                           "--num-problems", "1", "--output", str(tmp_path / "e")],
+                        f"{tmp_path / 'm'}: not a model directory (no config.json)")

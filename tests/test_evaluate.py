@@ -10,7 +10,7 @@ import pytest
 from drift import DriftError
 from drift.cli import main
 from drift.config import build
-from drift.evaluate import EvalConfig, compare, markdown_table, paired_difference, run_eval
+from drift.evaluate import CompareConfig, EvalConfig, markdown_table, paired_difference, run_compare, run_eval
 from drift.records import Trajectory, write_jsonl
 from drift.rollout.protocol import BackendStats, GenOutput
 from drift.tasks import Problem
@@ -117,14 +117,14 @@ def test_compare_table_and_plot(tmp_path):
     eval_run(tmp_path, "base")
     eval_run(tmp_path, "trained", script=ALL_FIRST)
     png = tmp_path / "plots" / "succ.png"
-    text = compare([str(tmp_path / "base"), str(tmp_path / "trained")], str(png))
+    text = run_compare(CompareConfig(dirs=[str(tmp_path / "base"), str(tmp_path / "trained")], plot=str(png)))
     assert "| base | 5 | 20.0 ± 20.0 | 40.0 ± 24.5 | 60.0 ± 24.5 |" in text
     # every problem solved at turn 1: se 0; unique ratio 1, 1 turn to success, no unparseable turns, 2 tokens/turn
     assert "| trained | 5 | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | 1.000 | – | 1.00 | 0.0 | 2.0 |" in text
     # paired difference at k = 3: per-problem [0, 0, 1, 0, 1] -> +40 points, se sqrt(0.3 / 5) = 24.5
     assert "| trained | 3 | +40.0 ± 24.5 | 5 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    labelled = compare([str(tmp_path / "base"), str(tmp_path / "trained")], None, labels=["A", "B"])
+    labelled = run_compare(CompareConfig(dirs=[str(tmp_path / "base"), str(tmp_path / "trained")], labels=["A", "B"]))
     assert "| A | 5 |" in labelled and "| B | 5 |" in labelled
 
 
@@ -170,7 +170,7 @@ def test_bad_input(tmp_path):
     empty.write_text("")
     with pytest.raises(DriftError, match="empty"):
         run_eval(EvalConfig(trajectories=str(empty), output=str(tmp_path / "e")))
-    with pytest.raises(DriftError, match="no such file"):
+    with pytest.raises(DriftError, match="input not found"):
         run_eval(EvalConfig(trajectories=str(tmp_path / "missing"), output=str(tmp_path / "e")))
     dup = tmp_path / "dup.jsonl"
     t = Trajectory(prompt_id="a", sample_idx=0, messages=[], turns=[], gold="1")
@@ -178,9 +178,9 @@ def test_bad_input(tmp_path):
     with pytest.raises(DriftError, match="duplicate"):
         run_eval(EvalConfig(trajectories=str(dup), output=str(tmp_path / "e")))
     with pytest.raises(DriftError, match="no metrics.json"):
-        compare([str(tmp_path)], None)
+        run_compare(CompareConfig(dirs=[str(tmp_path)]))
     with pytest.raises(DriftError, match="labels"):
-        compare([str(tmp_path)], None, labels=["a", "b"])
+        run_compare(CompareConfig(dirs=[str(tmp_path)], labels=["a", "b"]))
 
 
 
@@ -195,3 +195,63 @@ def test_cli_eval_with_the_hf_backend(tmp_path, tiny_model_dir):
     assert m["attempted"][0] == 3 and 0 < m["response_tokens"] <= 4
     assert m["wall_time_s"] > 0 and m["source"]["model"] == str(tiny_model_dir)
     assert all(p.startswith("arith-") for p in m["per_problem"])
+
+
+def test_run_eval_returns_and_the_cli_prints(tmp_path, capsys):
+    eval_run(tmp_path, "gen")
+    assert capsys.readouterr().out == ""  # library functions print nothing (the rollout's table neither)
+    assert main(["eval", "--trajectories", str(tmp_path / "gen" / "rollout"), "--output", str(tmp_path / "cli"),
+                 "--max-turns", "3"]) == 0
+    assert capsys.readouterr().out.startswith("| run | problems | succ@1 | succ@2 | succ@3 |")
+
+
+def test_eval_refuses_an_unfinished_rollout_unless_asked(tmp_path, capsys):
+    eval_run(tmp_path, "gen")
+    rollout = tmp_path / "gen" / "rollout"
+    manifest = json.loads((rollout / "manifest.json").read_text())
+    (rollout / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    capsys.readouterr()
+    assert main(["eval", "--trajectories", str(rollout), "--output", str(tmp_path / "e"), "--max-turns", "3"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"drift eval: error: {rollout}: the rollout is not complete (manifest status 'running'): finish it with "
+        "`drift rollout --resume` and the same settings first, or pass --allow-incomplete to score what is there"]
+    assert not (tmp_path / "e" / "metrics.json").exists()
+    assert main(["eval", "--trajectories", str(rollout), "--output", str(tmp_path / "e"), "--max-turns", "3",
+                 "--allow-incomplete"]) == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["num_problems"] == 5
+
+
+def compare_cli(capsys, *argv):
+    code = main(["compare", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compare_is_a_regular_command(tmp_path, capsys, monkeypatch):
+    eval_run(tmp_path, "base")
+    eval_run(tmp_path, "trained", script=ALL_FIRST)
+    dirs = [str(tmp_path / "base"), str(tmp_path / "trained")]
+    monkeypatch.chdir(tmp_path)
+    assert main(["-v", "compare", *dirs]) == 0
+    out = capsys.readouterr().out
+    assert "| trained | 3 | +40.0 ± 24.5 | 5 |" in out and "plot" not in out
+    assert not list(tmp_path.glob("*.png"))  # no plot unless --plot
+    code, out, _ = compare_cli(capsys, *dirs, "--set", "labels=A,B", "--set", "plot=s.png")
+    assert code == 0 and "| B | 3 | +40.0 ± 24.5 | 5 |" in out and out.rstrip().endswith("\nplot: s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = tmp_path / "cmp.toml"
+    cfg.write_text(f"dirs = {json.dumps(dirs)}\nlabels = [\"x\", \"y\"]\n")
+    code, out, _ = compare_cli(capsys, "--config", str(cfg))
+    assert code == 0 and "| y | 3 | +40.0 ± 24.5 | 5 |" in out
+
+
+def test_compare_plot_writes_exactly_the_path_it_prints(tmp_path, capsys):
+    eval_run(tmp_path, "base")
+    (tmp_path / "plots").mkdir()
+    code, out, _ = compare_cli(capsys, str(tmp_path / "base"), "--plot", str(tmp_path / "plots"))
+    assert code == 0 and out.rstrip().endswith(f"\nplot: {tmp_path / 'plots' / 'succ_at_k.png'}")
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["succ_at_k.png"]
+    code, _, err = compare_cli(capsys, str(tmp_path / "base"), "--plot", str(tmp_path / "succ"))
+    assert code == 2 and err.splitlines() == [
+        f"drift compare: error: --plot {tmp_path / 'succ'}: give a .png path or an existing directory"]
+    assert not list(tmp_path.glob("succ*"))

@@ -26,6 +26,7 @@ def test_alias_resolves_to_the_converted_cache(cache, monkeypatch):
 
 
 def test_local_directories_and_hub_names(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -34,6 +35,14 @@ def test_local_directories_and_hub_names(tmp_path):
 def test_missing_paths_are_user_errors(name):
     with pytest.raises(DriftError, match="model path not found"):
         resolve_model(name)
+
+
+def test_a_directory_without_a_model_says_so(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(DriftError, match=f"^{tmp_path}: not a model directory \\(no config.json\\)$"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text("{}")  # a LoRA adapter directory is a model directory
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
 def test_a_file_is_not_a_model_directory(tmp_path):

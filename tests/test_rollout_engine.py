@@ -196,7 +196,8 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(DriftError, match="max_turns"):
         RolloutConfig(max_turns=0)
     with pytest.raises(DriftError, match="model path not found"):
-        run_rollout(config(tmp_path, model=str(tmp_path / "nope/")), problems(1))
+        run_rollout(config(tmp_path, model=str(tmp_path / "nope/"), output=str(tmp_path / "m")), problems(1))
+    assert not (tmp_path / "m").exists()  # a fresh run that failed leaves nothing behind
     with pytest.raises(DriftError, match="LoRA adapters are applied by the vllm backend"):
         config(tmp_path, adapter=str(tmp_path))
     bad = tmp_path / "tasks.jsonl"
@@ -222,6 +223,31 @@ def test_hf_backend_rollout(tmp_path, tiny_model_dir):
         assert 1 <= len(t.turns) <= 2 and all(0 < turn.tokens <= 6 for turn in t.turns)
     assert manifest["summary"]["total_tokens"] == sum(turn.tokens for t in trajs for turn in t.turns)
     assert manifest["versions"]["torch"] and manifest["status"] == "complete"
+
+
+def test_rollout_threads_do_not_outlive_the_stage(tmp_path, tiny_model_dir):
+    """A rerun after a crash must train with the thread count an uninterrupted run would have."""
+    import torch
+
+    torch.set_num_threads(2)
+    try:
+        run_rollout(config(tmp_path, model=str(tiny_model_dir), tasks="arith", num_problems=1, n=1, max_turns=1,
+                           max_new_tokens=2, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_run_rollout_prints_nothing_and_the_cli_prints_the_summary(tmp_path, tiny_model_dir, capsys):
+    from drift.cli import main
+
+    probs = problems(2)
+    run_rollout(config(tmp_path), probs, ScriptedBackend(probs))
+    assert capsys.readouterr().out == ""
+    assert main(["rollout", "--model", str(tiny_model_dir), "--tasks", "arith", "--num-problems", "2", "--n", "1",
+                 "--max-turns", "1", "--max-new-tokens", "2", "--threads", "1", "--output", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "rollout: " in out and "2 of 2 (0 skipped)" in out  # the summary table
 
 
 KILL_CONFIG = dict(tasks="arith", num_problems=24, n=3, max_turns=3, max_new_tokens=8, batch_size=4, max_live=6,

@@ -1,5 +1,6 @@
 """Tasks (generators, files), the try-again environment rules, typed configs."""
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -9,7 +10,8 @@ from drift import DriftError
 from drift.config import apply_overrides, build, option
 from drift.env import EnvConfig, Episode
 from drift.records import Trajectory
-from drift.tasks import TaskSpec, load_tasks, split_problems
+from drift.tasks import TaskSpec, load_tasks
+from drift.tasks.problem import split_of
 
 
 def test_generators_deterministic_and_splits_disjoint_by_fact():
@@ -70,10 +72,78 @@ def test_unknown_task_source():
         load_tasks(TaskSpec(tasks="nope.jsonl"))
 
 
-def test_split_problems_is_disjoint():
-    ps = load_tasks(TaskSpec(tasks="arith", num_problems=30))
-    tr, te = split_problems(ps, 10, seed=1)
-    assert len(te) == 10 and len(tr) == 20 and not {p.id for p in tr} & {p.id for p in te}
+def test_split_works_for_task_files_by_a_hash_of_the_id(tmp_path):
+    """The same rule as the generators' facts: test iff the first byte of sha256(id) is odd."""
+    f = tmp_path / "t.jsonl"
+    ids = [f"q{i}" for i in range(40)]
+    f.write_text("".join(json.dumps({"id": i, "question": "?", "answer": "1"}) + "\n" for i in ids))
+    train = [p.id for p in load_tasks(TaskSpec(tasks=str(f), split="train"))]
+    test = [p.id for p in load_tasks(TaskSpec(tasks=str(f), split="test"))]
+    assert test == [i for i in ids if hashlib.sha256(i.encode()).digest()[0] % 2]
+    assert sorted(train + test) == sorted(ids) and 10 < len(test) < 30
+    assert [p.id for p in load_tasks(TaskSpec(tasks=str(f), split="test", num_problems=3))] == test[:3]
+    assert len(load_tasks(TaskSpec(tasks=str(f)))) == 40  # split "all": every problem
+    with pytest.raises(DriftError, match="split must be train, test or all"):
+        load_tasks(TaskSpec(tasks=str(f), split="dev"))
+
+
+def test_split_of_a_one_problem_file_can_be_empty(tmp_path):
+    f = tmp_path / "t.jsonl"
+    pid = next(f"q{i}" for i in range(10) if hashlib.sha256(f"q{i}".encode()).digest()[0] % 2 == 0)  # a train id
+    f.write_text(json.dumps({"id": pid, "question": "?", "answer": "1"}) + "\n")
+    with pytest.raises(DriftError, match="none of its 1 problems falls in the test split.*--split all"):
+        load_tasks(TaskSpec(tasks=str(f), split="test"))
+
+
+def test_generator_split_is_unchanged():
+    """The generators' fact split moved to `split_of`; the facts in each half are those of before."""
+    train = load_tasks(TaskSpec(tasks="mul", split="train"))
+    assert len(train) == 49 and {"mul-2x2", "mul-2x3"} <= {p.id for p in train}
+    assert [split_of(f) for f in ("2x2", "2x3", "2x4", "3x3")] == ["train", "train", "test", "test"]
+
+
+def test_parquet_tasks_and_a_file_that_is_not_parquet(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    good = tmp_path / "t.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"id": ["a", "b"], "question": ["1+1?", "2+2?"], "answer": [2, 4]}), good)
+    assert [(p.id, p.answer) for p in load_tasks(TaskSpec(tasks=str(good)))] == [("a", "2"), ("b", "4")]
+    bad = tmp_path / "bad.parquet"
+    bad.write_text('{"id": "a", "question": "q", "answer": "1"}\n')
+    with pytest.raises(DriftError, match=r"bad.parquet: not a readable Parquet file \(.*magic bytes") as e:
+        load_tasks(TaskSpec(tasks=str(bad)))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"id": "a", "question": ["what", "is", "1?"], "answer": "1"}, r"t.jsonl:1: field 'question' must be a string, got list"),
+    ({"id": "a", "problem": {"text": "q"}, "answer": "1"}, r"t.jsonl:1: field 'problem' must be a string, got dict"),
+    ({"id": "a", "question": "q", "answer": {"value": 1}}, r"t.jsonl:1: field 'answer' must be a string or a number, got dict"),
+    ({"id": "a", "question": "q", "answer": True}, r"t.jsonl:1: field 'answer' must be a string or a number, got bool"),
+    ({"id": ["a"], "question": "q", "answer": "1"}, r"t.jsonl:1: field 'id' must be a string or a number, got list"),
+    ({"id": "a", "question": "q", "answer": "1", "checker": 3}, r"t.jsonl:1: field 'checker' must be a string, got int"),
+    ({"id": "a", "messages": [{"role": "user", "content": ["x"]}], "answer": "1"}, r"t.jsonl:1: field 'messages' must be"),
+])
+def test_task_fields_of_the_wrong_type_name_file_line_and_field(tmp_path, row, match):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DriftError, match=match):
+        load_tasks(TaskSpec(tasks=str(f)))
+
+
+def test_numbers_stay_allowed_as_answers_and_ids(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"id": 7, "question": "6 x 7?", "answer": 42}) + "\n"
+                 + json.dumps({"id": "h", "question": "half?", "answer": 0.5}) + "\n")
+    assert [(p.id, p.answer) for p in load_tasks(TaskSpec(tasks=str(f)))] == [("7", "42"), ("h", "0.5")]
+
+
+def test_task_file_with_bytes_that_are_not_utf8(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_bytes(b'{"id": "a", "question": "q", "answer": "1"}\n{"id": "b", "question": "caf\xe9", "answer": "1"}\n')
+    with pytest.raises(DriftError, match=r"t.jsonl:2: not UTF-8 text \(byte 0xe9 at column 29\)"):
+        load_tasks(TaskSpec(tasks=str(f)))
 
 
 def mul_problem():

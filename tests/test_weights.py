@@ -199,3 +199,52 @@ def test_missing_input_and_bad_config():
         compute(WeightsConfig(input="/nonexistent/x.jsonl", output="o"))
     with pytest.raises(DriftError, match="beta must be > 0"):
         WeightsConfig(input="x", output="o", beta=0.0)
+
+
+@pytest.mark.parametrize("key", ["beta", "gamma", "format_penalty", "repeat_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_settings_are_refused(key, value):
+    with pytest.raises(DriftError, match=f"{key} must be a finite number, got {value}"):
+        WeightsConfig(input="x", output="o", **{key: value})
+
+
+def rollout_dir(path, status="complete"):
+    """A rollout directory: manifest.json + trajectories/ shards (group a: one solved, one not)."""
+    shards = path / "trajectories"
+    shards.mkdir(parents=True)
+    write(shards / "shard-00000.jsonl", [drift_row("a", 0, [turn("correct", "c")], 1), drift_row("a", 1, [turn("wrong", "d")])])
+    (path / "manifest.json").write_text(json.dumps({"stage": "rollout", "status": status, "schema_version": 1}))
+    return path
+
+
+def test_a_weights_output_inside_the_rollout_directory_is_not_read_back(tmp_path):
+    run = rollout_dir(tmp_path / "r1")
+    diags = [run_weights(WeightsConfig(input=str(run), output=str(run / f"{arm}.jsonl"), method=arm))
+             for arm in ("drift", "sft", "drift")]
+    assert [d["rows"] for d in diags] == [2, 2, 2]  # the shards each time, never drift.jsonl or sft.jsonl
+    assert [json.loads(x)["weight"] for x in (run / "drift.jsonl").read_text().splitlines()] == pytest.approx(
+        [2 / (1 + math.exp(-10)), 2 * math.exp(-10) / (1 + math.exp(-10))])  # R = [1, 0], beta 0.1
+
+
+def test_duplicate_trajectories_name_both_places(tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    write(d / "a.jsonl", [drift_row("a", 0, [turn("wrong", "d")]), drift_row("a", 1, [turn("wrong", "e")])])
+    write(d / "b.jsonl", [drift_row("b", 0, [turn("wrong", "d")]), drift_row("a", 1, [turn("wrong", "e")])])
+    with pytest.raises(DriftError, match=r"b.jsonl:2: duplicate trajectory \(prompt_id='a', sample_idx=1\), "
+                                         r"also at .*a.jsonl:2"):
+        compute(WeightsConfig(input=str(d), output="o"))
+
+
+def test_an_unfinished_rollout_is_refused(tmp_path):
+    run = rollout_dir(tmp_path / "r1", status="running")
+    for source in (run, run / "trajectories"):
+        with pytest.raises(DriftError, match=r"r1(/trajectories)?: the rollout is not complete \(manifest status "
+                                             r"'running'\): finish it with `drift rollout --resume`"):
+            compute(WeightsConfig(input=str(source), output="o"))
+
+
+def test_a_row_from_a_newer_drift_is_refused(tmp_path):
+    inp = write(tmp_path / "in.jsonl", [{**drift_row("a", 0, [turn("wrong", "d")]), "schema_version": 2}])
+    with pytest.raises(DriftError, match=r"in.jsonl:1: written with schema_version 2, but this drift reads up to 1"):
+        compute(WeightsConfig(input=inp, output="o"))

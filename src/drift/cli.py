@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
                "online multi-turn RL on fresh samples of the current policy (the GRPO family): DRIFT's baseline"),
     "eval": ("drift.evaluate", "EvalConfig", "run_eval", None,
              "multi-turn evaluation (succ@k, correction rate, unique-answer ratio, pass@k)"),
+    "compare": ("drift.evaluate", "CompareConfig", "run_compare", "dirs",
+                "side-by-side table of several eval runs, paired differences, optional succ@k plot"),
     "run": ("drift.pipeline", "RunConfig", "run_pipeline", "config_path",
             "the whole pipeline from one config file: rollout -> weights -> train -> eval -> report"),
     "demo": ("drift.pipeline", "DemoConfig", "run_demo", None,
@@ -52,13 +54,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name != command:
             continue
         cls, _, positional = _load(name)
-        if name != "run":
-            p.add_argument("--config", help="TOML/YAML file with the same keys as the flags (flags win)")
+        p.add_argument("--config", help="TOML/YAML/JSON file with the same keys as the flags (flags win)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key (dotted for nested sections); repeatable")
         add_arguments(p, cls, positional=(positional,) if positional else ())
-    sub.add_parser("compare", help="side-by-side table and succ@k plot of several eval runs").add_argument(
-        "dirs", nargs="+", help="eval output directories")
     return parser
 
 
@@ -66,15 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
-    if argv[:1] == ["compare"]:
-        return _compare(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cls, run, _ = _load(args.command)
-        config_file = args.config_path if args.command == "run" else args.config
-        cfg = from_cli(cls, args, config_file, args.set)
+        cfg = from_cli(cls, args, _config_file(args), args.set)
         result = run(cfg)
         _print_result(args.command, result)
     except DriftError as e:
@@ -86,25 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drift compare", description="compare eval runs")
-    p.add_argument("dirs", nargs="+", help="eval output directories (each holds metrics.json)")
-    p.add_argument("--labels", help="comma-separated labels, one per directory")
-    p.add_argument("--plot", default="succ_at_k.png", help="where to write the succ@k plot (PNG)")
-    args = p.parse_args(argv)
-    from drift.evaluate import compare
-
-    try:
-        print(compare(args.dirs, args.plot, args.labels.split(",") if args.labels else None))
-    except DriftError as e:
-        print(f"drift compare: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def _config_file(args: argparse.Namespace) -> str | None:
+    """`--config FILE`; `drift run` also takes it as its positional (`drift run FILE`), not both."""
+    positional = getattr(args, "config_path", None)
+    if positional is not None and args.config is not None:
+        raise DriftError(f"two config files ({positional} and --config {args.config}): give one")
+    if hasattr(args, "config_path"):
+        args.config_path = positional or args.config
+    return positional or args.config
 
 
 def _print_result(command: str, result: Any) -> None:
-    if command == "weights":
-        from rich.console import Console
+    """What each command shows when it is done (the stage functions return data and print nothing)."""
+    from rich.console import Console
+
+    if command == "rollout":
+        from drift.rollout.engine import summary_table
+
+        Console().print(summary_table(result))
+    elif command == "weights":
         from rich.table import Table
 
         from drift.weights import diagnostics_table
@@ -114,7 +110,11 @@ def _print_result(command: str, result: Any) -> None:
         table.add_column("value")
         for k, v in diagnostics_table(result):
             table.add_row(k, v)
-        Console(stderr=False).print(table)
+        Console().print(table)
+    elif command == "eval":
+        from drift.evaluate import markdown_table, run_label
+
+        print(markdown_table([result], [run_label(result["config"]["output"])]))
     elif isinstance(result, str):
         print(result)
 

@@ -225,11 +225,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        base, _ = _base_type(tp)
         if f.name in positional:
-            parser.add_argument(f.name, nargs="?", default=None, help=help_text)
+            if typing.get_origin(base) is list:  # absent: left unset (argparse would give []), so a file can set it
+                parser.add_argument(f.name, nargs="*", default=argparse.SUPPRESS, help=help_text)
+            else:
+                parser.add_argument(f.name, nargs="?", default=None, help=help_text)
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        base, _ = _base_type(tp)
         if base is bool:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {default})")

@@ -23,13 +23,16 @@ from drift import DriftError
 from drift.config import option, settings, to_dict
 from drift.env import EnvConfig
 from drift.metrics import compute_metrics
-from drift.records import read_trajectories, write_json
-from drift.rollout.engine import RolloutConfig, read_manifest, run_rollout, task_spec, tasks_fingerprint
+from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
+from drift.rollout.engine import RolloutConfig, run_rollout, task_spec, tasks_fingerprint
 from drift.rollout.protocol import Backend
-from drift.rundir import EvalDir, RolloutDir, record, trained_record, with_model
+from drift.rundir import EvalDir, ensure_writable, record, trained_record, with_model
 from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
+
+PLOT_FILE = "succ_at_k.png"
+
 
 @dataclass
 class EvalConfig(RolloutConfig):
@@ -42,8 +45,11 @@ class EvalConfig(RolloutConfig):
     model: str | None = option(None, "model to evaluate (directory, hub name or alias); give this or --trajectories")
     trajectories: str | None = option(None, "score an existing trajectory file, shard directory or rollout directory "
                                       "instead of generating (give this or --model)", result=False)
+    allow_incomplete: bool = option(False, "with --trajectories: score a rollout whose manifest says it did not finish "
+                                    "(what is there so far)", result=False)
     output: str = option("", "eval directory: metrics.json, metrics.md and the eval rollout in rollout/ (required)", result=False)
-    split: str = option("test", "which part of a built-in generator's problem space: train, test or all")
+    split: str = option("test", "train, test or all: a fixed half of the problems by a hash of their identity "
+                        "(generators: the fact; files and hub datasets: the id)")
     n: int = option(1, "samples per problem; > 1 also reports pass@k from the turn-1 samples (needs temperature > 0)")
     temperature: float = option(0.0, "sampling temperature (0: greedy, the eval default)")
 
@@ -73,16 +79,15 @@ def rollout_config(cfg: EvalConfig) -> RolloutConfig:
     return RolloutConfig(**{**values, "output": str(EvalDir(Path(cfg.output)).rollout.path)})
 
 
-def trajectory_source(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
-    """(file or shard directory to read, rollout manifest if there is one) for --trajectories."""
-    p = Path(path)
-    if p.is_file():
-        return p, None
-    if not p.is_dir():
-        raise DriftError(f"trajectories {p}: no such file or directory")
-    if RolloutDir(p).shards.is_dir():
-        return RolloutDir(p).shards, read_manifest(p)
-    return p, read_manifest(p.parent if p.name == RolloutDir(p.parent).shards.name else p)
+def existing_trajectories(cfg: EvalConfig) -> tuple[list[Trajectory], dict[str, Any] | None]:
+    """The trajectories and rollout manifest of --trajectories; an unfinished rollout only with --allow-incomplete."""
+    _, manifest = trajectory_files(cfg.trajectories)
+    if not cfg.allow_incomplete:
+        require_complete(cfg.trajectories, manifest, hint=", or pass --allow-incomplete to score what is there")
+    elif manifest is not None and manifest.get("status") != "complete":
+        log.warning("%s: the rollout is not complete (status %r); scoring what is there",
+                    cfg.trajectories, manifest.get("status"))
+    return read_trajectories(cfg.trajectories), manifest
 
 
 def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
@@ -92,9 +97,9 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
        `cfg.trajectories`.
     2. Score them with turn limit `cfg.max_turns` (`drift.metrics.compute_metrics`).
     3. Add what only the rollout knows (wall time, skipped conversations) and the eval config.
-    4. Write metrics.json and metrics.md; print the summary table.
+    4. Write metrics.json and metrics.md (the CLI prints the summary table: `markdown_table`).
     """
-    out = EvalDir(Path(cfg.output))
+    out = EvalDir(ensure_writable(cfg.output))
     # step 1
     if cfg.model is not None:
         rcfg = rollout_config(cfg)
@@ -104,13 +109,9 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
         trajs = read_trajectories(out.rollout.shards)
         source = {"model": cfg.model, "rollout": str(out.rollout.path)}
     else:
-        path, manifest = trajectory_source(cfg.trajectories)
+        trajs, manifest = existing_trajectories(cfg)
         rec = record("eval", settings(cfg), manifest, cfg.trajectories)
-        trajs = read_trajectories(path)
         source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
-        if manifest is not None and manifest.get("status") != "complete":
-            log.warning("%s: the rollout is not complete (status %r); scoring what is there",
-                        cfg.trajectories, manifest.get("status"))
     # step 2
     metrics = compute_metrics(trajs, cfg.max_turns)
     if metrics["ended_early"]:
@@ -131,9 +132,7 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
     )
     # step 4
     write_json(out.metrics, metrics)
-    label = out.path.resolve().name
-    out.table.write_text(metrics_markdown(metrics, label))
-    print(markdown_table([metrics], [label]))
+    out.table.write_text(metrics_markdown(metrics, run_label(out.path)))
     log.info("wrote %s and %s", out.metrics, out.table)
     return metrics
 
@@ -142,6 +141,11 @@ def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[st
     """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
     s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
     return record("eval", s, model_record, cfg.model)
+
+
+def run_label(eval_dir: str | Path) -> str:
+    """An eval run's name in tables: its directory's name."""
+    return Path(eval_dir).resolve().name
 
 
 def _pct(x: float | None, se: float | None = None) -> str:
@@ -272,22 +276,43 @@ def plot_succ_at_k(metrics_list: Sequence[dict[str, Any]], labels: Sequence[str]
     fig.savefig(out)
 
 
-def compare(dirs: Sequence[str], output_png: str | None = None, labels: Sequence[str] | None = None) -> str:
-    """Side-by-side table of eval runs (+ paired differences against the first) and a succ@k plot."""
-    if not dirs:
+@dataclass
+class CompareConfig:
+    dirs: list[str] = option([], "eval directories (each holds metrics.json); the first is the baseline", result=False)
+    labels: list[str] | None = option(None, "one label per directory, comma-separated (default: the directory names)")
+    plot: str | None = option(None, "also draw succ@k: a .png path, or a directory (DIR/succ_at_k.png); none: no plot",
+                              result=False)
+
+
+def plot_path(plot: str) -> Path:
+    """Where `--plot` writes: the .png path itself, or `succ_at_k.png` inside a directory."""
+    p = Path(plot)
+    if p.is_dir() or plot.endswith("/"):
+        return p / PLOT_FILE
+    if p.suffix.lower() != ".png":
+        raise DriftError(f"--plot {plot}: give a .png path or an existing directory")
+    return p
+
+
+def run_compare(cfg: CompareConfig) -> str:
+    """`drift compare`: side-by-side table of eval runs, paired differences against the first, and
+    (with `plot`) a succ@k plot; returns the markdown, ending with the plot's path."""
+    if not cfg.dirs:
         raise DriftError("compare needs at least one eval directory")
-    if labels is not None and len(labels) != len(dirs):
-        raise DriftError(f"{len(labels)} labels given for {len(dirs)} directories")
-    metrics = [load_metrics(d) for d in dirs]
+    if cfg.labels is not None and len(cfg.labels) != len(cfg.dirs):
+        raise DriftError(f"{len(cfg.labels)} labels given for {len(cfg.dirs)} directories")
+    png = plot_path(cfg.plot) if cfg.plot else None
+    metrics = [load_metrics(d) for d in cfg.dirs]
+    labels = cfg.labels
     if labels is None:
-        names = [Path(d).resolve().name for d in dirs]
-        labels = names if len(set(names)) == len(names) else [str(d) for d in dirs]
+        names = [run_label(d) for d in cfg.dirs]
+        labels = names if len(set(names)) == len(names) else list(cfg.dirs)
     text = markdown_table(metrics, labels)
     if len(metrics) > 1:
         text += "\n" + _paired_table(metrics, labels)
-    if output_png:
-        plot_succ_at_k(metrics, labels, output_png)
-        text += f"\nplot: {output_png}\n"
+    if png is not None:
+        plot_succ_at_k(metrics, labels, png)
+        text += f"\nplot: {png}\n"
     return text
 
 

@@ -44,14 +44,18 @@ def _looks_like_path(name: str) -> bool:
 def resolve_model(name_or_path: str) -> str:
     """A name or directory that `from_pretrained` can load.
 
-    The alias `smollm2-135m` -> the embedded default (converted on first use); an existing
-    directory -> itself; a path-looking string that does not exist -> DriftError; anything else is
-    taken as a hub name and returned unchanged.
+    The alias `smollm2-135m` -> the embedded default (converted on first use); a model directory
+    (config.json, or adapter_config.json for a LoRA adapter) -> itself; any other directory or a
+    path-looking string that does not exist -> DriftError; anything else is taken as a hub name and
+    returned unchanged.
     """
     if name_or_path == DEFAULT_MODEL:
         return str(ensure_default_model())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        # Checked here: transformers would blame a missing tokenizer library (sentencepiece) instead.
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise DriftError(f"{name_or_path}: not a model directory (no config.json)")
         return str(path)
     if path.exists():
         raise DriftError(f"model path is not a directory: {name_or_path}")

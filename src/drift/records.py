@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
+from drift.rundir import RolloutDir, check_schema, read_record
 
 SCHEMA_VERSION = 1
 
@@ -70,7 +71,8 @@ class Trajectory:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Trajectory:
+    def from_json(cls, d: dict[str, Any], where: str = "trajectory") -> Trajectory:
+        check_schema(d.get("schema_version", SCHEMA_VERSION), where, SCHEMA_VERSION)
         turns = [Turn(**t) for t in d["turns"]]
         return cls(
             prompt_id=str(d["prompt_id"]),
@@ -97,6 +99,7 @@ class ReturnInputs:
 def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
     """Read the return inputs from a drift row or a reference-format row."""
     if "turns" in row:
+        check_schema(row.get("schema_version", SCHEMA_VERSION), where, SCHEMA_VERSION)
         turns = row["turns"]
         if not isinstance(turns, list):
             raise DriftError(f"{where}: 'turns' must be a list")
@@ -144,25 +147,40 @@ def is_success(row: dict[str, Any]) -> bool:
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """Yield (line_number, row) of a JSONL file; a malformed line raises DriftError naming file
-    and line, or with `skip_bad` yields (line_number, None) so the caller can count it."""
+    """Yield (line_number, row) of a JSONL file; a malformed line (bad JSON, not UTF-8) raises
+    DriftError naming file and line, or with `skip_bad` yields (line_number, None) so the caller
+    can count it."""
     p = Path(path)
     if not p.is_file():
         raise DriftError(f"file not found: {p}")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
+                row = _parse_line(raw)
             except ValueError as e:
                 if skip_bad:
                     yield lineno, None
                     continue
-                raise DriftError(f"{p}:{lineno}: malformed JSON line ({e})") from None
-            yield lineno, row
+                raise DriftError(f"{p}:{lineno}: {e}") from None
+            if row is not None:
+                yield lineno, row
+
+
+def _parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One JSONL line as a dict (None if blank); a ValueError says what is wrong with it."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"malformed JSON line ({e})") from None
+    if not isinstance(row, dict):
+        raise ValueError("malformed JSON line (not a JSON object)")
+    return row
 
 
 def jsonl_files(path: str | Path) -> list[Path]:
@@ -171,61 +189,107 @@ def jsonl_files(path: str | Path) -> list[Path]:
     return sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
 
 
-def read_trajectories(path: str | Path) -> list[Trajectory]:
-    """Drift-format trajectories from a file or a directory of shards."""
+def trajectory_files(path: str | Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The files a trajectory input names, and its rollout manifest (None if it has none).
+
+    The one rule for every stage that reads trajectories:
+    - a file: itself;
+    - a rollout directory (it holds a manifest): its `trajectories/` shards, never other *.jsonl
+      beside them (a weights output written into the run directory is not read back);
+    - a `trajectories/` directory whose parent holds a manifest: its shards and that manifest;
+    - any other directory: its *.jsonl files.
+    """
     p = Path(path)
+    if p.is_file():
+        return [p], None
+    if not p.is_dir():
+        raise DriftError(f"input not found: {p}")
+    rollout = _rollout_of(p)
+    if rollout is None:
+        files, manifest = jsonl_files(p), None
+    else:
+        files, manifest = jsonl_files(rollout.shards) if rollout.shards.is_dir() else [], read_record(rollout.manifest)
+    if not files:
+        raise DriftError(f"{p}: no .jsonl files in this directory" if rollout is None else
+                         f"{p}: a rollout directory without trajectories yet (nothing in {rollout.shards})")
+    return files, manifest
+
+
+def _rollout_of(directory: Path) -> RolloutDir | None:
+    """The rollout directory `directory` is (or whose trajectories/ it is), if any."""
+    for rollout in (RolloutDir(directory), RolloutDir(directory.parent)):
+        if directory in (rollout.path, rollout.shards) and rollout.manifest.is_file():
+            return rollout
+    return None
+
+
+def require_complete(path: str | Path, manifest: dict[str, Any] | None, hint: str = "") -> None:
+    """Refuse the trajectories of a rollout whose manifest does not say it finished."""
+    if manifest is not None and manifest.get("status") != "complete":
+        raise DriftError(f"{path}: the rollout is not complete (manifest status {manifest.get('status')!r}): "
+                         f"finish it with `drift rollout --resume` and the same settings first{hint}")
+
+
+def read_trajectories(path: str | Path) -> list[Trajectory]:
+    """Drift-format trajectories from a file, shard directory or rollout directory (`trajectory_files`)."""
     out = []
-    for f in jsonl_files(p):
+    for f in trajectory_files(path)[0]:
         for lineno, row in read_jsonl(f):
+            where = f"{f}:{lineno}"
             try:
-                out.append(Trajectory.from_json(row))
+                out.append(Trajectory.from_json(row, where))
             except (KeyError, TypeError, ValueError) as e:
-                raise DriftError(f"{f}:{lineno}: not a drift trajectory record ({e})") from None
+                raise DriftError(f"{where}: not a drift trajectory record ({e})") from None
     if not out:
-        raise DriftError(f"{p}: no trajectories (empty input)")
+        raise DriftError(f"{path}: no trajectories (empty input)")
     return out
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows atomically (temp file + rename) so a crash never leaves half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(p)
-    return n
+    lines = [json_line(row) + "\n" for row in rows]
+    _write_atomic(Path(path), lines)
+    return len(lines)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    p = Path(path)
+    """Write one JSON document atomically; non-finite floats are written as null."""
+    _write_atomic(Path(path), [json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n"])
+
+
+def json_line(obj: Any) -> str:
+    """One JSONL line: strict JSON, non-finite floats as null."""
+    return json.dumps(_finite(obj), ensure_ascii=False, allow_nan=False)
+
+
+def _write_atomic(p: Path, chunks: list[str]) -> None:
+    """Write through `<name>.tmp` and rename; the temp file is removed if writing fails."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-    tmp.replace(p)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(chunks)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _json_default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
+def _finite(o: Any) -> Any:
+    """A JSON-ready copy of `o`: dataclasses as dicts, paths as strings, NaN and infinities as None.
+
+    (json calls `default` only for types it does not know, so floats must be converted before.)
+    """
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return _finite(dataclasses.asdict(o))
     if isinstance(o, Path):
         return str(o)
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    raise TypeError(f"not JSON serializable: {type(o)}")
-
-
-def input_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The rollout manifest of a trajectory input: a rollout directory's or its shard directory's (None: a file)."""
-    from drift.rundir import RolloutDir, read_record
-
-    p = Path(path)
-    for run in (p, p.parent):
-        if RolloutDir(run).manifest.is_file() and (p == run or p == RolloutDir(run).shards):
-            return read_record(RolloutDir(run).manifest)
-    return None
+    return o

@@ -31,9 +31,9 @@ from drift import DriftError
 from drift.checkers import normalize_answer
 from drift.config import option, settings
 from drift.ledger import Cost, measure
-from drift.records import (ReturnInputs, input_manifest, is_success, jsonl_files, read_jsonl, return_inputs, write_json,
-                           write_jsonl)
-from drift.rundir import Lock, record, weights_record
+from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, trajectory_files,
+                           write_json, write_jsonl)
+from drift.rundir import Lock, ensure_writable, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -117,6 +117,9 @@ class WeightsConfig:
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
+        for key in ("beta", "gamma", "format_penalty", "repeat_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
         if self.beta <= 0:
             raise DriftError(f"beta must be > 0, got {self.beta}")
         if not 0 < self.gamma <= 1:
@@ -127,24 +130,20 @@ class WeightsConfig:
         return ReturnConfig(self.gamma, self.format_penalty, self.repeat_penalty)
 
 
-def _input_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        shards = path / "trajectories"  # a rollout run directory
-        files = jsonl_files(path) or (jsonl_files(shards) if shards.is_dir() else [])
-        if not files:
-            raise DriftError(f"{path}: no .jsonl files in this directory")
-        return files
-    if not path.is_file():
-        raise DriftError(f"input not found: {path}")
-    return [path]
+def _input_files(path: str) -> list[Path]:
+    """The input's files (`records.trajectory_files`); a rollout that did not finish is refused."""
+    files, manifest = trajectory_files(path)
+    require_complete(path, manifest)
+    return files
 
 
 def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
     """Read the input, return (rows with 'return'/'weight' added, diagnostics)."""
     rows: list[dict] = []
     where: list[str] = []
+    first_seen: dict[tuple[str, object], str] = {}  # (prompt_id, sample_idx) -> where it was read
     skipped = 0
-    for f in _input_files(Path(cfg.input)):
+    for f in _input_files(cfg.input):
         lines = read_jsonl(f, skip_bad=cfg.skip_bad_rows)
         for lineno, row in lines:
             loc = f"{f}:{lineno}"
@@ -162,6 +161,12 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
                 raise
             if not math.isfinite(ret):
                 raise DriftError(f"{loc}: non-finite return {ret} (group {row['prompt_id']!r})")
+            if "sample_idx" in row:
+                key = (str(row["prompt_id"]), row["sample_idx"])
+                if key in first_seen:
+                    raise DriftError(f"{loc}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]!r}), "
+                                     f"also at {first_seen[key]}")
+                first_seen[key] = loc
             rows.append({**row, "return": ret})
             where.append(loc)
     if not rows:
@@ -215,6 +220,7 @@ def run_weights(cfg: WeightsConfig) -> dict:
     """`drift weights`: write the weighted rows and `<output stem>.weights.json` diagnostics."""
     if not cfg.input or not cfg.output:
         raise DriftError("drift weights needs an input and --output")
+    ensure_writable(cfg.output, is_file=True)
     out = Path(cfg.output)
     with Lock(out, is_file=True):
         cost = Cost()
@@ -222,7 +228,7 @@ def run_weights(cfg: WeightsConfig) -> dict:
             rows, diag = compute(cfg)
             weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
             write_jsonl(out, rows)
-        diag = {**stage_record(cfg, input_manifest(cfg.input)), "status": "complete", **diag, "cost": cost.to_json()}
+        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
         write_json(weights_record(out), diag)
     return diag
 

@@ -23,7 +23,8 @@ import platform
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,9 +35,9 @@ from drift.config import option, settings, to_dict
 from drift.env import EnvConfig, Episode
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
-from drift.records import Trajectory, read_jsonl, read_trajectories, write_json
+from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
 from drift.rollout.protocol import Backend, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
-from drift.rundir import Lock, RolloutDir, mismatch, read_record, record, trained_record, with_model
+from drift.rundir import Lock, RolloutDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
 from drift.tasks import Problem, TaskSpec, load_tasks
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,24 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
                            dtype=cfg.dtype)
     from drift.rollout.hf import HFBackend
 
-    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device, threads=cfg.threads)
+    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Use `n` torch CPU threads inside (None: leave the count alone) and restore the count after,
+    so a stage's setting never leaks into the next stage of the same process."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
@@ -140,8 +158,14 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
     4. Re-read the shards, check every expected (prompt_id, sample_idx) is there exactly once
        (or was skipped), summarize, and mark the manifest complete.
     A fresh run that fails before its first trajectory is written leaves no manifest behind, so
-    the corrected command starts afresh instead of being told to resume.
+    the corrected command starts afresh instead of being told to resume. `cfg.threads` holds for
+    the whole stage and is restored after it.
     """
+    with torch_threads(cfg.threads):
+        return _rollout(cfg, problems, backend)
+
+
+def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backend | None) -> dict[str, Any]:
     if not cfg.output:
         raise DriftError("rollout needs an output directory (--output)")
     out = RolloutDir(Path(cfg.output))
@@ -151,6 +175,7 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
         raise DriftError("rollout: no problems to sample")
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     created = not out.path.exists()
+    ensure_writable(out.path)  # before the model loads: a bad --output fails in a second, not after minutes
     with Lock(out.path):
         previous = _check_run_dir(out, cfg, expected)
         try:
@@ -228,7 +253,6 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
     manifest["summary"] = summarize(trajectories, cfg.max_turns)
     manifest["status"] = "complete"
     write_json(out.manifest, manifest)
-    print_summary(manifest)
     return manifest
 
 
@@ -345,7 +369,7 @@ class ShardWriter:
         for t in trajectories:
             if self._file is None or self.count >= self.shard_size:
                 self._open_next()
-            self._file.write(json.dumps(t.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
+            self._file.write(json_line(t.to_json()) + "\n")
             self.count += 1
         if trajectories:
             self._sync()
@@ -393,8 +417,6 @@ def _scan_shards(directory: Path) -> set[ConvId]:
 
 def _check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of the run to resume (None: a fresh run). Refuses to mix runs."""
-    if out.path.exists() and not out.path.is_dir():
-        raise DriftError(f"output {out.path} exists and is not a directory")
     if not (out.path.is_dir() and any(p.name != ".drift.lock" for p in out.path.iterdir())):
         return None
     if not cfg.resume:
@@ -440,8 +462,8 @@ def summarize(trajectories: list[Trajectory], max_turns: int) -> dict[str, Any]:
     return {k: m[k] for k in keys}
 
 
-def print_summary(manifest: dict[str, Any]) -> None:
-    from rich.console import Console
+def summary_table(manifest: dict[str, Any]) -> Any:
+    """The closing summary of a finished rollout as a rich table (the CLI prints it)."""
     from rich.table import Table
 
     s, counts, timings = manifest["summary"], manifest["counts"], manifest["timings"]
@@ -459,7 +481,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
     table.add_row("wall time", f"{timings['wall_seconds']:.1f} s")
     session = timings["sessions"][-1]
     table.add_row("this session", f"{session['trajectories']} trajectories, {session.get('tokens_per_second', 0)} tok/s")
-    Console().print(table)
+    return table
 
 
 def _versions(backend: str) -> dict[str, str | None]:

@@ -121,10 +121,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
-                 max_cache_conversations: int | None = None, threads: int | None = None,
-                 max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
-        if threads:
-            torch.set_num_threads(threads)
+                 max_cache_conversations: int | None = None, max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
         if not tokenizer.chat_template:
             raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")

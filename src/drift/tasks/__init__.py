@@ -5,10 +5,16 @@ Sources, chosen by the `tasks` string:
 - a local `.jsonl` / `.json` / `.parquet` file (rows: `id`, `question` or `messages`, `answer`,
   optional `checker`, `extract`); GSM8K (`#### 42`) and MATH (`\\boxed{..}`) gold answers understood;
 - `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset (needs the hub; tests use local files).
+
+`split` (train | test | all) takes a fixed half of any source by a hash of the problem's
+identity (`problem.split_of`): the fact for generators, the id for files and hub datasets.
+
+Modules: `problem` (the records and the split rule), `generators`, `loader` (`load_tasks`).
 """
 
 from __future__ import annotations
 
-from drift.tasks.problem import Problem, TaskSpec, load_tasks, split_problems
+from drift.tasks.loader import load_tasks
+from drift.tasks.problem import Problem, TaskSpec
 
-__all__ = ["Problem", "TaskSpec", "load_tasks", "split_problems"]
+__all__ = ["Problem", "TaskSpec", "load_tasks"]

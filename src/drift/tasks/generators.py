@@ -13,21 +13,15 @@ identity (a + b and b + a are the same fact), whatever seeds are used to draw fr
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 
 from drift import DriftError
-from drift.tasks.problem import Problem
+from drift.tasks.problem import Problem, split_of
 
 LETTERS = "ABCD"
 NUMBER_INSTRUCTION = "Answer with just the number."
 LETTER_INSTRUCTION = "Give the letter of the correct option inside <answer></answer> tags."
-
-
-def _fact_split(fact: str) -> str:
-    """A fixed, seed-independent split of facts: about half train, half test."""
-    return "test" if hashlib.sha256(fact.encode()).digest()[0] % 2 else "train"
 
 
 def _pairs(lo: int, hi: int) -> list[tuple[int, int]]:
@@ -70,10 +64,8 @@ GENERATORS: dict[str, tuple[Callable[[int, int, random.Random], Problem], list[t
 
 def generate(name: str, num: int | None, seed: int, split: str) -> list[Problem]:
     """`num` problems of generator `name` from `split` (train | test | all), drawn by `seed`."""
-    if split not in ("train", "test", "all"):
-        raise DriftError(f"split must be train, test or all, got {split!r}")
     make, space, op = GENERATORS[name]
-    pool = [(a, b) for a, b in space if split == "all" or _fact_split(_fact(a, b, op)) == split]
+    pool = [(a, b) for a, b in space if split == "all" or split_of(_fact(a, b, op)) == split]
     rng = random.Random(f"{name}:{seed}")
     if num is None:
         num = len(pool)
