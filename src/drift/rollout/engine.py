@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from drift import DriftError, __version__
 from drift.config import option, to_dict
-from drift.env import EnvConfig, Episode
+from drift.env import EnvConfig, Episode, check_golds, check_responses
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_jsonl, read_trajectories, write_json
 from drift.rollout.protocol import Backend, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
@@ -141,7 +141,8 @@ def is_complete(directory: str | Path) -> bool:
 def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Sample `cfg.n` conversations per problem into `cfg.output`; return the final manifest.
 
-    1. Load the problems and check the run directory (fresh, or --resume with the same settings).
+    1. Load the problems, check that their checkers can read every gold answer, and check the run
+       directory (fresh, or --resume with the same settings).
     2. Build the backend (unless given) and write the manifest with status "running".
     3. Generate: finished trajectories are appended to shards as they end.
     4. Re-read the shards, check every expected (prompt_id, sample_idx) is there exactly once
@@ -155,6 +156,7 @@ def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backe
     problems = load_tasks(task_spec(cfg)) if problems is None else problems
     if not problems:
         raise DriftError("rollout: no problems to sample")
+    check_golds(problems, env_config(cfg))
     fingerprint = tasks_fingerprint(problems)
     previous = _check_run_dir(out, cfg, fingerprint)
     done = _scan_shards(shard_dir)
@@ -272,18 +274,21 @@ def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: 
 
 
 def _step(requests: list[GenRequest], outputs: list[list[GenOutput]], live: dict[ConvId, Episode]) -> list[Trajectory]:
-    """Let the environment judge every response; remove and return the trajectories that ended."""
+    """Let the environment judge every response (all checks of the call at once); remove and return
+    the trajectories that ended."""
     if len(outputs) != len(requests):
         raise RuntimeError(f"backend returned {len(outputs)} output lists for {len(requests)} requests")
-    finished = []
     for req, outs in zip(requests, outputs):
         if len(outs) != len(req.conv_ids):
             raise RuntimeError(f"backend returned {len(outs)} outputs for {len(req.conv_ids)} conversations")
-        for key, out in zip(req.conv_ids, outs):
-            ep = live[key]
-            ep.step(out.text, out.tokens, out.finish_reason)
-            if ep.done:
-                finished.append(live.pop(key).trajectory)
+    steps = [(key, out) for req, outs in zip(requests, outputs) for key, out in zip(req.conv_ids, outs)]
+    results = check_responses([live[key] for key, _ in steps], [out.text for _, out in steps])
+    finished = []
+    for (key, out), result in zip(steps, results):
+        ep = live[key]
+        ep.step(out.text, out.tokens, out.finish_reason, result)
+        if ep.done:
+            finished.append(live.pop(key).trajectory)
     return finished
 
 
