@@ -2,7 +2,7 @@
 
 `LocalServer(model_dir)` runs uvicorn in a background thread on 127.0.0.1 (a free port) and
 serves `/v1/models` and `/v1/chat/completions` (n, seed, temperature, top_p, max_tokens, usage).
-Its `state` lets a test inject faults: the next k requests answer HTTP 500, every request waits
+Its `state` lets a test inject faults: the next k requests answer HTTP 500 (or another status), every request waits
 `delay` seconds, an API key is required, prompts beyond `max_context` tokens are refused with
 the context-length error vLLM gives.
 """
@@ -22,7 +22,8 @@ MODEL_NAME = "tiny"
 @dataclass
 class ServerState:
     api_key: str | None = None
-    fail_next: int = 0  # answer this many requests with HTTP 500
+    fail_next: int = 0  # answer this many requests with HTTP `fail_status`
+    fail_status: int = 500
     delay: float = 0.0  # seconds every request waits before it is served
     max_context: int = 2048
     requests: list[dict[str, Any]] = field(default_factory=list)  # bodies received
@@ -66,7 +67,7 @@ def make_app(model_dir: str, state: ServerState) -> Any:
             fail = state.fail_next > 0
             state.fail_next -= fail
         if fail:
-            return _error(500, "injected fault", "server_error")
+            return _error(state.fail_status, "injected fault", "server_error")
         if state.delay:
             state.wake.wait(state.delay)
         if body.get("model") != MODEL_NAME:

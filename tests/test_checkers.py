@@ -1,10 +1,11 @@
 """Answer extraction and checkers: a golden set of gold/response pairs plus the worker pool.
 
-The custom-checker functions below are imported by name (`{__name__}:fn`) in the worker process.
+The custom-checker functions below are imported by name (`{__name__}:fn`) in the worker processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -13,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from drift import DriftError
-from drift.checkers import (CheckResult, extract_answer, get_checker, last_boxed, normalize_answer,
-                            run_in_worker, shutdown_workers)
+from drift import DriftError, checkers
+from drift.checkers import CheckResult, extract_answer, get_checker, last_boxed, normalize_answer
 
 GOLDEN = [json.loads(line) for line in (Path(__file__).parent / "data" / "checker_golden.jsonl").read_text().splitlines()]
 
@@ -25,7 +25,24 @@ def is_even(answer: str, gold: str) -> bool | None:
 
 
 def sleepy(answer: str, gold: str) -> bool:
+    """Leave this process's id in the file `gold`, then sleep past any test's timeout."""
+    Path(gold).write_text(str(os.getpid()))
     time.sleep(30)
+    return True
+
+
+def dies(answer: str, gold: str) -> bool:
+    os._exit(3)
+
+
+def rendezvous(answer: str, gold: str) -> bool:
+    """Arrive (a file named `answer` in the directory `gold`) and wait for two others: True if they came."""
+    (Path(gold) / answer).touch()
+    deadline = time.monotonic() + 30
+    while len(list(Path(gold).iterdir())) < 3:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
     return True
 
 
@@ -135,15 +152,18 @@ def test_custom_function_that_raises_names_itself():
     assert "Traceback" not in message and err.value.__cause__ is None
 
 
-def test_timeout_kills_the_worker_and_later_checks_work():
-    _, pid = run_in_worker("os:getpid", (), 5.0)
-    start = time.monotonic()
-    result = get_checker(spec(sleepy), timeout=0.5).check("7", "7")
+def test_timeout_kills_the_worker_and_later_checks_work(tmp_path):
+    pid_file = tmp_path / "pid"
+    result = get_checker(spec(sleepy), "number", timeout=0.5).check("7", str(pid_file))
     assert result == CheckResult("timeout", "7", "7")
-    assert time.monotonic() - start < 10  # includes importing this module into the worker
-    _, new_pid = run_in_worker("os:getpid", (), 5.0)
-    assert new_pid != pid and not _alive(pid)
+    assert not _alive(int(pid_file.read_text()))
+    assert get_checker(spec(is_even), "number").check("It is 4", "x").status == "correct"
     assert get_checker("math").check(r"\boxed{\frac{2}{4}}", "0.5").status == "correct"
+
+
+def test_a_worker_that_dies_is_a_timeout_and_the_pool_goes_on():
+    assert get_checker(spec(dies)).check("7", "7") == CheckResult("timeout", "7", "7")
+    assert get_checker(spec(is_even), "number").check("It is 5", "x").status == "wrong"
 
 
 def _alive(pid: int) -> bool:
@@ -163,20 +183,40 @@ def test_checks_from_many_threads():
     assert statuses == [c[2] for c in cases]
 
 
-def test_shutdown_then_check_again():
-    _, pid = run_in_worker("os:getpid", (), 5.0)
-    shutdown_workers()
-    assert not _alive(pid)
-    assert get_checker("math").check(r"\boxed{2\pi}", r"\pi+\pi").status == "correct"
-    shutdown_workers()
+def test_check_many_runs_worker_checks_at_once(tmp_path):
+    # each call waits for two others to arrive: one by one, none would see the others
+    checker = get_checker(spec(rendezvous), "full", timeout=60, workers=3)
+    assert [r.status for r in checker.check_many([(str(i), str(tmp_path)) for i in range(3)])] == ["correct"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2"]
 
 
-def test_fast_path_needs_no_worker():
-    shutdown_workers()
+def test_check_many_equals_one_by_one():
+    key = lambda c: (c["checker"], c["extract"], c.get("timeout", 5.0))  # noqa: E731
+    for (name, extract, timeout), cases in itertools.groupby(sorted(GOLDEN, key=key), key=key):
+        checker, pairs = get_checker(name, extract, timeout), [(c["response"], c["gold"]) for c in cases]
+        assert checker.check_many(pairs) == [checker.check(response, gold) for response, gold in pairs]
+
+
+def test_fast_path_needs_no_worker(monkeypatch):
+    monkeypatch.setattr(checkers, "schedule", lambda *args: pytest.fail("a check went to a worker"))
     checker = get_checker("math", "number")
     assert checker.check("The answer is 1,000.", "1000").status == "correct"
     assert checker.check("2.0000001", "2").status == "correct"  # rounded to 6 places
     assert checker.check("-7", "7").status == "wrong"
-    from drift import checkers
+    checker.check_golds([("a", "1,000"), ("b", "-2.5"), ("c", r"\frac{3}{4}")])  # numbers: no parse
 
-    assert not checkers._live
+
+def test_unreadable_gold_names_its_problem():
+    get_checker("math").check_golds([("p1", "42"), ("p2", r"x^2+\sqrt{2}"), ("p3", r"\text{yes}")])
+    with pytest.raises(DriftError, match=r"^problem 'p9': math checker: math-verify cannot parse the gold answer '\?\?\?'$"):
+        get_checker("math").check_golds([("p1", "7"), ("p9", "???"), ("p10", "")])
+    with pytest.raises(DriftError, match=r"^problem 'n2': numeric checker: gold answer 'forty' is not a number$"):
+        get_checker("numeric").check_golds([("n1", "40"), ("n2", "forty")])
+    with pytest.raises(DriftError, match=r"^problem 'c1': choice checker: gold answer '42' is not a choice letter"):
+        get_checker("choice").check_golds([("c1", "42")])
+    get_checker("exact").check_golds([("e1", "anything")])
+
+
+def test_worker_count_is_validated():
+    with pytest.raises(DriftError, match="check workers must be >= 1, got 0"):
+        get_checker("math", workers=0)

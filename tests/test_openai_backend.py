@@ -30,13 +30,13 @@ def server(tiny_model_dir):
 def fresh(server):
     """The shared server with its fault injection reset."""
     st = server.state
-    st.api_key, st.fail_next, st.delay, st.max_context = None, 0, 0.0, 2048
+    st.api_key, st.fail_next, st.fail_status, st.delay, st.max_context = None, 0, 500, 0.0, 2048
     st.requests.clear()
     return server
 
 
 def backend(server, **kw) -> OpenAIBackend:
-    return OpenAIBackend(server.url, MODEL_NAME, **{"backoff": 0.01, "timeout": 30.0, **kw})
+    return OpenAIBackend(server.url, MODEL_NAME, **{"timeout": 30.0, **kw})
 
 
 def problems(k: int) -> list[Problem]:
@@ -71,13 +71,17 @@ def test_rollout_through_the_server(fresh, tmp_path):
     assert manifest["summary"]["total_tokens"] == sum(tu.tokens for t in trajs for tu in t.turns) > 0
 
 
-def test_retries_a_server_error_then_succeeds(fresh, caplog):
-    fresh.state.fail_next = 2
+@pytest.mark.parametrize("status", [500, 503, 429, 408])
+def test_retries_a_server_error_then_succeeds(fresh, caplog, status):
+    caplog.set_level(logging.INFO, logger="openai")
+    fresh.state.fail_next, fresh.state.fail_status = 2, status
     b = backend(fresh, max_retries=3)
     out = b.generate([GenRequest([("p", 0)], [{"role": "user", "content": "hi"}], 1)], PARAMS)
     assert len(out) == 1 and len(out[0]) == 1 and out[0][0].tokens > 0
-    assert len(fresh.state.requests) == 3 and caplog.text.count("retry") == 2
+    assert len(fresh.state.requests) == 3 and caplog.text.count("(retry ") == 2
 
+
+def test_gives_up_after_max_retries(fresh):
     fresh.state.fail_next = 10
     with pytest.raises(DriftError, match=r"failed after 3 attempt\(s\): .*injected fault") as e:
         backend(fresh, max_retries=2).generate([GenRequest([("p", 0)], [{"role": "user", "content": "hi"}], 1)], PARAMS)
@@ -108,7 +112,7 @@ def test_connection_refused():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DriftError, match=rf"127.0.0.1:{port}/v1 failed after 2 attempt\(s\): Connection error"):
-        OpenAIBackend(f"http://127.0.0.1:{port}/v1", MODEL_NAME, max_retries=1, backoff=0.01).generate(
+        OpenAIBackend(f"http://127.0.0.1:{port}/v1", MODEL_NAME, max_retries=1).generate(
             [GenRequest([("p", 0)], [{"role": "user", "content": "hi"}], 1)], PARAMS)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from drift import DriftError
+from drift.checkers import Checker
 from drift.records import read_trajectories
 from drift.rollout import BackendStats, GenOutput, PromptTooLong, RolloutConfig, is_complete, read_manifest, run_rollout
 from drift.rollout.protocol import sample_seed
@@ -119,6 +120,32 @@ def test_max_live_admits_groups_as_others_finish(tmp_path):
     # a new group joins turn-2/3 conversations of earlier groups in one call
     assert any({turn for _, turn, _ in call} == {1, 2} for call in backend.calls)
     assert len(shard_rows(tmp_path / "run")) == 20
+
+
+def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
+    events = []
+    submit = Checker.submit
+
+    def logged_submit(self, response, gold):
+        pending = submit(self, response, gold)
+        result = pending.result
+        pending.result = lambda: events.append("wait") or result()
+        events.append("submit")
+        return pending
+
+    monkeypatch.setattr(Checker, "submit", logged_submit)
+    probs = problems(3)
+    run_rollout(config(tmp_path), probs, ScriptedBackend(probs))
+    # the calls carry 12, 9 and 6 responses: all checks of a call are under way before the first is awaited
+    assert events == ["submit"] * 12 + ["wait"] * 12 + ["submit"] * 9 + ["wait"] * 9 + ["submit"] * 6 + ["wait"] * 6
+
+
+def test_unreadable_gold_stops_the_rollout_before_sampling(tmp_path):
+    probs = problems(2) + [Problem(id="odd", question="?", answer="???", checker="math")]
+    backend = ScriptedBackend(probs)
+    with pytest.raises(DriftError, match=r"problem 'odd': math checker: math-verify cannot parse the gold answer"):
+        run_rollout(config(tmp_path), probs, backend)
+    assert backend.calls == [] and not (tmp_path / "run").exists()
 
 
 def test_prompt_too_long_is_a_counted_skip(tmp_path, caplog):

@@ -8,9 +8,9 @@ import pytest
 
 from drift import DriftError
 from drift.config import apply_overrides, build, option
-from drift.env import EnvConfig, Episode
+from drift.env import EnvConfig, Episode, check_golds, check_responses
 from drift.records import Trajectory
-from drift.tasks import TaskSpec, load_tasks
+from drift.tasks import Problem, TaskSpec, load_tasks
 from drift.tasks.problem import split_of
 
 
@@ -178,6 +178,29 @@ def test_episode_turn_limit_and_config():
         ep.step("1")
     with pytest.raises(DriftError, match="max_turns"):
         EnvConfig(max_turns=0)
+
+
+def test_check_responses_then_step_with_their_results():
+    p = mul_problem()
+    episodes = [Episode(p, i, EnvConfig(max_turns=2)) for i in range(3)]
+    responses = ["no idea", "It is 0", f"It is {p.answer}"]
+    results = check_responses(episodes, responses)
+    assert [r.status for r in results] == ["unparseable", "wrong", "correct"]
+    for ep, response, result in zip(episodes, responses, results):
+        ep.step(response, result=result)
+    assert [ep.done for ep in episodes] == [False, False, True]
+    assert [ep.trajectory.turns[0].status for ep in episodes] == ["unparseable", "wrong", "correct"]
+
+
+def test_check_golds_names_the_problem_and_its_gold():
+    ok = [Problem(id="m1", question="q", answer=r"\frac{1}{2}", checker="math"),
+          Problem(id="n1", question="q", answer="12", checker="numeric")]
+    check_golds(ok, EnvConfig())
+    bad = ok + [Problem(id="m2", question="q", answer="#", checker="math")]
+    with pytest.raises(DriftError, match=r"problem 'm2': math checker: math-verify cannot parse the gold answer '#'"):
+        check_golds(bad, EnvConfig())
+    with pytest.raises(DriftError, match="check_workers must be >= 1"):
+        EnvConfig(check_workers=0)
 
 
 @dataclass

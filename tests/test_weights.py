@@ -6,7 +6,7 @@ import math
 import pytest
 
 from drift import DriftError
-from drift.records import ReturnInputs
+from drift.records import ReturnInputs, Trajectory
 from drift.weights import (
     ReturnConfig,
     WeightsConfig,
@@ -60,6 +60,24 @@ def test_return_terms_configurable():
 
 def test_return_no_answers_no_repeat_penalty():
     assert trajectory_return(ReturnInputs([0.0], [], format_errors=1), REF) == pytest.approx(-0.1)
+
+
+def test_timeout_turn_is_no_format_error_and_costs_only_what_is_configured(tmp_path):
+    # timeout "5", correct "c": 0.9; no format error; 2 answers, 2 unique -> 0
+    rows = [drift_row("p", 0, [turn("timeout", "5"), turn("correct", "c")], 2)]
+    inp = write(tmp_path / "in.jsonl", rows)
+    got, _ = compute(WeightsConfig(input=inp, output="o", method="sft"))
+    assert got[0]["return"] == pytest.approx(0.9)
+    got, _ = compute(WeightsConfig(input=inp, output="o", method="sft", timeout_penalty=-0.25))
+    assert got[0]["return"] == pytest.approx(0.65)
+    x = ReturnInputs([0.0, 0.0], ["1", "2"], format_errors=1, timeouts=1)
+    assert trajectory_return(x, ReturnConfig(0.9, -0.1, 0.5, timeout_penalty=-0.3)) == pytest.approx(-0.4)
+
+
+def test_trajectory_record_counts_timeouts_apart():
+    t = Trajectory.from_json(drift_row("p", 0, [turn("timeout", "5"), turn("unparseable"), turn("wrong", "6")]))
+    assert (t.format_errors, t.timeouts) == (1, 1)
+    assert {k: t.to_json()[k] for k in ("format_errors", "timeouts")} == {"format_errors": 1, "timeouts": 1}
 
 
 def test_reference_row_return_uses_stored_format_penalty(tmp_path):

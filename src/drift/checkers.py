@@ -1,8 +1,8 @@
 """Answer extraction and verification.
 
 `extract_answer(text, mode)` pulls the final answer out of a response (after dropping
-`<think>...</think>`); `get_checker(name, extract, timeout).check(response, gold)` extracts and
-judges it, returning a `CheckResult` whose status is one of:
+`<think>...</think>`); `get_checker(name, extract, timeout, workers).check(response, gold)`
+extracts and judges it, returning a `CheckResult` whose status is one of:
 
 - correct / wrong: the verifier's verdict;
 - unparseable: no answer could be extracted (or read as a number / letter / formula);
@@ -12,28 +12,29 @@ Checkers: `math` (math-verify), `numeric`, `choice`, `exact`, and `module:functi
 function `fn(answer: str, gold: str) -> bool | None` called with the extracted answer; use
 `extract="full"` to receive the whole response instead).
 
-math-verify and user functions run in worker processes: math-verify's own timeouts use
-SIGALRM, which only works in the main thread, and a stuck sympy call or user function can only
-be stopped by killing its process. Each check has an outer timeout; on expiry the worker is
-killed and a fresh one is started by the next check. The math checker decides without a worker
-when the normalized strings are equal or both sides are plain decimal numbers (the common case
-for arithmetic answers).
+math-verify and user functions run in a pool of worker processes (pebble): math-verify's own
+timeouts use SIGALRM, which only works in the main thread, and a stuck sympy call or user
+function can only be stopped by killing its process. Each check has an outer timeout; on
+expiry the worker is killed and replaced. `check_many` (or `submit` then `result()`) puts a
+whole batch of checks into the pool before waiting for any. The math checker decides without a
+worker when the normalized strings are equal or both sides are plain decimal numbers (the
+common case for arithmetic answers).
+
+`check_golds` tells, before any answer is checked, whether each gold answer can be judged
+against: a number for `numeric`, a letter for `choice`, something math-verify parses for `math`.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import Connection
+from functools import partial
 from typing import Any
 
 from drift import DriftError
@@ -181,6 +182,8 @@ def extract_answer(text: str, mode: str) -> str | None:
 
 # --- checkers ------------------------------------------------------------------------------
 
+Verdict = str | Callable[[], str]  # a status now, or a function that waits for a worker's
+
 
 @dataclass
 class CheckResult:
@@ -189,32 +192,72 @@ class CheckResult:
     answer_norm: str | None  # normalize_answer(answer)
 
 
+@dataclass
+class PendingCheck:
+    """A check under way (`Checker.submit`); `result()` waits for its verdict if a worker computes it."""
+
+    answer: str | None  # the checker's reading of the extracted answer (None: unparseable)
+    verdict: Verdict
+
+    def result(self) -> CheckResult:
+        status = self.verdict if isinstance(self.verdict, str) else self.verdict()
+        if status == "unparseable":
+            return CheckResult(status, None, None)
+        return CheckResult(status, self.answer, normalize_answer(self.answer))
+
+
 class Checker:
-    """Extracts the answer (mode fixed at construction), reads it, and judges it against gold."""
+    """Extracts the answer (mode fixed at construction), reads it, and judges it against gold.
+
+    `workers` is the size of the process pool that worker-bound checks (math-verify, user
+    functions) run in; other checkers ignore it.
+    """
 
     name = "checker"
 
-    def __init__(self, extract: str = "auto", timeout: float = 5.0):
+    def __init__(self, extract: str = "auto", timeout: float = 5.0, workers: int | None = None):
         if extract not in EXTRACT_MODES:
             raise DriftError(f"unknown answer extraction mode {extract!r} (valid: {', '.join(EXTRACT_MODES)})")
         if not timeout > 0:
             raise DriftError(f"check timeout must be > 0 seconds, got {timeout}")
+        if workers is not None and workers < 1:
+            raise DriftError(f"check workers must be >= 1, got {workers}")
         self.extract = extract
         self.timeout = float(timeout)
+        self.workers = workers or default_check_workers()
 
     def check(self, response: str, gold: str) -> CheckResult:
+        return self.submit(response, gold).result()
+
+    def check_many(self, items: Sequence[tuple[str, str]]) -> list[CheckResult]:
+        """Check (response, gold) pairs: every worker-bound check is submitted before any is awaited."""
+        pending = [self.submit(response, gold) for response, gold in items]
+        return [p.result() for p in pending]
+
+    def submit(self, response: str, gold: str) -> PendingCheck:
+        """Extract and read the answer and start judging it (in a worker process if it needs one)."""
         raw = extract_answer(response, self.extract)
         answer = self.read(raw) if raw is not None else None
-        status = self.judge(answer, str(gold)) if answer is not None else "unparseable"
-        if status == "unparseable":
-            return CheckResult(status, None, None)
-        return CheckResult(status, answer, normalize_answer(answer))
+        return PendingCheck(answer, self.judge(answer, str(gold)) if answer is not None else "unparseable")
+
+    def check_golds(self, golds: Sequence[tuple[str, str]]) -> None:
+        """Raise DriftError naming the first (problem id, gold answer) this checker cannot judge against."""
+        for (problem_id, _), error in zip(golds, self.gold_errors([str(gold) for _, gold in golds])):
+            if error is not None:
+                raise DriftError(f"problem {problem_id!r}: {error}")
+
+    def gold_errors(self, golds: list[str]) -> list[str | None]:
+        """Why each gold answer cannot be judged against (None: it can)."""
+        return [self.gold_error(gold) for gold in golds]
+
+    def gold_error(self, gold: str) -> str | None:
+        return None
 
     def read(self, answer: str) -> str | None:
         """The checker's reading of an extracted answer (a number, a letter, ...); None: unreadable."""
         return answer
 
-    def judge(self, answer: str, gold: str) -> str:
+    def judge(self, answer: str, gold: str) -> Verdict:
         raise NotImplementedError
 
 
@@ -244,10 +287,13 @@ class NumericChecker(Checker):
     def read(self, answer: str) -> str | None:
         return _number_text(answer) or last_number(answer)
 
+    def gold_error(self, gold: str) -> str | None:
+        return None if to_number(gold) is not None else f"numeric checker: gold answer {gold!r} is not a number"
+
     def judge(self, answer: str, gold: str) -> str:
         g = to_number(gold)
         if g is None:
-            raise DriftError(f"numeric checker: gold answer {gold!r} is not a number")
+            raise DriftError(self.gold_error(gold))
         a = to_number(answer)
         if a is None:
             return "unparseable"
@@ -262,10 +308,15 @@ class ChoiceChecker(Checker):
     def read(self, answer: str) -> str | None:
         return find_letter(answer)
 
+    def gold_error(self, gold: str) -> str | None:
+        if find_letter(gold) is not None:
+            return None
+        return f"choice checker: gold answer {gold!r} is not a choice letter ({', '.join(CHOICE_LETTERS)})"
+
     def judge(self, answer: str, gold: str) -> str:
         g = find_letter(gold)
         if g is None:
-            raise DriftError(f"choice checker: gold answer {gold!r} is not a choice letter ({', '.join(CHOICE_LETTERS)})")
+            raise DriftError(self.gold_error(gold))
         return "correct" if answer == g else "wrong"
 
 
@@ -287,12 +338,13 @@ class MathChecker(Checker):
 
     Fast path without a worker: equal normalized strings are correct; two plain decimal numbers
     ("1,000", "-2.50") are compared here, integers exactly and decimals after rounding to 6
-    places (math-verify's float_rounding).
+    places (math-verify's float_rounding). Gold answers that are numbers are readable as they
+    are; any other gold is parsed once by math-verify (`gold_errors`).
     """
 
     name = "math"
 
-    def judge(self, answer: str, gold: str) -> str:
+    def judge(self, answer: str, gold: str) -> Verdict:
         if normalize_answer(answer) == normalize_answer(gold):
             return "correct"
         a, g = answer.strip().rstrip("."), gold.strip()
@@ -300,9 +352,27 @@ class MathChecker(Checker):
             x, y = Fraction(a.replace(",", "")), Fraction(g.replace(",", ""))
             same = x == y if "." not in a + g else round(x, 6) == round(y, 6)
             return "correct" if same else "wrong"
-        seconds = max(1, int(self.timeout))
-        outcome, value = run_in_worker("drift.checkers:math_verdict", (gold, answer, seconds), self.timeout,
-                                       preload=("math_verify",))
+        return partial(self._status, self._in_worker(math_verdict, gold, answer))
+
+    def gold_errors(self, golds: list[str]) -> list[str | None]:
+        """Numbers need no parse; every other distinct gold is parsed by math-verify, all at once."""
+        futures = {g: self._in_worker(math_gold_status, g) for g in set(golds) if to_number(g) is None}
+        statuses = {g: self._status(f) for g, f in futures.items()}
+        return [self._gold_error(g, statuses.get(g, "ok")) for g in golds]
+
+    def _gold_error(self, gold: str, status: str) -> str | None:
+        if status == "unparseable":
+            return f"math checker: math-verify cannot parse the gold answer {gold!r}"
+        if status == "timeout":
+            return f"math checker: math-verify did not parse the gold answer {gold!r} within {self.timeout:g} s"
+        return None
+
+    def _in_worker(self, fn: Callable[..., str], *args: str) -> Future:
+        # math-verify's own SIGALRM limit, in whole seconds, for each parse and the comparison
+        return schedule(self.workers, fn, (*args, max(1, int(self.timeout))), self.timeout)
+
+    def _status(self, future: Future) -> str:
+        outcome, value = outcome_of(future)
         if outcome == "error":
             raise DriftError(f"math checker: math-verify failed in its worker process ({value})")
         return value if outcome == "ok" else "timeout"
@@ -340,6 +410,24 @@ def math_verdict(gold: str, answer: str, seconds: int) -> str:
         return "timeout"
 
 
+def math_gold_status(gold: str, seconds: int) -> str:
+    """(worker side) "ok" if math-verify reads `gold` as math, else "unparseable" or "timeout".
+
+    A parse that yields only the input string (no expression) is unparseable: every answer
+    but the identical string would be judged wrong against it.
+    """
+    from math_verify import parse
+    from math_verify.errors import TimeoutException
+
+    try:
+        parsed = parse(_as_latex(gold), parsing_timeout=seconds, raise_on_error=True)
+    except TimeoutException:
+        return "timeout"
+    except Exception:
+        return "unparseable"
+    return "ok" if any(not isinstance(p, str) for p in parsed) else "unparseable"
+
+
 class FunctionChecker(Checker):
     """A user function `module:function` called as fn(answer, gold) in a worker process.
 
@@ -348,13 +436,16 @@ class FunctionChecker(Checker):
     raises DriftError naming the function.
     """
 
-    def __init__(self, spec: str, extract: str = "auto", timeout: float = 5.0):
-        super().__init__(extract, timeout)
+    def __init__(self, spec: str, extract: str = "auto", timeout: float = 5.0, workers: int | None = None):
+        super().__init__(extract, timeout, workers)
         self.name = spec
         _resolve(spec)  # fail early, in the caller's process, on a bad module or name
 
-    def judge(self, answer: str, gold: str) -> str:
-        outcome, value = run_in_worker(self.name, (answer, gold), self.timeout)
+    def judge(self, answer: str, gold: str) -> Verdict:
+        return partial(self._status, schedule(self.workers, _ByName(self.name), (answer, gold), self.timeout))
+
+    def _status(self, future: Future) -> str:
+        outcome, value = outcome_of(future)
         if outcome == "error":
             raise DriftError(f"custom checker {self.name} failed: {value}")
         if outcome == "timeout":
@@ -376,20 +467,23 @@ def _resolve(spec: str) -> Any:
     return fn
 
 
-_CHECKERS: dict[tuple[str, str, float], Checker] = {}
+_CHECKERS: dict[tuple[str, str, float, int], Checker] = {}
 _CHECKERS_LOCK = threading.Lock()
 
 
-def get_checker(name: str, extract: str = "auto", timeout: float = 5.0) -> Checker:
-    """The checker `name` (math, numeric, choice, exact, or module:function); cached per arguments."""
-    key = (name, extract, float(timeout))
+def get_checker(name: str, extract: str = "auto", timeout: float = 5.0, workers: int | None = None) -> Checker:
+    """The checker `name` (math, numeric, choice, exact, or module:function); cached per arguments.
+
+    `workers`: processes in the pool its worker-bound checks run in (None: `default_check_workers()`).
+    """
+    key = (name, extract, float(timeout), default_check_workers() if workers is None else workers)
     with _CHECKERS_LOCK:
         if key not in _CHECKERS:
             classes = {c.name: c for c in (MathChecker, NumericChecker, ChoiceChecker, ExactChecker)}
             if name in classes:
-                _CHECKERS[key] = classes[name](extract, timeout)
+                _CHECKERS[key] = classes[name](extract, timeout, workers)
             elif ":" in name:
-                _CHECKERS[key] = FunctionChecker(name, extract, timeout)
+                _CHECKERS[key] = FunctionChecker(name, extract, timeout, workers)
             else:
                 raise DriftError(f"unknown checker {name!r} (valid: {', '.join(BUILTIN_CHECKERS)}, or module:function)")
         return _CHECKERS[key]
@@ -397,135 +491,91 @@ def get_checker(name: str, extract: str = "auto", timeout: float = 5.0) -> Check
 
 # --- worker processes ----------------------------------------------------------------------
 
-MAX_WORKERS = 2
-STARTUP_TIMEOUT = 120.0  # seconds for a worker to start and import a function (not part of `timeout`)
+_POOLS: dict[int, Any] = {}  # worker count -> its pebble.ProcessPool
+_POOLS_LOCK = threading.Lock()
 
 
-def _serve(fd: int) -> None:
-    """(worker main loop) Answer ("import", spec, modules) and ("call", spec, args) requests on `fd`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it kills us
-    conn = Connection(fd)
-    functions: dict[str, Any] = {}
-    while True:
-        try:
-            op, spec, args = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent closed the pipe or died
-        try:
-            if spec not in functions:
-                functions[spec] = _resolve(spec)
-            if op == "import":
-                for module in args:
-                    importlib.import_module(module)
-                reply = ("ok", None)
-            else:
-                reply = ("ok", functions[spec](*args))
-        except BaseException as e:  # reported to the caller, which raises DriftError
-            reply = ("error", f"{type(e).__name__}: {e}")
-        try:
-            conn.send(reply)
-        except (EOFError, OSError):
-            return
-        except Exception as e:  # an unpicklable return value
-            conn.send(("error", f"returned a value that cannot be sent back ({type(e).__name__}: {e})"))
+def default_check_workers() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
-class _Worker:
-    """One worker process and its socket; remembers which functions it has imported.
+def schedule(workers: int, fn: Callable, args: tuple, timeout: float) -> Future:
+    """Call fn(*args) in the pool of `workers` checker processes.
 
-    A fresh interpreter (`python -c`) rather than multiprocessing's spawn, which would re-run the
-    caller's main script in the worker; the caller's sys.path is passed on as PYTHONPATH.
+    The timeout counts from the moment a worker starts the call (waiting for a free worker is not
+    counted); a worker that overruns it is killed and replaced, and the future raises TimeoutError.
+    """
+    return _pool(workers).schedule(fn, args, timeout=timeout)
+
+
+def outcome_of(future: Future) -> tuple[str, Any]:
+    """("ok", value), ("timeout", None) (over time, or its process died) or ("error", "ExcType: message")."""
+    from concurrent.futures import TimeoutError as Overtime
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pebble import ProcessExpired
+
+    try:
+        return "ok", future.result()
+    except (Overtime, ProcessExpired):
+        return "timeout", None
+    except BrokenProcessPool as e:
+        raise DriftError(f"checker worker processes stopped ({e}); a Python script that runs checks must "
+                         "guard its entry point with `if __name__ == \"__main__\":`") from None
+    except Exception as e:
+        return "error", f"{type(e).__name__}: {e}"
+
+
+def _pool(workers: int) -> Any:
+    """The process-wide pool of `workers` checker processes, started on first use (again if it broke).
+
+    Workers are spawned interpreters rather than forks of the caller: by the time answers are
+    checked the caller runs torch's thread pools and the backend's threads, and a forked child
+    inherits their locks in whatever state they were. Spawn imports the caller's main script
+    under the name __mp_main__, so its `if __name__ == "__main__":` block does not run again.
+    """
+    import multiprocessing
+
+    from pebble import ProcessPool
+
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None or not pool.active:
+            if pool is not None:
+                pool.stop()
+                pool.join()
+            pool = _POOLS[workers] = ProcessPool(workers, initializer=_prepare_worker,
+                                                 context=multiprocessing.get_context("spawn"))
+        return pool
+
+
+def _prepare_worker() -> None:
+    """(worker side) Import math-verify once, so that its import is not part of a check's time."""
+    import math_verify  # noqa: F401
+
+
+class _ByName:
+    """A user function sent to the workers by its `module:function` name.
+
+    A worker imports it while it receives the task, which pebble does before it starts the
+    task's timer, so a slow first import does not count as a slow check; an import that fails
+    there comes back as the call's error.
     """
 
-    def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        fd = theirs.fileno()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.process = subprocess.Popen([sys.executable, "-c", f"from drift.checkers import _serve; _serve({fd})"],
-                                        pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
-        theirs.close()
-        self.conn = Connection(ours.detach())
-        self.loaded: set[str] = set()
+    def __init__(self, spec: str):
+        self.spec = spec
 
-    def request(self, op: str, spec: str, args: tuple, timeout: float) -> tuple[str, Any]:
-        try:
-            self.conn.send((op, spec, args))
-            if not self.conn.poll(timeout):
-                return "timeout", None
-            return self.conn.recv()
-        except (EOFError, OSError):
-            return "timeout", None  # the process died
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(5)
-        self.conn.close()
+    def __reduce__(self) -> tuple:
+        return _load_function, (self.spec,)
 
 
-_pool_lock = threading.Lock()
-_slots = threading.BoundedSemaphore(MAX_WORKERS)
-_idle: list[_Worker] = []
-_live: set[_Worker] = set()
-_atexit_registered = False
-
-
-def _acquire() -> _Worker:
-    global _atexit_registered
-    _slots.acquire()
-    with _pool_lock:
-        if _idle:
-            return _idle.pop()
-        if not _atexit_registered:
-            atexit.register(shutdown_workers)
-            _atexit_registered = True
+def _load_function(spec: str) -> Callable:
+    """(worker side) The function `spec`, or one that raises why it cannot be imported here."""
     try:
-        worker = _Worker()
-    except BaseException:
-        _slots.release()
-        raise
-    with _pool_lock:
-        _live.add(worker)
-    return worker
+        return _resolve(spec)
+    except DriftError as e:
+        return partial(_raise, e)
 
 
-def _release(worker: _Worker, healthy: bool) -> None:
-    with _pool_lock:
-        if healthy and worker in _live:
-            _idle.append(worker)
-        else:
-            _live.discard(worker)
-    if not healthy:
-        worker.kill()
-    _slots.release()
-
-
-def run_in_worker(spec: str, args: tuple, timeout: float, preload: tuple[str, ...] = ()) -> tuple[str, Any]:
-    """Call the function `spec` (module:function) with `args` in a worker process.
-
-    Returns ("ok", value), ("error", "ExcType: message") or ("timeout", None). Importing the
-    function (and the `preload` modules) into a fresh worker is not counted in `timeout`. A worker
-    that timed out is killed; the next call starts a new one.
-    """
-    worker = _acquire()
-    healthy = False
-    try:
-        if spec not in worker.loaded:
-            outcome, value = worker.request("import", spec, preload, STARTUP_TIMEOUT)
-            if outcome != "ok":
-                return outcome, value
-            worker.loaded.add(spec)
-        outcome, value = worker.request("call", spec, args, timeout)
-        healthy = outcome != "timeout"
-        return outcome, value
-    finally:
-        _release(worker, healthy)
-
-
-def shutdown_workers() -> None:
-    """Kill all checker worker processes (registered with atexit; later checks start new ones)."""
-    with _pool_lock:
-        workers = list(_live)
-        _live.clear()
-        _idle.clear()
-    for worker in workers:
-        worker.kill()
+def _raise(error: Exception, *args: Any) -> Any:
+    raise error

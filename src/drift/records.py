@@ -59,7 +59,12 @@ class Trajectory:
 
     @property
     def format_errors(self) -> int:
-        return sum(t.status in ("unparseable", "timeout") for t in self.turns)
+        return sum(t.status == "unparseable" for t in self.turns)
+
+    @property
+    def timeouts(self) -> int:
+        """Turns whose check ran out of time: the checker's trouble, not the answer's format."""
+        return sum(t.status == "timeout" for t in self.turns)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -68,6 +73,7 @@ class Trajectory:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["format_errors"] = self.format_errors
+        d["timeouts"] = self.timeouts
         return d
 
     @classmethod
@@ -94,6 +100,7 @@ class ReturnInputs:
     answer_norms: list[str]  # normalized answers of the turns that had a parseable answer
     format_errors: int  # number of unparseable turns
     format_penalty_sum: float | None = None  # reference rows store the summed penalty itself
+    timeouts: int = 0  # number of turns whose check timed out (drift format)
 
 
 def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
@@ -106,10 +113,11 @@ def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
         try:
             rewards = [1.0 if t["status"] == "correct" else 0.0 for t in turns]
             norms = [t["answer_norm"] for t in turns if t.get("answer_norm")]
-            errors = sum(t["status"] in ("unparseable", "timeout") for t in turns)
+            errors = sum(t["status"] == "unparseable" for t in turns)
+            timeouts = sum(t["status"] == "timeout" for t in turns)
         except (KeyError, TypeError) as e:
             raise DriftError(f"{where}: malformed turn record (missing {e})") from None
-        return ReturnInputs(rewards, norms, errors)
+        return ReturnInputs(rewards, norms, errors, timeouts=timeouts)
     if "turn_rewards" in row:
         tr = row["turn_rewards"]
         if not isinstance(tr, dict):

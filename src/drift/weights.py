@@ -2,9 +2,11 @@
 
 Return of one trajectory (every term configurable):
     R = sum_t gamma^(t-1) * r_t  +  format_penalty * (#unparseable turns)
-        - repeat_penalty * (1 - unique_answers / answered_turns)
-r_t = 1 if turn t is correct else 0. Reference-format rows carry their summed format
-penalty themselves; it is used as stored.
+        + timeout_penalty * (#timed-out turns)  -  repeat_penalty * (1 - unique_answers / answered_turns)
+r_t = 1 if turn t is correct else 0. A turn whose check timed out is not a format error: the
+answer was there, the checker gave no verdict in time. By default (timeout_penalty 0) it only
+earns no reward, so a slow or stuck checker does not move the weights. Reference-format rows
+carry their summed format penalty themselves; it is used as stored.
 
 Weights of one prompt group with returns R_1..R_N:
     drift:  w_i = exp(R_i/beta) / ((1/N) sum_j exp(R_j/beta))   (mean 1; max subtracted first)
@@ -44,16 +46,18 @@ class ReturnConfig:
     gamma: float = option(0.9, "discount per turn: a success at turn t earns gamma^(t-1)")
     format_penalty: float = option(-0.1, "added to the return for every unparseable turn (drift format)")
     repeat_penalty: float = option(0.5, "lambda: subtract lambda * (1 - unique/answered) for repeated answers")
+    timeout_penalty: float = option(0.0, "added to the return for every turn whose check timed out (drift format)")
 
 
 def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
-    """R = discounted success + format penalty - repeat penalty (see module docstring)."""
+    """R = discounted success + format and timeout penalties - repeat penalty (see module docstring)."""
     discounted = sum(cfg.gamma ** t * r for t, r in enumerate(x.turn_rewards))
     fmt = x.format_penalty_sum if x.format_penalty_sum is not None else cfg.format_penalty * x.format_errors
+    timeouts = cfg.timeout_penalty * x.timeouts
     answered = len(x.answer_norms)
     unique = len({normalize_answer(a) for a in x.answer_norms if a})
     repeat = cfg.repeat_penalty * (1.0 - unique / answered) if answered else 0.0
-    return discounted + fmt - repeat
+    return discounted + fmt + timeouts - repeat
 
 
 def is_degenerate(returns: Sequence[float]) -> bool:
@@ -112,6 +116,7 @@ class WeightsConfig:
     beta: float = option(0.1, "DRIFT temperature: w ∝ exp(R/beta)")
     gamma: float = option(0.9, "discount per turn for the return")
     format_penalty: float = option(-0.1, "return penalty per unparseable turn (drift format)")
+    timeout_penalty: float = option(0.0, "return penalty per turn whose check timed out (drift format; 0: none)")
     repeat_penalty: float = option(0.5, "lambda of the repeated-answer penalty")
     degenerate: Literal["keep", "drop"] = option("keep", "groups whose returns are all equal: keep the method's weights, or drop (weight 0)")
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
@@ -127,7 +132,7 @@ class WeightsConfig:
 
     @property
     def returns(self) -> ReturnConfig:
-        return ReturnConfig(self.gamma, self.format_penalty, self.repeat_penalty)
+        return ReturnConfig(self.gamma, self.format_penalty, self.repeat_penalty, self.timeout_penalty)
 
 
 def _input_files(path: str) -> list[Path]:

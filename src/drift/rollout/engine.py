@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from drift import DriftError, __version__
 from drift.config import option, settings, to_dict
-from drift.env import EnvConfig, Episode
+from drift.env import EnvConfig, Episode, check_golds, check_responses
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
@@ -152,7 +152,8 @@ def is_complete(directory: str | Path) -> bool:
 def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Sample `cfg.n` conversations per problem into `cfg.output`; return the final manifest.
 
-    1. Load the problems and check the run directory (fresh, or --resume with the same settings).
+    1. Load the problems, check that their checkers can read every gold answer, and check the run
+       directory (fresh, or --resume with the same settings).
     2. Build the backend (unless given) and write the manifest with status "running".
     3. Generate: finished trajectories are appended to shards as they end.
     4. Re-read the shards, check every expected (prompt_id, sample_idx) is there exactly once
@@ -173,6 +174,7 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
     problems = load_tasks(task_spec(cfg)) if problems is None else problems
     if not problems:
         raise DriftError("rollout: no problems to sample")
+    check_golds(problems, env_config(cfg))
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     created = not out.path.exists()
     ensure_writable(out.path)  # before the model loads: a bad --output fails in a second, not after minutes
@@ -315,18 +317,21 @@ def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: 
 
 
 def _step(requests: list[GenRequest], outputs: list[list[GenOutput]], live: dict[ConvId, Episode]) -> list[Trajectory]:
-    """Let the environment judge every response; remove and return the trajectories that ended."""
+    """Let the environment judge every response (all checks of the call at once); remove and return
+    the trajectories that ended."""
     if len(outputs) != len(requests):
         raise RuntimeError(f"backend returned {len(outputs)} output lists for {len(requests)} requests")
-    finished = []
     for req, outs in zip(requests, outputs):
         if len(outs) != len(req.conv_ids):
             raise RuntimeError(f"backend returned {len(outs)} outputs for {len(req.conv_ids)} conversations")
-        for key, out in zip(req.conv_ids, outs):
-            ep = live[key]
-            ep.step(out.text, out.tokens, out.finish_reason)
-            if ep.done:
-                finished.append(live.pop(key).trajectory)
+    steps = [(key, out) for req, outs in zip(requests, outputs) for key, out in zip(req.conv_ids, outs)]
+    results = check_responses([live[key] for key, _ in steps], [out.text for _, out in steps])
+    finished = []
+    for (key, out), result in zip(steps, results):
+        ep = live[key]
+        ep.step(out.text, out.tokens, out.finish_reason, result)
+        if ep.done:
+            finished.append(live.pop(key).trajectory)
     return finished
 
 

@@ -6,31 +6,31 @@ uninterrupted run would have; `usage.completion_tokens` is that one sample's tok
 servers without `n` support work unchanged. Servers with prefix caching (vLLM, SGLang, TGI 3)
 compute a group's shared prompt once all the same.
 
-Requests run on a bounded thread pool. Connection errors, timeouts, 429 and 5xx are retried with
-exponential backoff; any other refusal is a DriftError at once. The API key is read from an
-environment variable and handed to the client only: it is never logged or saved.
+Requests run on a bounded thread pool. The official client retries connection errors,
+timeouts, 408, 409, 429 and 5xx `max_retries` times with exponential backoff (honouring
+Retry-After; it logs each retry); when it gives up, or on any other refusal, the request is a
+one-line DriftError. The API key is read from an environment variable and handed to the client
+only: it is never logged or saved.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import random
 import re
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from drift import DriftError
 from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
 
-log = logging.getLogger(__name__)
-
 # How servers word "the prompt does not fit" (vLLM, SGLang, TGI, OpenAI).
 _CONTEXT = re.compile(r"context length|context window|maximum model length|max_model_len|"
                       r"longer than|too long|must be <= \d+", re.I)
-MAX_BACKOFF = 30.0  # seconds
+
+
+# Statuses below 500 that the client retries (request timeout, conflict, rate limit).
+_RETRIED = (408, 409, 429)
 
 
 class _ContextOverflow(Exception):
@@ -41,18 +41,16 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 timeout: float = 60.0, max_retries: int = 3, extra_body: dict[str, Any] | None = None,
-                 backoff: float = 1.0):
+                 timeout: float = 60.0, max_retries: int = 3, extra_body: dict[str, Any] | None = None):
         from openai import OpenAI
 
         self.base_url, self.model = base_url, model
-        self.api_key_env, self.max_retries, self.backoff = api_key_env, max_retries, backoff
+        self.api_key_env, self.max_retries = api_key_env, max_retries
         self.extra_body = dict(extra_body or {})
         self.stats = BackendStats()
         self._lock = threading.Lock()
-        # The client's own retries are off: ours below know which errors are worth retrying.
         self._client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                              max_retries=0, timeout=timeout)
+                              max_retries=max_retries, timeout=timeout)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="drift-openai")
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
@@ -79,28 +77,26 @@ class OpenAIBackend:
     def _complete(self, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> GenOutput:
         import openai
 
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = self._client.chat.completions.create(
-                    model=self.model, messages=messages, n=1, temperature=params.temperature, top_p=params.top_p,
-                    max_tokens=params.max_new_tokens,
-                    seed=seed % 2**31,  # some servers keep seeds in 32-bit integers
-                    extra_body=self.extra_body or None)
-                return self._output(response)
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as e:
-                if attempt == self.max_retries:
-                    raise DriftError(f"server {self.base_url} failed after {attempt + 1} attempt(s): {_reason(e)}") from None
-                delay = min(self.backoff * 2**attempt, MAX_BACKOFF) * random.uniform(0.5, 1.0)
-                log.warning("server %s: %s; retry %d of %d in %.1f s", self.base_url, _reason(e), attempt + 1,
-                            self.max_retries, delay)
-                time.sleep(delay)
-            except openai.APIStatusError as e:
-                reason = _reason(e)
-                if e.status_code in (400, 413, 422) and _CONTEXT.search(reason):
-                    raise _ContextOverflow(reason) from None
-                hint = f" (is ${self.api_key_env} set to the server's key?)" if e.status_code in (401, 403) else ""
-                raise DriftError(f"server {self.base_url} refused the request: HTTP {e.status_code}: {reason}{hint}") from None
-        raise AssertionError("unreachable")
+        try:
+            response = self._client.chat.completions.create(
+                model=self.model, messages=messages, n=1, temperature=params.temperature, top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=seed % 2**31,  # some servers keep seeds in 32-bit integers
+                extra_body=self.extra_body or None)
+        except openai.APIConnectionError as e:  # timeouts included
+            raise self._gave_up(e) from None
+        except openai.APIStatusError as e:
+            reason = _reason(e)
+            if e.status_code in _RETRIED or e.status_code >= 500:
+                raise self._gave_up(e) from None
+            if e.status_code in (400, 413, 422) and _CONTEXT.search(reason):
+                raise _ContextOverflow(reason) from None
+            hint = f" (is ${self.api_key_env} set to the server's key?)" if e.status_code in (401, 403) else ""
+            raise DriftError(f"server {self.base_url} refused the request: HTTP {e.status_code}: {reason}{hint}") from None
+        return self._output(response)
+
+    def _gave_up(self, e: Exception) -> DriftError:
+        return DriftError(f"server {self.base_url} failed after {self.max_retries + 1} attempt(s): {_reason(e)}")
 
     def _output(self, response: Any) -> GenOutput:
         if not response.choices:
