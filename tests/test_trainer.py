@@ -117,7 +117,7 @@ def test_constant_normalizer_is_global_batch_size_times_mean_weight(tmp_path, ti
     lengths = [len(tokenize_conversation(r["messages"], tiny_tokenizer, "last")[0]) for r in rows]
     first = [rows[i] for i in GlobalBatchSampler(lengths, 4, order="group", seed=0).global_batches()[0]]
     mean_weight = sum(r["weight"] for r in rows) / 8
-    assert summary["normalizer"] == pytest.approx(4 * mean_weight)
+    assert summary["constant_normalizer"] == pytest.approx(4 * mean_weight)
     expected = sum(hand_terms(tiny_model_dir, first, "last")) / (4 * mean_weight)
     assert sum(r["weight"] for r in first) != pytest.approx(4 * mean_weight)  # the batch's own sum differs
     assert summary["history"][0]["loss"] == pytest.approx(expected, rel=1e-5)

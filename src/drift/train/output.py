@@ -46,7 +46,10 @@ def start_output(output: Path, running: dict[str, Any]) -> None:
     write_json(TrainDir(output).summary, running)
     for pattern in MODEL_FILES:
         for p in output.glob(pattern):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 def write_checkpoint_record(checkpoint: Path, record: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@
 `Progress` is a TrainerCallback. When a checkpoint is fully saved (`on_save` runs after
 transformers wrote it) it writes the checkpoint's record: the run's stage record (the settings
 a resume must match), the optimizer step, the counters and the cost so far. A resumed run starts
-from those numbers, so its summary counts what an uninterrupted run would have counted.
+from those numbers, so its summary counts what an uninterrupted run would have counted. (Peak
+memory is the one exception: a process learns its own only at its end, so a checkpoint carries
+that of the runs before it, not the part of its own run.)
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ accumulation, all ranks), with loss_i the mean token NLL over the trained tokens
     normalize = weight_sum:  L = sum_{i in B} w_i * loss_i / sum_{i in B} w_i
     normalize = constant:    L = sum_{i in B} w_i * loss_i / (G * mean_j |w_j|)
 G is the global batch size in rows (batch_size x grad_accum x processes) and the mean runs over
-all training rows: one normalizer for the whole run. weight_sum scales every batch to full
-strength however little weight it holds (length grouping puts the longest rows, mostly failures
-with low weights, together); constant keeps a batch of low-weight rows a small step and on
-average equals weight_sum. Every normalizer is counted over the whole global batch before its
+all training rows: one normalizer for the whole run, the expected weight sum of a global batch.
+weight_sum scales every batch to full strength however little weight it holds (length grouping
+puts the longest rows, mostly failures with low weights, together); constant keeps a batch of
+low-weight rows a small step. Every normalizer is counted over the whole global batch before its
 first forward pass, so batch 1 x accumulation 4 gives the same gradient as batch 4 x
 accumulation 1, and N ranks the same as one process. With turns=all an example is a whole
 conversation and loss_i the mean over all its trained tokens.
@@ -26,6 +26,8 @@ scale cancels.
 Negative weights (swift) push the probability of a token down without bound. With
 negative_nll_cap a negative-weight token whose NLL is already past the cap gets no more gradient
 (train_summary.json: capped_tokens counts them over the run).
+
+What a run leaves in its output, and how a resume is checked: `drift.train.output`.
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
         "distributed_type": trainer.accelerator.distributed_type.value,
-        "normalizer": trainer.constant if cfg.normalize == "constant" else cfg.normalize,
+        "constant_normalizer": trainer.constant if cfg.normalize == "constant" else None,
         "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
         "seconds": seconds, "trained_tokens": trained, "tokens": real, "capped_tokens": counters["capped_tokens"],
