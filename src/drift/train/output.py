@@ -2,10 +2,10 @@
 
     output/train_summary.json    written twice: {"status": "running", ...} before training starts,
                                  the full summary with "status": "complete" at the end
-    output/checkpoint-N/         resumable checkpoints (save_steps); `drift.rundir.checkpoint_record`
-                                 in one holds the settings that made it and the run's counters so
-                                 far, and is written only after the checkpoint is fully saved, so
-                                 it also marks the checkpoint complete
+    output/checkpoint-N/         a resumable checkpoint (save_steps)
+      drift_checkpoint.json      its record (`drift.rundir.checkpoint_record`): the settings that
+                                 made it and the run's counters so far; written only after the
+                                 checkpoint is fully saved, so it also marks the checkpoint complete
 
 A run killed before its end leaves "status": "running" and no model files of an earlier run, so
 it can never pass for a finished one: `require_trained` is the check readers make.
@@ -50,10 +50,6 @@ def start_output(output: Path, running: dict[str, Any]) -> None:
                 shutil.rmtree(p)
             else:
                 p.unlink()
-
-
-def write_checkpoint_record(checkpoint: Path, record: dict[str, Any]) -> None:
-    write_json(checkpoint_record(checkpoint), record)
 
 
 def resume_checkpoint(requested: str | None, output: Path,

@@ -18,7 +18,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from drift.ledger import Cost
-from drift.train.output import write_checkpoint_record
+from drift.records import write_json
+from drift.rundir import checkpoint_record
 
 COUNTERS = ("trained_tokens", "tokens", "slot_tokens", "capped_tokens")
 """trained (target) tokens; real (non-padding) tokens through forward and backward; token
@@ -50,8 +51,8 @@ class Progress(TrainerCallback):
         cost = self.cost(Cost(wall_seconds=wall, cpu_seconds=cpu), counters)
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            write_checkpoint_record(checkpoint, {**self.record, "status": "complete", "step": state.global_step,
-                                                 "counters": counters, "cost": cost.to_json()})
+            write_json(checkpoint_record(checkpoint), {**self.record, "status": "complete", "step": state.global_step,
+                                                       "counters": counters, "cost": cost.to_json()})
 
     def counters(self) -> dict[str, float]:
         """COUNTERS summed over processes plus the resumed checkpoint's, and the training-loop
