@@ -45,7 +45,7 @@ def params(out: Path) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
+@pytest.mark.parametrize("normalize", ["weight_sum", "mean", "constant"])
 def test_two_processes_match_one(tmp_path, tiny_model_dir, normalize):
     data = write_rows(tmp_path / "w.jsonl", 14)
     common = dict(model=str(tiny_model_dir), data=data, lr=1e-3, epochs=1, warmup_ratio=0, weight_decay=0,

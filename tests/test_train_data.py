@@ -9,8 +9,9 @@ import torch
 
 from drift import DriftError
 from drift.train.data import (GlobalBatchSampler, RowError, collate, load_examples, tokenize_conversation,
-                              truncate)
+                              tokenize_row, truncate)
 from drift.train.inspect import inspect_row, mark_trained
+from drift.train.loss import loss_targets
 
 CONV = [
     {"role": "system", "content": "You're a helpful assistant."},
@@ -58,6 +59,40 @@ def test_chatml_newline_after_end_of_turn_not_trained(tiny_tokenizer):
     assert text.endswith("[[<answer>4</answer><|im_end|>]]")  # trailing template glue dropped
 
 
+def trajectory_row(finish_reasons, messages=CONV):
+    turns = [{"response": "", "answer": None, "answer_norm": None, "status": "wrong", "tokens": 5,
+              "finish_reason": r} for r in finish_reasons]
+    return {"prompt_id": "p", "sample_idx": 0, "messages": messages, "turns": turns, "weight": 1.0}
+
+
+def test_turn_cut_at_max_new_tokens_trains_no_end_of_turn(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids, mask, cut = tokenize_row(trajectory_row(["length", "stop"]), tok, "all")
+    assert cut == 1
+    assert trained_spans(tok, ids, mask) == ["<answer>5</answer>", "<answer>4</answer><|im_end|>"]
+    assert "<answer>5</answer><|im_end|>" in tok.decode(ids)  # still in the context of the next turn
+    ids, mask, cut = tokenize_row(trajectory_row(["stop", "length"]), tok, "last")
+    assert cut == 1 and trained_spans(tok, ids, mask) == ["<answer>4</answer>"]
+    assert tok.decode(ids).endswith("<answer>4</answer>")  # nothing after the last trained token
+    ids, mask, cut = tokenize_row(trajectory_row(["length", "stop"]), tok, "last")
+    assert cut == 0 and trained_spans(tok, ids, mask) == ["<answer>4</answer><|im_end|>"]
+    # rows without turns (plain messages + weight) train every end-of-turn token
+    ids, mask, cut = tokenize_row({"messages": CONV, "weight": 1.0}, tok, "all")
+    assert cut == 0 and trained_spans(tok, ids, mask)[0] == "<answer>5</answer><|im_end|>"
+
+
+def test_empty_turn_cut_at_max_new_tokens_has_nothing_to_train(tmp_path, tiny_tokenizer):
+    empty = CONV[:-1] + [{"role": "assistant", "content": ""}]
+    path = write_rows(tmp_path / "w.jsonl", [trajectory_row(["stop", "length"]),
+                                            trajectory_row(["stop", "length"], empty),
+                                            trajectory_row(["stop", "stop", "stop"])])
+    with pytest.raises(DriftError, match="w.jsonl:2: nothing to train"):
+        load_examples(path, tiny_tokenizer)
+    examples, stats = load_examples(path, tiny_tokenizer, skip_bad_rows=True)
+    assert len(examples) == 1 and stats.turns_cut_at_length == 1
+    assert stats.skipped == {"nothing_to_train": 1, "turns_invalid": 1}  # 3 turns, 2 assistant messages
+
+
 def test_conversation_must_end_with_assistant(tiny_tokenizer):
     with pytest.raises(RowError, match="does not end with an assistant"):
         tokenize_conversation(CONV[:-1], tiny_tokenizer)
@@ -93,6 +128,23 @@ def test_truncate_prompt_from_left_then_completion():
     assert truncate(ids, two_turns, 5) == ([5, 6, 7, 8, 9], [0, 1, 1, 1, 1], 5, 0)
 
 
+def test_truncation_inside_an_earlier_trained_turn_leaves_no_target_first():
+    # turns=all: the left cut of 3 falls inside the first trained turn (positions 1-3)
+    ids, mask = list(range(10)), [0, 1, 1, 1, 0, 0, 1, 1, 1, 1]
+    assert truncate(ids, mask, 7) == ([3, 4, 5, 6, 7, 8, 9], [0, 0, 0, 1, 1, 1, 1], 3, 0)
+    # packed after another row, position 0 would be predicted by that row's last token
+    from drift.train.data import Example
+
+    cut_ids, cut_mask, _, _ = truncate(ids, [0, 0, 1, 1, 1, 0, 0, 1, 1, 1], 8)
+    assert cut_mask[0] == 0
+    packed = collate([Example([1, 2], [0, 1], 1.0, 1), Example(cut_ids, cut_mask, 1.0, 2)], pad_id=0, pack=True)
+    assert packed["labels"][0, 2].item() == -100  # the second row's first token is no target
+    # padded: every token counted as trained is a target, so the targets' weights sum to the row's weight
+    padded = collate([Example(cut_ids, cut_mask, 1.0, 2)], pad_id=0)
+    _, _, weights = loss_targets(padded["labels"], padded["token_weight"])
+    assert weights.sum().item() == pytest.approx(1.0)
+
+
 def test_load_examples_counts_truncation_and_min_weight(tmp_path, tiny_tokenizer):
     long_conv = [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y" * 10}]
     path = write_rows(tmp_path / "w.jsonl", [
@@ -102,7 +154,9 @@ def test_load_examples_counts_truncation_and_min_weight(tmp_path, tiny_tokenizer
     ])
     examples, stats = load_examples(path, tiny_tokenizer, "last", max_length=200, min_weight=1e-3)
     assert [e.line for e in examples] == [1, 3]
-    assert [e.weight for e in examples] == [2.0, 1.0]
+    # 2 of 3 valid rows kept: weights scaled by 2/3, so mean_i(w_i loss_i) keeps the reference's scale
+    assert stats.weight_scale == pytest.approx(2 / 3)
+    assert [e.weight for e in examples] == pytest.approx([4 / 3, 2 / 3])
     assert len(examples[1].input_ids) == 200 and sum(examples[1].mask) == 11  # 10 chars + <|im_end|>
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 0
     assert stats.dropped_min_weight == 1 and stats.dropped_min_weight_tokens == len(examples[0].input_ids)
@@ -198,5 +252,8 @@ def test_inspect_marks_trained_tokens(tmp_path, tiny_model_dir):
     text = inspect_row(str(path), str(tiny_model_dir), row=1, turns="all")
     assert "weight 0.25" in text
     assert "<|im_start|>assistant\n[[<answer>5</answer><|im_end|>]]\n<|im_start|>user\nIncorrect." in text
+    path = write_rows(tmp_path / "t.jsonl", [trajectory_row(["stop", "length"])])
+    text = inspect_row(str(path), str(tiny_model_dir), row=1, turns="last")
+    assert "1 trained turn(s) hit max_new_tokens" in text and text.endswith("[[<answer>4</answer>]]")
     with pytest.raises(DriftError, match="no row on line 7"):
         inspect_row(str(path), str(tiny_model_dir), row=7)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drift import DriftError
 from drift.config import build
-from drift.train.data import Example, collate, tokenize_conversation
+from drift.train.data import Example, GlobalBatchSampler, collate, tokenize_conversation
 from drift.train.loss import loss_targets, weighted_nll_sum
 from drift.train.trainer import TrainConfig, WeightedTrainer, run_train
 
@@ -44,18 +44,24 @@ def train(tmp_path, model_dir, data, name="out", **kw):
     return run_train(build(TrainConfig, {**base, **kw}))
 
 
-def hand_loss(model_dir, rows, turns, normalize):
-    """sum_i w_i * (mean NLL of row i's trained tokens) / (N or sum w), with plain cross_entropy."""
+def hand_terms(model_dir, rows, turns):
+    """w_i * (mean NLL of row i's trained tokens) for every row, with plain cross_entropy."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    total, weights = 0.0, [r["weight"] for r in rows]
+    terms = []
     with torch.no_grad():
         for r in rows:
             ids, mask = tokenize_conversation(r["messages"], tok, turns)
             logits = model(torch.tensor([ids])).logits[0]
             nll = F.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")
-            total += r["weight"] * nll[torch.tensor(mask[1:]) == 1].mean().item()
-    return total / (len(rows) if normalize == "mean" else sum(weights))
+            terms.append(r["weight"] * nll[torch.tensor(mask[1:]) == 1].mean().item())
+    return terms
+
+
+def hand_loss(model_dir, rows, turns, normalize):
+    """sum_i w_i * loss_i / (N or sum w); one global batch of all rows (constant: N * mean w = sum w)."""
+    weights = [r["weight"] for r in rows]
+    return sum(hand_terms(model_dir, rows, turns)) / (len(rows) if normalize == "mean" else sum(weights))
 
 
 def final_params(out):
@@ -65,7 +71,7 @@ def final_params(out):
 
 @pytest.mark.parametrize("weights,normalize,turns", [
     ("ones", "mean", "last"), ("ones", "weight_sum", "all"),
-    ("varied", "mean", "all"), ("varied", "weight_sum", "last"),
+    ("varied", "mean", "all"), ("varied", "weight_sum", "last"), ("varied", "constant", "all"),
 ])
 def test_loss_equals_hand_computation(tmp_path, tiny_model_dir, weights, normalize, turns):
     """One global batch of all rows: the logged first-step loss is the formula; weights 1 = plain SFT."""
@@ -95,7 +101,7 @@ def test_weight_zero_row_contributes_no_gradient(tiny_model_dir, tiny_tokenizer)
         batch = collate(examples, tiny_tokenizer.pad_token_id)
         keep, targets, weights = loss_targets(batch["labels"], batch["token_weight"])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-        weighted_nll_sum(logits, targets, weights).backward()  # sum_i w_i * loss_i
+        weighted_nll_sum(logits, targets, weights)[0].backward()  # sum_i w_i * loss_i
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     alone = grads([b])
@@ -103,7 +109,70 @@ def test_weight_zero_row_contributes_no_gradient(tiny_model_dir, tiny_tokenizer)
     assert torch.allclose(grads([a, b]), grads([a]), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("normalize", ["weight_sum", "mean"])
+def test_constant_normalizer_is_global_batch_size_times_mean_weight(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Two global batches of 4 out of 8 rows: each step divides by 4 * mean_j w_j, not by its own weight sum."""
+    rows = make_rows(8, seed=5)
+    summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", rows), batch_size=4,
+                    normalize="constant", max_steps=1)
+    lengths = [len(tokenize_conversation(r["messages"], tiny_tokenizer, "last")[0]) for r in rows]
+    first = [rows[i] for i in GlobalBatchSampler(lengths, 4, order="group", seed=0).global_batches()[0]]
+    mean_weight = sum(r["weight"] for r in rows) / 8
+    assert summary["constant_normalizer"] == pytest.approx(4 * mean_weight)
+    expected = sum(hand_terms(tiny_model_dir, first, "last")) / (4 * mean_weight)
+    assert sum(r["weight"] for r in first) != pytest.approx(4 * mean_weight)  # the batch's own sum differs
+    assert summary["history"][0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("normalize,expected", [
+    # weights [1, 2, 5e-5, 0.5], the third dropped: 3 of 4 valid rows kept, weights x 3/4
+    ("mean", lambda terms: (terms[0] + terms[1] + terms[3]) * 0.75 / 3),  # the reference's / 4, less row 3
+    ("weight_sum", lambda terms: (terms[0] + terms[1] + terms[3]) / 3.5),  # the scale cancels
+])
+def test_min_weight_keeps_the_reference_objective(tmp_path, tiny_model_dir, normalize, expected):
+    rows = make_rows(4, seed=6, weights=[1.0, 2.0, 5e-5, 0.5])
+    summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", rows), batch_size=4,
+                    normalize=normalize, min_weight=1e-3, max_steps=1)
+    assert summary["data"]["weight_scale"] == 0.75 and summary["data"]["rows_used"] == 3
+    terms = hand_terms(tiny_model_dir, rows, "last")
+    assert summary["history"][0]["loss"] == pytest.approx(expected(terms), rel=1e-5)
+
+
+def test_negative_nll_cap_stops_the_gradient_and_is_counted():
+    # three tokens, vocabulary 4: NLL log 4 = 1.386 (uniform logits) or about 0.02 (logit 5 on the target)
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 2] = 5.0
+    logits.requires_grad_(True)
+    targets = torch.tensor([[1, 2, 3]])
+    weights = torch.tensor([[-1.0, -1.0, 1.0]])  # past the cap / below it / positive past it
+    total, stats = weighted_nll_sum(logits, targets, weights, nll_cap=1.0)
+    total.backward()
+    nll = -torch.log_softmax(logits.detach(), -1)[0, [0, 1, 2], [1, 2, 3]]
+    assert total.item() == pytest.approx((-nll[0] - nll[1] + nll[2]).item())  # the value is not capped
+    assert stats.capped == 1
+    assert torch.count_nonzero(logits.grad[0, 0]) == 0
+    assert torch.count_nonzero(logits.grad[0, 1]) > 0 and torch.count_nonzero(logits.grad[0, 2]) > 0
+
+
+@pytest.mark.parametrize("cap", [0.0, None])
+def test_negative_nll_cap_in_training(tmp_path, tiny_model_dir, cap):
+    """Cap 0: every negative-weight token is past it, so nothing moves; none: gradient ascent."""
+    data = write_data(tmp_path / "w.jsonl", make_rows(4, weights=[-1.0, -0.5, -2.0, -1.0]))
+    summary = train(tmp_path, tiny_model_dir, data, allow_negative_weights=True, negative_nll_cap=cap, max_steps=1)
+    step = summary["history"][0]
+    if cap is None:
+        assert summary["capped_tokens"] == 0 and step["grad_norm"] > 0
+    else:
+        assert summary["capped_tokens"] == summary["trained_tokens"] > 0 and step["grad_norm"] == 0
+
+
+def test_warmup_ramps_then_holds(tmp_path, tiny_model_dir):
+    """warmup_ratio 0.5 of 4 steps: 2 warmup steps (0, lr/2), then lr (logged: the rate each step used)."""
+    data = write_data(tmp_path / "w.jsonl", make_rows(8))
+    summary = train(tmp_path, tiny_model_dir, data, batch_size=2, max_steps=4, warmup_ratio=0.5)
+    assert [h["learning_rate"] for h in summary["history"]] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize("normalize", ["weight_sum", "mean", "constant"])
 def test_batch1_accum4_equals_batch4_accum1(tmp_path, tiny_model_dir, normalize):
     data = write_data(tmp_path / "w.jsonl", make_rows(10, seed=2))
     one = train(tmp_path, tiny_model_dir, data, "b1", batch_size=1, grad_accum=4, normalize=normalize, max_steps=2)
@@ -166,6 +235,11 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, tiny_model_dir):
                     resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
     assert resumed["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], rel=1e-5)
     assert torch.allclose(final_params(tmp_path / "full"), final_params(tmp_path / "resumed"), atol=1e-6)
+    # the resumed run's summary counts the steps before the checkpoint too
+    for k in ("steps", "trained_tokens", "tokens", "padding_share"):
+        assert resumed[k] == full[k]
+    assert resumed["cost"]["trained_tokens"] == full["cost"]["trained_tokens"] == full["tokens"]
+    assert resumed["cost"]["optimizer_steps"] == 3
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir):
@@ -182,6 +256,26 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_model_dir):
         train(tmp_path, tiny_model_dir, data, lr_scheduler="bogus")
     with pytest.raises(DriftError, match="unknown config key 'lr_rate'"):
         train(tmp_path, tiny_model_dir, data, lr_rate=1.0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_steps", 0, "'max_steps' must be -1 \\(run all epochs\\) or >= 1, got 0"),
+    ("max_steps", -2, "'max_steps' must be -1"),
+    ("lr", -1.0, "'lr' must be a finite number > 0, got -1.0"),
+    ("lr", 0.0, "'lr' must be a finite number > 0"),
+    ("lr", float("nan"), "'lr' must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "'lr' must be a finite number > 0, got inf"),
+    ("weight_decay", -0.1, "'weight_decay' must be a finite number >= 0"),
+    ("max_grad_norm", -1.0, "'max_grad_norm' must be a finite number >= 0"),
+    ("epochs", float("nan"), "'epochs' must be a finite number >= 0"),
+    ("negative_nll_cap", -1.0, "'negative_nll_cap' must be a finite number >= 0"),
+    ("lora_dropout", 1.0, "'lora_dropout' must be in \\[0, 1\\)"),
+])
+def test_bad_numbers_are_one_clear_error(tmp_path, key, value, message):
+    cfg = build(TrainConfig, {"data": "w.jsonl", "output": str(tmp_path / "out"), key: value})
+    with pytest.raises(DriftError, match=message):
+        run_train(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_missing_weight_column_is_refused():

@@ -169,16 +169,35 @@ def test_weights_stage_reference_format_matches_formula(tmp_path):
     assert (tmp_path / "out.weights.json").is_file()
 
 
-def test_degenerate_groups_keep_or_drop(tmp_path):
+def test_degenerate_rules_tell_unsolved_from_equal_groups(tmp_path):
+    # a: all fail, distinct answers -> R = [0, 0, 0] (unsolved and equal)
+    # b: one success at turn 1 -> R = [1, 0] (solved, not equal)
+    # c: all succeed at turn 1 -> R = [1, 1] (equal, but the positive data of every method)
+    # d: all fail, "1","1" repeated in row 0 -> R = [-0.25, 0] (unsolved, not equal)
     rows = [drift_row("a", i, [turn("wrong", str(i))]) for i in range(3)]
     rows += [drift_row("b", 0, [turn("correct", "c")], 1), drift_row("b", 1, [turn("wrong", "d")])]
+    rows += [drift_row("c", i, [turn("correct", "c")], 1) for i in range(2)]
+    rows += [drift_row("d", 0, [turn("wrong", "1"), turn("wrong", "1")]), drift_row("d", 1, [turn("wrong", "2")])]
     inp = write(tmp_path / "in.jsonl", rows)
-    keep, diag = compute(WeightsConfig(input=inp, output="o", degenerate="keep"))
-    assert [r["weight"] for r in keep[:3]] == [1.0, 1.0, 1.0]
-    assert diag["degenerate_groups"] == 1 and diag["degenerate_share"] == 0.5
-    drop, _ = compute(WeightsConfig(input=inp, output="o", degenerate="drop"))
-    assert [r["weight"] for r in drop[:3]] == [0.0, 0.0, 0.0]
-    assert drop[3]["weight"] == pytest.approx(2 / (1 + math.exp(-10)))
+    b = [2 / (1 + math.exp(-10)), 2 / (1 + math.exp(10))]  # drift, beta 0.1, R = [1, 0]
+    d = [2 / (1 + math.exp(2.5)), 2 / (1 + math.exp(-2.5))]  # R = [-0.25, 0]: exp(-2.5) vs exp(0), mean 1
+    expected = {"keep": [1.0] * 3 + b + [1.0, 1.0] + d,
+                "drop_unsolved": [0.0] * 3 + b + [1.0, 1.0] + [0.0, 0.0],
+                "drop_equal": [0.0] * 3 + b + [0.0, 0.0] + d}
+    for rule, weights in expected.items():
+        out, diag = compute(WeightsConfig(input=inp, output="o", degenerate=rule))
+        assert [r["weight"] for r in out] == pytest.approx(weights, rel=1e-9), rule
+        assert diag["degenerate_groups"] == 2 and diag["degenerate_share"] == 0.5  # a and c
+        assert diag["unsolved_groups"] == 2 and diag["unsolved_share"] == 0.5  # a and d
+        assert diag["dropped_groups"] == {"keep": 0, "drop_unsolved": 2, "drop_equal": 2}[rule]
+        assert diag["degenerate_rule"] == rule
+
+
+def test_old_drop_rule_is_a_clear_error(tmp_path):
+    from drift.config import build
+
+    with pytest.raises(DriftError, match="'degenerate' must be one of \\['keep', 'drop_unsolved', 'drop_equal'\\]"):
+        build(WeightsConfig, {"degenerate": "drop"})
 
 
 def test_refit_negative_return_is_a_clear_error(tmp_path):

@@ -53,6 +53,9 @@ def resolve_model(name_or_path: str) -> str:
         return str(ensure_default_model())
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        from drift.train.output import require_trained
+
+        require_trained(path)  # a training run that did not finish is never loaded as a model
         # Checked here: transformers would blame a missing tokenizer library (sentencepiece) instead.
         if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise DriftError(f"{name_or_path}: not a model directory (no config.json)")

@@ -28,7 +28,7 @@ from drift import DriftError
 from drift.config import build, option, read_config_file
 from drift.evaluate import ENVIRONMENT_KEYS, EvalConfig, inherit_environment
 from drift.records import write_json
-from drift.rundir import Lock, RunDir, ensure_writable, is_complete, mismatch, read_record
+from drift.rundir import Lock, RunDir, checkpoint_record, ensure_writable, is_complete, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step
 
 
 def _resumed(t: Any) -> Any:
-    """An unfinished training run with checkpoints goes on from the last complete one."""
-    if any(Path(t.output).glob("checkpoint-*")):
+    """An unfinished training run with a complete checkpoint goes on from the last one."""
+    if any(checkpoint_record(p).is_file() for p in Path(t.output).glob("checkpoint-*")):
         return dataclasses.replace(t, resume_from_checkpoint="latest")
     return t
 

@@ -7,6 +7,7 @@ One owner of the layout: the folder and file names below are spelled here and no
       rollout/                  a rollout directory (RolloutDir): manifest.json + trajectories/
       weights/<arm>.jsonl       weighted rows; <arm>.weights.json beside it is their record
       train/<arm>/              a trained model (save_pretrained) + train_summary.json
+      train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
       online/<arm>/             the online arm: live state, checkpoints, its eval curve
       eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
       report.md, succ_at_k.png, cost.png
@@ -101,6 +102,11 @@ def weights_record(output: str | Path) -> Path:
     """The record (diagnostics) written beside a weighted JSONL file."""
     p = Path(output)
     return p.with_name(p.stem + ".weights.json")
+
+
+def checkpoint_record(checkpoint: str | Path) -> Path:
+    """The record drift train writes into a training checkpoint once it is complete."""
+    return Path(checkpoint) / "drift_checkpoint.json"
 
 
 @dataclass(frozen=True)

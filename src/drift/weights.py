@@ -14,9 +14,17 @@ Weights of one prompt group with returns R_1..R_N:
     rft:    w_i = 1 if trajectory i was solved else 0
     refit:  w_i = R_i                                            (R_i >= 0 required)
     swift:  w_i = (R_i - mean(R)) / (std(R) + eps)              (population std, eps = 1e-6)
-A group is *degenerate* when all its returns are equal: it carries no preference signal.
-Rule `keep` leaves the method's weights (drift and sft: all 1 = plain SFT on the group; swift: all 0);
-rule `drop` sets the group's weights to 0.
+Two kinds of groups may deserve no training, and they differ:
+    unsolved:    no trajectory of the group succeeded (drift: the least bad failures get the
+                 most weight; with equal returns, plain SFT on failures);
+    degenerate:  all returns are equal, so the group carries no preference signal. All-success
+                 groups are degenerate too, and they are exactly the positive data of rft, sft,
+                 refit and DRIFT's clean imitation of correct answers.
+The `degenerate` rule picks which groups get weight 0:
+    keep           (default, the reference) the method's weights everywhere;
+    drop_unsolved  groups with no success;
+    drop_equal     groups whose returns are all equal (all-success groups included).
+The diagnostics count both kinds of groups whatever the rule.
 """
 
 from __future__ import annotations
@@ -62,6 +70,15 @@ def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
 
 def is_degenerate(returns: Sequence[float]) -> bool:
     return max(returns) - min(returns) <= 1e-12
+
+
+def is_dropped(rule: str, degenerate: bool, solved: Sequence[bool]) -> bool:
+    """Does the `degenerate` rule zero this group's weights?"""
+    if rule == "drop_unsolved":
+        return not any(solved)
+    if rule == "drop_equal":
+        return degenerate
+    return False
 
 
 def drift_weights(returns: Sequence[float], beta: float) -> list[float]:
@@ -118,7 +135,9 @@ class WeightsConfig:
     format_penalty: float = option(-0.1, "return penalty per unparseable turn (drift format)")
     timeout_penalty: float = option(0.0, "return penalty per turn whose check timed out (drift format; 0: none)")
     repeat_penalty: float = option(0.5, "lambda of the repeated-answer penalty")
-    degenerate: Literal["keep", "drop"] = option("keep", "groups whose returns are all equal: keep the method's weights, or drop (weight 0)")
+    degenerate: Literal["keep", "drop_unsolved", "drop_equal"] = option(
+        "keep", "which groups get weight 0: keep (none, the reference), drop_unsolved (groups with no success), "
+        "drop_equal (groups whose returns are all equal, all-success groups included)")
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
@@ -192,12 +211,14 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
             raise DriftError(
                 f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad]['return']:.4g} "
                 "(penalties make returns negative: use --format-penalty 0 --repeat-penalty 0 with refit)") from None
-        if degenerate and cfg.degenerate == "drop":
+        dropped = is_dropped(cfg.degenerate, degenerate, solved)
+        if dropped:
             ws = [0.0] * len(ws)
         for i, w in zip(idx, ws):
             rows[i]["weight"] = w
-        per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate,
-                          "ess": effective_sample_size(ws), "max_weight": max(ws), "solved": sum(solved)})
+        per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate, "unsolved": not any(solved),
+                          "dropped": dropped, "ess": effective_sample_size(ws), "max_weight": max(ws),
+                          "solved": sum(solved)})
     return rows, diagnostics(cfg, rows, per_group, skipped)
 
 
@@ -211,6 +232,9 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
         "rows": len(rows), "skipped_rows": skipped, "groups": len(per_group),
         "degenerate_groups": sum(g["degenerate"] for g in per_group),
         "degenerate_share": sum(g["degenerate"] for g in per_group) / len(per_group),
+        "unsolved_groups": sum(g["unsolved"] for g in per_group),
+        "unsolved_share": sum(g["unsolved"] for g in per_group) / len(per_group),
+        "dropped_groups": sum(g["dropped"] for g in per_group),
         "solved_share": sum(is_success(r) for r in rows) / len(rows),
         "return_mean": statistics.fmean(r["return"] for r in rows),
         "weight_sum": sum(weights), "weight_min": min(weights), "weight_max": max(weights),
@@ -251,7 +275,9 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
         ("rows / groups", f"{diag['rows']} / {diag['groups']}" + (f"  ({diag['skipped_rows']} skipped)" if diag["skipped_rows"] else "")),
         ("solved trajectories", f"{diag['solved_share']:.1%}"),
         ("mean return", f"{diag['return_mean']:.4f}"),
-        ("degenerate groups", f"{diag['degenerate_groups']} ({diag['degenerate_share']:.1%}, rule: {diag['degenerate_rule']})"),
+        ("degenerate groups (returns all equal)", f"{diag['degenerate_groups']} ({diag['degenerate_share']:.1%})"),
+        ("unsolved groups (no success)", f"{diag['unsolved_groups']} ({diag['unsolved_share']:.1%})"),
+        ("groups dropped", f"{diag['dropped_groups']} (rule: {diag['degenerate_rule']})"),
         ("ESS per group", f"mean {diag['ess_mean']:.2f}, min {diag['ess_min']:.2f}, median {diag['ess_median']:.2f}"),
         ("weight min / p10 / p50 / p90 / max", f"{diag['weight_min']:.4g} / {q['p10']:.4g} / {q['p50']:.4g} / {q['p90']:.4g} / {diag['weight_max']:.4g}"),
         ("rows with |weight| < 1e-3", str(diag["rows_weight_below_1e-3"])),

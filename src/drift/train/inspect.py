@@ -13,7 +13,7 @@ from typing import Any, Literal
 from drift import DriftError
 from drift.config import option
 from drift.records import read_jsonl
-from drift.train.data import RowError, check_messages, check_weight, tokenize_conversation, truncate
+from drift.train.data import RowError, check_weight, tokenize_row, truncate
 
 OPEN, CLOSE = "[[", "]]"
 
@@ -48,12 +48,14 @@ def inspect_row(data: str, model: str, row: int, turns: str = "last", max_length
     tokenizer = load_tokenizer(model)
     try:
         weight = check_weight(found, allow_negative=True)
-        ids, mask = tokenize_conversation(check_messages(found), tokenizer, turns)
+        ids, mask, cut = tokenize_row(found, tokenizer, turns)
         ids, mask, left, right = truncate(ids, mask, max_length)
     except RowError as e:
         raise DriftError(f"{data}:{row}: {e}") from None
     header = (f"row {row} of {data}: weight {weight:.6g}, {len(ids)} tokens, {sum(mask)} trained "
               f"(marked {OPEN} {CLOSE}), turns={turns}")
+    if cut:
+        header += f"; {cut} trained turn(s) hit max_new_tokens: their end-of-turn token is not trained"
     if left or right:
         header += f"; truncated to {max_length}: {left} prompt tokens cut from the left, {right} from the end"
     return f"{header}\n\n{mark_trained(ids, mask, tokenizer)}"

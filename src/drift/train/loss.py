@@ -91,11 +91,10 @@ def policy_loss_sum(logp: torch.Tensor, weights: torch.Tensor, valid: torch.Tens
 
 
 def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                     nll_cap: float | None = None) -> torch.Tensor:
-    """sum_t weights[t] * NLL(targets[t] | logits[t]), -100 targets skipped (the offline loss).
+                     nll_cap: float | None = None) -> tuple[torch.Tensor, LossStats]:
+    """sum_t weights[t] * NLL(targets[t] | logits[t]), -100 targets skipped (the offline loss), and its stats.
 
     logits [B, K, V]; targets, weights [B, K]. With weights = w_i / n_i on the n_i trained
     tokens of example i this is sum_i w_i * mean-token-NLL_i.
     """
-    total, _ = policy_loss_sum(token_logprobs(logits, targets), weights, targets != -100, nll_cap=nll_cap)
-    return total
+    return policy_loss_sum(token_logprobs(logits, targets), weights, targets != -100, nll_cap=nll_cap)

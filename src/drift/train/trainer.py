@@ -4,26 +4,41 @@ Loss of one optimizer step over its global batch B (all micro-batches of the gra
 accumulation, all ranks), with loss_i the mean token NLL over the trained tokens of example i:
     normalize = mean:        L = sum_{i in B} w_i * loss_i / |B|        (the reference)
     normalize = weight_sum:  L = sum_{i in B} w_i * loss_i / sum_{i in B} w_i
-Both normalizers are counted over the whole global batch before its first forward pass, so
-batch 1 x accumulation 4 gives the same gradient as batch 4 x accumulation 1, and N ranks the
-same as one process. With turns=all an example is a whole conversation and loss_i the mean over
-all its trained tokens.
+    normalize = constant:    L = sum_{i in B} w_i * loss_i / (G * mean_j |w_j|)
+G is the global batch size in rows (batch_size x grad_accum x processes) and the mean runs over
+all training rows: one normalizer for the whole run, the expected weight sum of a global batch.
+weight_sum scales every batch to full strength however little weight it holds (length grouping
+puts the longest rows, mostly failures with low weights, together); constant keeps a batch of
+low-weight rows a small step. Every normalizer is counted over the whole global batch before its
+first forward pass, so batch 1 x accumulation 4 gives the same gradient as batch 4 x
+accumulation 1, and N ranks the same as one process. With turns=all an example is a whole
+conversation and loss_i the mean over all its trained tokens.
 
 min_weight drops rows with |w| < min_weight before training. The default 1e-3: DRIFT weights
 average 1 per prompt group, so such a row pulls less than 0.1% of an average row, while with
 beta = 0.1 a failure in a group that also holds a success gets ~5e-5 and would cost a full
-forward and backward pass. Under weight_sum the objective barely changes (the dropped weight
-share is reported). Under mean, |B| counts kept rows only, so the objective is rescaled by about
-1 / (share of rows kept): the effective learning rate grows.
+forward and backward pass. To keep the reference objective, the kept weights are multiplied by
+rows kept / rows valid (train_summary.json: data.weight_scale): under mean the expected loss is
+then the reference's, less the dropped rows' terms (without it, |B| would count kept rows only
+and the effective learning rate would grow by 1 / share kept); under weight_sum and constant the
+scale cancels.
+
+Negative weights (swift) push the probability of a token down without bound. With
+negative_nll_cap a negative-weight token whose NLL is already past the cap gets no more gradient
+(train_summary.json: capped_tokens counts them over the run).
+
+What a run leaves in its output, and how a resume is checked: `drift.train.output`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import logging
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +50,13 @@ from transformers import SchedulerType, Trainer
 
 from drift import DriftError
 from drift.config import option, settings
+from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import read_record, record, weights_record
+from drift.rundir import Lock, TrainDir, ensure_writable, read_record, record, weights_record
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
 from drift.train.loss import loss_targets, weighted_nll_sum
+from drift.train.output import resume_checkpoint, start_output
+from drift.train.progress import COUNTERS, Progress
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +69,13 @@ class TrainConfig:
     output: str = option("runs/train", "output directory: save_pretrained model + tokenizer, train_summary.json", result=False)
     turns: Literal["last", "all"] = option("last", "last: train the last assistant message (the reference); "
                                            "all: every assistant message of the conversation in one pass")
-    normalize: Literal["mean", "weight_sum"] = option(
-        "mean", "mean: sum_i w_i*loss_i / rows (the reference); weight_sum: ... / sum_i w_i; over the global batch")
+    normalize: Literal["mean", "weight_sum", "constant"] = option(
+        "mean", "mean: sum_i w_i*loss_i / rows of the global batch (the reference); weight_sum: ... / its sum_i w_i; "
+        "constant: ... / (global batch size x mean |w| of the data), the same for every step")
     min_weight: float = option(1e-3, "drop rows with |weight| below this before training (0 keeps all)")
     allow_negative_weights: bool = option(False, "admit negative weights (standardized ones such as swift's)")
+    negative_nll_cap: float | None = option(5.0, "a negative-weight token whose NLL exceeds this many nats gets no "
+                                            "more gradient (none: unbounded ascent)")
     skip_bad_rows: bool = option(False, "skip and count bad rows instead of stopping at the first")
     max_length: int = option(1024, "tokens per example; longer ones lose prompt tokens from the left first")
     batching: Literal["group", "pack", "random"] = option(
@@ -62,7 +83,7 @@ class TrainConfig:
         "random: the naive recipe")
     lr: float = option(1e-5, "peak learning rate")
     epochs: float = option(2.0, "passes over the data")
-    max_steps: int = option(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    max_steps: int = option(-1, "stop after this many optimizer steps (>= 1; -1: run all epochs)")
     batch_size: int = option(8, "examples per micro-batch per process")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
     warmup_ratio: float = option(0.1, "share of the steps with linear learning-rate warmup (0 <= r < 1)")
@@ -94,11 +115,14 @@ class WeightedTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss already divides by the global-batch normalizer
 
-    def __init__(self, *args: Any, normalize: str = "mean", batching: Batching = "group", **kwargs: Any):
+    def __init__(self, *args: Any, normalize: str = "mean", batching: Batching = "group",
+                 nll_cap: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.normalize = normalize
-        self.batching = batching
-        self.token_counts = torch.zeros(3, dtype=torch.float64)  # trained, real (non-padding), slots
+        self.normalize, self.batching, self.nll_cap = normalize, batching, nll_cap
+        self.counts = torch.zeros(len(COUNTERS), dtype=torch.float64)  # [COUNTERS] of this process, this run
+        a = self.args
+        rows = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        self.constant = rows * statistics.fmean(abs(e.weight) for e in self.train_dataset)
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
@@ -118,15 +142,20 @@ class WeightedTrainer(Trainer):
         batches = list(itertools.islice(epoch_iterator, num_batches))
         if not batches:
             return batches, None
+        for b in batches:
+            real = b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            self.counts[:3] += torch.tensor([float((b["labels"] != -100).sum()), float(real),
+                                             float(b["input_ids"].numel())], dtype=torch.float64)
+        return batches, self.normalizer(batches, device) / self.args.world_size
+
+    def normalizer(self, batches: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+        """The global batch's normalizer (see the module docstring); a collective unless constant."""
+        if self.normalize == "constant":
+            return torch.tensor(self.constant, device=device)
         weights = torch.cat([b["weight"] for b in batches]).to(device)
         local = weights.sum() if self.normalize == "weight_sum" else torch.tensor(float(weights.numel()), device=device)
         total = self.accelerator.reduce(local.float(), reduction="sum")
-        total = torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: loss 0, not NaN
-        for b in batches:
-            real = b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
-            self.token_counts += torch.tensor([float((b["labels"] != -100).sum()), float(real),
-                                               float(b["input_ids"].numel())], dtype=torch.float64)
-        return batches, total / self.args.world_size
+        return torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: loss 0, not NaN
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -136,9 +165,11 @@ class WeightedTrainer(Trainer):
         labels, token_weight, weight = inputs.pop("labels"), inputs.pop("token_weight"), inputs.pop("weight")
         keep, targets, weights = loss_targets(labels, token_weight)
         outputs = model(**inputs, logits_to_keep=keep)
-        total = weighted_nll_sum(outputs.logits, targets, weights)
+        total, stats = weighted_nll_sum(outputs.logits, targets, weights, self.nll_cap)
+        self.counts[3] += stats.capped
         if num_items_in_batch is None:  # outside the training loop: normalize over this batch
-            num_items_in_batch = weight.sum() if self.normalize == "weight_sum" else weight.numel()
+            num_items_in_batch = {"weight_sum": weight.sum(), "constant": self.constant}.get(self.normalize,
+                                                                                           weight.numel())
         loss = total / num_items_in_batch
         return (loss, outputs) if return_outputs else loss
 
@@ -146,17 +177,9 @@ class WeightedTrainer(Trainer):
 def _check(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise DriftError("train: set data (a weighted JSONL from `drift weights`)")
-    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r"):
-        if getattr(cfg, name) < 1:
-            raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
-    if cfg.epochs <= 0 and cfg.max_steps <= 0:
-        raise DriftError(f"config key 'epochs' must be > 0 (or set max_steps), got {cfg.epochs}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise DriftError(f"config key 'warmup_ratio' must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.min_weight < 0 or not math.isfinite(cfg.min_weight):
-        raise DriftError(f"config key 'min_weight' must be a finite number >= 0, got {cfg.min_weight}")
+    _check_numbers(cfg)
     if cfg.normalize == "weight_sum" and cfg.allow_negative_weights:
-        raise DriftError("normalize=weight_sum needs non-negative weights; use normalize=mean with "
+        raise DriftError("normalize=weight_sum needs non-negative weights; use normalize=mean or constant with "
                          "allow_negative_weights")
     if cfg.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
         raise DriftError("report_to=wandb needs the wandb package (pip install wandb)")
@@ -167,6 +190,29 @@ def _check(cfg: TrainConfig) -> None:
         raise DriftError(f"config key 'lr_scheduler' must be one of {schedulers}, got {cfg.lr_scheduler!r}")
     if cfg.merge_lora and not cfg.lora:
         raise DriftError("merge_lora needs lora")
+
+
+# numeric keys: (name, lowest allowed value, whether the lowest value itself is allowed)
+_LOWER_BOUNDS = (("lr", 0.0, False), ("epochs", 0.0, True), ("weight_decay", 0.0, True),
+                 ("max_grad_norm", 0.0, True), ("min_weight", 0.0, True), ("negative_nll_cap", 0.0, True))
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha"):
+        if getattr(cfg, name) < 1:
+            raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
+    for name, low, inclusive in _LOWER_BOUNDS:
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise DriftError(f"config key '{name}' must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                             f"got {value}")
+    if cfg.max_steps < 1 and cfg.max_steps != -1:
+        raise DriftError(f"config key 'max_steps' must be -1 (run all epochs) or >= 1, got {cfg.max_steps}")
+    if cfg.epochs == 0 and cfg.max_steps == -1:
+        raise DriftError("config key 'epochs' must be > 0 (or set max_steps), got 0")
+    for name in ("warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise DriftError(f"config key '{name}' must be in [0, 1), got {getattr(cfg, name)}")
 
 
 def _load_model(path: str, cfg: TrainConfig) -> Any:
@@ -210,18 +256,6 @@ def _training_args(cfg: TrainConfig) -> Any:
         use_cpu=not cuda)
 
 
-def _resume(cfg: TrainConfig) -> str | bool | None:
-    if cfg.resume_from_checkpoint in (None, ""):
-        return None
-    if cfg.resume_from_checkpoint == "latest":
-        if not any(Path(cfg.output).glob("checkpoint-*")):
-            raise DriftError(f"resume_from_checkpoint=latest: no checkpoint-* in {cfg.output}")
-        return True
-    if not Path(cfg.resume_from_checkpoint).is_dir():
-        raise DriftError(f"checkpoint not found: {cfg.resume_from_checkpoint}")
-    return cfg.resume_from_checkpoint
-
-
 def _save_merged(base_path: str, output: Path, tokenizer: Any) -> None:
     """Reload the base model, merge the saved adapter into it, save to output/merged."""
     from peft import PeftModel
@@ -236,69 +270,89 @@ def _save_merged(base_path: str, output: Path, tokenizer: Any) -> None:
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Weighted fine-tuning; returns (and writes to output/train_summary.json) a summary.
 
-    1. load the tokenizer and turn the weighted rows into examples (masks, truncation, min_weight)
-    2. load the model (full weights or a LoRA adapter)
-    3. train with WeightedTrainer
-    4. save model + tokenizer (+ merged model), write the summary
+    1. check the config and that the output is writable; process 0 locks the output for the run
+    2. find the checkpoint to resume from; refuse one made with other settings
+    3. load the tokenizer and turn the weighted rows into examples (masks, truncation, min_weight)
+    4. load the model (full weights or a LoRA adapter)
+    5. mark the output running (no model files of an earlier run left), train with WeightedTrainer
+    6. save model + tokenizer (+ merged model), write the summary (status complete)
+    Bad input fails in steps 1-4, before anything in the output is changed.
     """
+    # step 1
+    _check(cfg)
+    out = ensure_writable(cfg.output)
+    # Every process of `accelerate launch` runs this; one lock per output is enough, taken by the
+    # process that writes. A second job into the same output fails there, and the launcher ends
+    # the job's other processes.
+    args = _training_args(cfg)
+    with Lock(out) if args.process_index == 0 else contextlib.nullcontext():
+        return _train(cfg, args, out)
+
+
+def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     from drift.models import load_tokenizer, resolve_model
 
-    _check(cfg)
-    # step 1
-    path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(path)
-    if not tokenizer.chat_template:
-        raise DriftError(f"model {cfg.model!r} has no chat template: masks are built from it")
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.turns, cfg.max_length, cfg.min_weight,
-                                    cfg.skip_bad_rows, cfg.allow_negative_weights)
-    log.info("train: %d rows used of %d; %d dropped below min_weight %g (%.3g%% of the weight); skipped %s",
-             stats.rows_used, stats.rows_read, stats.dropped_min_weight, cfg.min_weight,
-             100 * stats.weight_share_dropped, stats.skipped or "none")
-    if stats.weight_total - stats.weight_dropped <= 0:
-        raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
-    # step 2 (the arguments first: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
-    args = _training_args(cfg)
-    model = _load_model(path, cfg)
-    # step 3
-    trainer = WeightedTrainer(model=model, args=args, train_dataset=examples,
-                              processing_class=tokenizer, normalize=cfg.normalize, batching=cfg.batching)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_resume(cfg))
-    seconds = time.perf_counter() - start
-    trained, real, slots = trainer.accelerator.reduce(trainer.token_counts.to(trainer.args.device),
-                                                      reduction="sum").tolist()
-    # step 4
-    out = Path(cfg.output)
-    trainer.save_model(str(out))
-    summary = _summary(cfg, stats, trainer, result, seconds, trained, real, slots)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        if cfg.merge_lora:
-            _save_merged(path, out, tokenizer)
+    cost, started = Cost(), (time.perf_counter(), time.process_time())
+    with measure(cost, str(args.device)):
+        # step 2
         rec = stage_record(cfg, read_record(weights_record(cfg.data)))
-        write_json(out / "train_summary.json", {**rec, "status": "complete", **summary})
+        checkpoint, carried = resume_checkpoint(cfg.resume_from_checkpoint, out, rec)
+        # step 3
+        path = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(path)
+        if not tokenizer.chat_template:
+            raise DriftError(f"model {cfg.model!r} has no chat template: masks are built from it")
+        examples, stats = load_examples(cfg.data, tokenizer, cfg.turns, cfg.max_length, cfg.min_weight,
+                                        cfg.skip_bad_rows, cfg.allow_negative_weights)
+        log.info("train: %d rows used of %d; %d dropped below min_weight %g (%.3g%% of the weight, kept weights "
+                 "x %.4g); skipped %s", stats.rows_used, stats.rows_read, stats.dropped_min_weight, cfg.min_weight,
+                 100 * stats.weight_share_dropped, stats.weight_scale, stats.skipped or "none")
+        if stats.weight_total - stats.weight_dropped <= 0:
+            raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
+        # step 4 (after the arguments: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
+        model = _load_model(path, cfg)
+        # step 5
+        trainer = WeightedTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
+                                  normalize=cfg.normalize, batching=cfg.batching, nll_cap=cfg.negative_nll_cap)
+        progress = Progress(trainer, rec, carried, started, parameter_count(model))
+        trainer.add_callback(progress)
+        if trainer.is_world_process_zero():
+            start_output(out, {**rec, "config": asdict(cfg)})
+        result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+        counters = progress.counters()
+        # step 6
+        trainer.save_model(str(out))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(out)
+            if cfg.merge_lora:
+                _save_merged(path, out, tokenizer)
+    summary = {**rec, "status": "complete", **_summary(cfg, stats, trainer, result, counters),
+               "resumed_from": checkpoint and str(checkpoint), "cost": progress.cost(cost, counters).to_json()}
+    if trainer.is_world_process_zero():
+        write_json(TrainDir(out).summary, summary)
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
     log.info("train: %d steps, final loss %s, %.0f tokens/s, saved to %s", summary["steps"], summary["final_loss"],
              summary["tokens_per_second"], out)
     return summary
 
 
-def _summary(cfg: TrainConfig, stats: Any, trainer: Trainer, result: Any, seconds: float,
-             trained: float, real: float, slots: float) -> dict[str, Any]:
+def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any,
+             counters: dict[str, float]) -> dict[str, Any]:
     history = [{k: h[k] for k in ("step", "loss", "grad_norm", "learning_rate") if k in h}
                for h in trainer.state.log_history if "loss" in h]
+    seconds, trained, real, slots = (counters[k] for k in ("seconds", "trained_tokens", "tokens", "slot_tokens"))
     return {
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
         "distributed_type": trainer.accelerator.distributed_type.value,
+        "constant_normalizer": trainer.constant if cfg.normalize == "constant" else None,
         "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
-        "seconds": seconds, "trained_tokens": int(trained), "tokens": int(real),
+        "seconds": seconds, "trained_tokens": trained, "tokens": real, "capped_tokens": counters["capped_tokens"],
         "padding_share": 1 - real / slots if slots else 0.0,
         "tokens_per_second": real / seconds if seconds else 0.0,
         "trained_tokens_per_second": trained / seconds if seconds else 0.0,
     }
-
 
 
 def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""What a training run leaves in its output directory, and how readers know it is finished.
+
+    output/train_summary.json    written twice: {"status": "running", ...} before training starts,
+                                 the full summary with "status": "complete" at the end
+    output/checkpoint-N/         a resumable checkpoint (save_steps)
+      drift_checkpoint.json      its record (`drift.rundir.checkpoint_record`): the settings that
+                                 made it and the run's counters so far; written only after the
+                                 checkpoint is fully saved, so it also marks the checkpoint complete
+
+A run killed before its end leaves "status": "running" and no model files of an earlier run, so
+it can never pass for a finished one: `require_trained` is the check readers make.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from drift import DriftError
+from drift.records import write_json
+from drift.rundir import TrainDir, checkpoint_record, mismatch, read_record
+
+log = logging.getLogger(__name__)
+
+# save_pretrained's weight files (transformers and peft); config and tokenizer files are rewritten anyway
+MODEL_FILES = ("model*.safetensors*", "pytorch_model*", "adapter_*", "merged")
+
+
+def require_trained(path: str | Path) -> None:
+    """Refuse a training output whose run did not finish (its summary says status running).
+
+    A directory without train_summary.json is not drift's (a downloaded model): nothing to check.
+    """
+    summary = read_record(TrainDir(Path(path)).summary)
+    status = (summary or {}).get("status", "complete")  # summaries before status existed were written at the end
+    if status != "complete":
+        raise DriftError(f"{path}: training did not finish (status {status}); rerun drift train with --output "
+                         f"{path} (add --resume-from-checkpoint latest if it saved checkpoints)")
+
+
+def start_output(output: Path, running: dict[str, Any]) -> None:
+    """Mark `output` as a run in progress before training: the summary says running, and model
+    files of an earlier run are removed (checkpoints stay: they may be what is being resumed)."""
+    write_json(TrainDir(output).summary, running)
+    for pattern in MODEL_FILES:
+        for p in output.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def resume_checkpoint(requested: str | None, output: Path,
+                      record: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint to resume from and its record (None, None: a fresh run).
+
+    `requested` is a checkpoint directory or "latest" (the newest complete one in `output`). A
+    checkpoint without its record (a save cut short) or made with other settings or from other
+    data than `record`'s is refused.
+    """
+    if requested in (None, ""):
+        return None, None
+    path = latest_checkpoint(output) if requested == "latest" else Path(requested)
+    if not path.is_dir():
+        raise DriftError(f"checkpoint not found: {path}")
+    saved = read_record(checkpoint_record(path))
+    if saved is None:
+        raise DriftError(f"{path}: incomplete checkpoint (no {checkpoint_record(path).name}: its save was cut short, "
+                         "or drift did not write it); resume from an earlier one")
+    differ = mismatch(saved, record)
+    if differ:
+        raise DriftError(f"cannot resume from {path}: it was made with other settings ({'; '.join(differ)}); "
+                         "resume with the same settings or train without --resume-from-checkpoint")
+    return path, saved
+
+
+def latest_checkpoint(output: Path) -> Path:
+    """The complete checkpoint-N of `output` with the highest N; incomplete newer ones are skipped."""
+    numbered = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    for path in sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+        if checkpoint_record(path).is_file():
+            return path
+        log.warning("train: skipping %s: incomplete (no %s; its save was cut short)", path,
+                    checkpoint_record(path).name)
+    raise DriftError(f"resume_from_checkpoint=latest: no complete checkpoint-* in {output}")
