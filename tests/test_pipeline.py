@@ -166,7 +166,7 @@ def test_a_second_writer_gets_one_clear_line(tmp_path, tiny_model_dir):
 
 def test_report_has_the_ledger_and_cost_figure(tmp_path, tiny_model_dir):
     md = run_pipeline(build(RunConfig, config(tmp_path, tiny_model_dir)))
-    assert "| rollout |" in md and "| weights/drift |" in md and "FLOPs" in md
+    assert "| rollout |" in md and "| weights/drift |" in md and "| train/drift |" in md and "FLOPs" in md
     assert (tmp_path / "run/cost.png").is_file()
     summary = json.loads((tmp_path / "run/train/drift/train_summary.json").read_text())
     manifest = json.loads((tmp_path / "run/rollout/manifest.json").read_text())

@@ -45,7 +45,7 @@ from drift.online.policy import Policy
 from drift.records import Trajectory, read_trajectories, return_inputs, write_json
 from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
 from drift.tasks import Problem, load_tasks
-from drift.train.data import Example, RowError, tokenize_conversation, truncate
+from drift.train.data import Example, RowError, tokenize_row, truncate
 from drift.weights import trajectory_return
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class _Loop:
 
     def _example(self, t: Trajectory) -> Example:
         try:
-            ids, mask = tokenize_conversation(t.messages, self.tokenizer, "all")
+            ids, mask, _ = tokenize_row(t.to_json(), self.tokenizer, "all")  # a turn cut at the limit: no end-of-turn target
             ids, mask, _, _ = truncate(ids, mask, self.cfg.max_length)
         except RowError as e:
             raise DriftError(f"conversation {t.prompt_id}#{t.sample_idx}: {e}") from None
