@@ -81,7 +81,7 @@ def hand_loss(model_dir, trajs, returns, kl_coef=0.0, ref_dir=None):
     """Token-level normalized policy-gradient loss of one batch, from the saved trajectories."""
     from drift.models import load_tokenizer
     from drift.online.advantages import group_advantages
-    from drift.train.data import tokenize_conversation
+    from drift.train.data import tokenize_row
 
     tok = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -96,7 +96,7 @@ def hand_loss(model_dir, trajs, returns, kl_coef=0.0, ref_dir=None):
             if max(rs) == min(rs):
                 continue
             for i, a in zip(idx, group_advantages(rs)):
-                ids, mask = tokenize_conversation(trajs[i]["messages"], tok, "all")
+                ids, mask, _ = tokenize_row(trajs[i], tok, "all")
                 x = torch.tensor([ids])
                 lp = -F.cross_entropy(model(x).logits[0, :-1], x[0, 1:], reduction="none")
                 lr = -F.cross_entropy(ref(x).logits[0, :-1], x[0, 1:], reduction="none")
