@@ -173,3 +173,28 @@ def test_report_has_the_ledger_and_cost_figure(tmp_path, tiny_model_dir):
     assert manifest["cost"]["generated_tokens"] == manifest["timings"]["sessions"][0]["generated_tokens"] > 0
     assert manifest["cost"]["parameters"] > 0 and manifest["cost"]["flops"] > 0
     assert summary["status"] == "complete" and summary["settings"]["lr"] == 1e-4
+
+
+def test_online_arm_beside_the_offline_ones(tmp_path, tiny_model_dir):
+    """One config compares DRIFT and online RL on the same rollout environment and held-out set."""
+    data = config(tmp_path, tiny_model_dir, arms={
+        "drift": {"method": "drift"},
+        "grpo": {"method": "online", "weights": {"beta": 0.2},
+                 "online": {"iterations": 2, "batch_prompts": 2, "eval_every": 1, "lr": 1e-3}}})
+    cfg = build(RunConfig, data)
+    oc = cfg.online_config("grpo")
+    assert (oc.n, oc.max_turns, oc.max_new_tokens, oc.tasks, oc.split) == (2, 2, 4, "mc-arith", "train")
+    assert oc.beta == 0.2 and oc.eval == data["eval"]
+    md = run_pipeline(cfg)
+    run = tmp_path / "run"
+    summary = json.loads((run / "online/grpo/train_summary.json").read_text())
+    assert summary["status"] == "complete" and [p["iteration"] for p in summary["curve"]] == [1, 2]
+    held_out = json.loads((run / "eval/grpo/metrics.json").read_text())
+    assert held_out["settings"]["problems"] == json.loads((run / "eval/base/metrics.json").read_text())[
+        "settings"]["problems"]
+    assert "| grpo (online) |" in md and "## Learning curves of the online arms" in md
+    assert "| online/grpo |" in md
+    run_pipeline(cfg)  # complete: skipped
+    with pytest.raises(DriftError, match=r"online/grpo \(lr: 0.001 -> 0.002\).*--from train"):
+        data["arms"]["grpo"]["online"]["lr"] = 2e-3
+        run_pipeline(build(RunConfig, data))

@@ -37,11 +37,20 @@ STAGES = ("rollout", "weights", "train", "eval", "report")
 
 @dataclass
 class ArmConfig:
-    """One weighting arm: all arms share the rollouts; each trains its own model."""
+    """One arm. The offline arms (drift, sft, rft, refit, swift) weight the shared rollouts and
+    train on them; the online arm samples from its own policy as it trains, in the environment of
+    [rollout] and with the return of [weights]."""
 
-    method: str = option("drift", "weighting method: drift, sft, rft, refit, swift")
-    weights: dict = option({}, "weights-stage keys for this arm (beta, gamma, degenerate, ...)")
+    method: str = option("drift", "drift, sft, rft, refit, swift (offline), or online")
+    weights: dict = option({}, "weights-stage keys for this arm (beta, gamma, degenerate, ...); an online arm "
+                           "takes its return keys and beta from here and [weights]")
     train: dict = option({}, "train-stage keys for this arm on top of the shared [train] table")
+    online: dict = option({}, "drift online keys of an online arm (iterations, batch_prompts, lr, kl, eval_every, "
+                          "...) on top of [rollout]'s")
+
+    @property
+    def offline(self) -> bool:
+        return self.method != "online"
 
 
 @dataclass
@@ -71,8 +80,8 @@ class RunConfig:
                      for name, arm in self.arms.items()}
         if "base" in self.arms:
             raise DriftError("arm name 'base' is reserved for the reference model")
-        for name in self.arms:
-            self.stage_configs(name)  # unknown keys and bad values fail now, not hours later
+        for name, arm in self.arms.items():  # unknown keys and bad values fail now, not hours later
+            self.stage_configs(name) if arm.offline else self.online_config(name)
         self.eval_config("base")
 
     @property
@@ -86,8 +95,12 @@ class RunConfig:
         return build(RolloutConfig, {**self.rollout, "model": self.model, "output": str(self.dir.rollout.path),
                                      "resume": True}, "rollout.")
 
+    def model_dir(self, arm: str) -> Path:
+        """Where an arm's trained model lies."""
+        return self.dir.train(arm).path if self.arms[arm].offline else self.dir.online(arm).path
+
     def eval_config(self, arm: str) -> EvalConfig:
-        model = self.model if arm == "base" else str(self.dir.train(arm).path)
+        model = self.model if arm == "base" else str(self.model_dir(arm))
         return build(EvalConfig, {**inherit_environment(self.rollout, self.eval), "model": model,
                                   "output": str(self.dir.eval(arm).path), "resume": True}, "eval.")
 
@@ -105,6 +118,18 @@ class RunConfig:
         tc = build(TrainConfig, {**t, "model": self.model, "data": w.output, "output": str(self.dir.train(arm).path)},
                    f"arms.{arm}.train.")
         return w, tc
+
+    def online_config(self, arm: str) -> Any:
+        """An online arm: [rollout]'s problems, environment and sampling, [weights]' return and beta,
+        its own `online` keys; its learning curve is evaluated on [eval]'s held-out problems."""
+        from drift.online.config import OnlineConfig
+        from drift.weights import ReturnConfig
+
+        a = self.arms[arm]
+        ret = {k: v for k, v in {**self.weights, **a.weights}.items() if k in ReturnConfig.__dataclass_fields__
+               or k == "beta"}
+        return build(OnlineConfig, {**self.rollout, **ret, **a.online, "model": self.model, "eval": self.eval,
+                                    "output": str(self.dir.online(arm).path), "resume": True}, f"arms.{arm}.online.")
 
 
 def check_disjoint(cfg: RunConfig) -> tuple[list, list]:
@@ -134,15 +159,17 @@ class Step:
 
     @property
     def stage(self) -> str:
-        return self.name.split("/")[0]
+        """The pipeline stage (`--from`) this step belongs to; an online arm trains."""
+        stage = self.name.split("/")[0]
+        return "train" if stage == "online" else stage
 
 
 def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step]:
     """Every step of the run in order, each with the record it would write (see the module docstring)."""
-    from drift import evaluate
+    from drift import evaluate, weights
+    from drift.online import run as online
     from drift.rollout import engine
     from drift.train import trainer
-    from drift import weights
 
     d = cfg.dir
     rc = cfg.rollout_config()
@@ -156,13 +183,21 @@ def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step
 
     if cfg.eval_base:
         steps.append(evaluate_arm("base", None))
-    for arm in cfg.arms:
+    for arm, a in cfg.arms.items():
+        if not a.offline:
+            oc = cfg.online_config(arm)
+            o_rec = online.stage_record(oc, train_problems, None)
+            steps += [Step(f"online/{arm}", d.online(arm).summary, o_rec, lambda oc=oc: online.run_online(oc)),
+                      evaluate_arm(arm, o_rec)]
+            continue
         w, t = cfg.stage_configs(arm)
         w_rec = weights.stage_record(w, rollout)
         t_rec = trainer.stage_record(t, w_rec)
         steps += [Step(f"weights/{arm}", weights.weights_record(w.output), w_rec, lambda w=w: weights.run_weights(w)),
                   Step(f"train/{arm}", d.train(arm).summary, t_rec, lambda t=t: trainer.run_train(_resumed(t))),
                   evaluate_arm(arm, t_rec)]
+    if all(not a.offline for a in cfg.arms.values()):
+        steps = steps[1:]  # no offline arm: nothing uses the shared rollout
     return steps
 
 

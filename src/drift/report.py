@@ -33,19 +33,23 @@ def records(cfg: Any) -> dict[str, dict[str, Any]]:
     d: RunDir = cfg.dir
     paths = {"rollout": d.rollout.manifest}
     for arm in _arms(cfg):
-        if arm != "base":
+        if arm != "base" and cfg.arms[arm].offline:
             paths[f"weights/{arm}"] = weights_record(d.weights(arm))
             paths[f"train/{arm}"] = d.train(arm).summary
+        elif arm != "base":
+            paths[f"online/{arm}"] = d.online(arm).summary
         paths[f"eval/{arm}"] = d.eval(arm).metrics
     found = {name: read_record(p) for name, p in paths.items()}
     return {name: r for name, r in found.items() if r is not None}
 
 
 def arm_cost(recs: dict[str, dict[str, Any]], arm: str) -> Cost:
-    """What an arm's model cost to make: the shared rollout, its weights and its training (not its eval)."""
+    """What an arm's model cost to make (not its evaluations): an offline arm's share of the rollout
+    counts in full, with its weights and training; an online arm's rollouts and updates."""
     if arm == "base":
         return Cost()
-    parts = [recs.get(name, {}).get("cost") for name in ("rollout", f"weights/{arm}", f"train/{arm}")]
+    names = [f"online/{arm}"] if f"online/{arm}" in recs else ["rollout", f"weights/{arm}", f"train/{arm}"]
+    parts = [recs.get(name, {}).get("cost") for name in names]
     total = Cost()
     for p in parts:
         total = total + Cost.from_json(p)
@@ -80,7 +84,7 @@ def weights_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
     lines = ["| arm | method | rows | degenerate groups | ESS mean | max weight | rows with \\|w\\| < 1e-3 |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for arm, a in cfg.arms.items():
-        w = recs.get(f"weights/{arm}")
+        w = recs.get(f"weights/{arm}") if a.offline else None
         if w:
             lines.append(f"| {arm} | {a.method} | {w['rows']} | {w['degenerate_groups']}/{w['groups']} | "
                          f"{w['ess_mean']:.2f} | {w['weight_max']:.3g} | {w['rows_weight_below_1e-3']} |")
@@ -112,23 +116,47 @@ def settings_section(recs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def curve_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
+    """The learning curve of each online arm: held-out succ@k after every evaluated iteration."""
+    parts = []
+    for arm, a in cfg.arms.items():
+        curve = (recs.get(f"online/{arm}") or {}).get("curve") or []
+        if a.offline or not curve:
+            continue
+        turns = len(curve[0]["succ_at_k"])
+        lines = [f"| {arm}: iteration | training FLOPs | training wall s | "
+                 + " | ".join(f"succ@{k}" for k in range(1, turns + 1)) + " |", "|---:|---:|---:|" + "---:|" * turns]
+        for point in curve:
+            c = Cost.from_json(point["cost"])
+            lines.append(f"| {point['iteration']} | {c.flops:.3g} | {c.wall_seconds:.0f} | "
+                         + " | ".join(f"{100 * v:.1f}" for v in point["succ_at_k"]) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
 def plot_cost(cfg: Any, recs: dict[str, dict[str, Any]], output_png: Path) -> bool:
-    """Held-out succ@T against each arm's cumulative FLOPs and wall seconds (cost.png)."""
+    """Held-out succ@T against each arm's cumulative training FLOPs and wall seconds (cost.png):
+    offline arms as points, online arms as their learning curves."""
     from matplotlib.figure import Figure
 
-    points = []
+    series = []
     for arm in _arms(cfg):
         ev = recs.get(f"eval/{arm}")
-        if ev:
-            points.append((_label(cfg, arm), arm_cost(recs, arm), 100 * ev["succ_at_k"][-1]))
-    if not points:
+        curve = (recs.get(f"online/{arm}") or {}).get("curve") or []
+        points = [(Cost.from_json(p["cost"]), 100 * p["succ_at_k"][-1]) for p in curve]
+        if ev and not points:
+            points = [(arm_cost(recs, arm), 100 * ev["succ_at_k"][-1])]
+        if points:
+            series.append((_label(cfg, arm), points))
+    if not series:
         return False
     fig = Figure(figsize=(10, 4), dpi=120)
-    for i, (xlabel, x) in enumerate((("training FLOPs (rollout + weights + train)", lambda c: c.flops),
-                                     ("training wall seconds", lambda c: c.wall_seconds))):
+    for i, (xlabel, x) in enumerate((("training FLOPs", lambda c: c.flops), ("training wall seconds",
+                                                                             lambda c: c.wall_seconds))):
         ax = fig.add_subplot(1, 2, i + 1)
-        for label, cost, succ in points:
-            ax.scatter([x(cost)], [succ], label=label, s=40)
+        for label, points in series:
+            ax.plot([x(c) for c, _ in points], [y for _, y in points], marker="o", label=label,
+                    linestyle="-" if len(points) > 1 else "none")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out succ@T (%)")
         ax.grid(alpha=0.3)
@@ -209,6 +237,9 @@ def write_report(cfg: Any) -> str:
           "", cost_table(cfg, recs), ""]
     if has_cost_plot:
         md += ["![succ@T against cost](cost.png)", ""]
+    curves = curve_table(cfg, recs)
+    if curves:
+        md += ["## Learning curves of the online arms", "", curves]
     ex = examples_markdown(cfg, shown)
     if ex:
         md += [f"## Held-out conversations before and after training ({shown})", "", ex]

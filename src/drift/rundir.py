@@ -151,8 +151,8 @@ class RunDir:
         return self.root / "cost.png"
 
     def stage_dirs(self, stage: str) -> list[Path]:
-        """What `--from STAGE` removes for one stage of the pipeline."""
-        return [self.root / stage]
+        """What `--from STAGE` removes for one stage of the pipeline (online arms train)."""
+        return [self.root / stage] + ([self.root / "online"] if stage == "train" else [])
 
 
 # --- stage records -------------------------------------------------------------------------
