@@ -198,3 +198,76 @@ def test_online_arm_beside_the_offline_ones(tmp_path, tiny_model_dir):
     with pytest.raises(DriftError, match=r"online/grpo \(lr: 0.001 -> 0.002\).*--from train"):
         data["arms"]["grpo"]["online"]["lr"] = 2e-3
         run_pipeline(build(RunConfig, data))
+
+
+def test_rerun_after_a_crash_trains_like_an_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+    """Process-global state does not leak from one stage to the next: the rollout's thread count
+    is restored, so a rerun that skips the rollout trains exactly as the uninterrupted run did."""
+    import torch
+
+    import drift.train.trainer as trainer
+    from test_trainer import final_params
+
+    real, seen = trainer.run_train, []
+
+    def recording(cfg):
+        seen.append(torch.get_num_threads())
+        return real(cfg)
+
+    monkeypatch.setattr(trainer, "run_train", recording)
+    torch.set_num_threads(2)
+    try:
+        data = config(tmp_path, tiny_model_dir, arms={"sft": {"method": "sft"}})
+        data["rollout"] = {**data["rollout"], "threads": 1}
+        run_pipeline(build(RunConfig, {**data, "output": str(tmp_path / "whole")}))
+
+        def crash(cfg):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "run_train", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_pipeline(build(RunConfig, {**data, "output": str(tmp_path / "cut")}))
+        monkeypatch.setattr(trainer, "run_train", recording)
+        run_pipeline(build(RunConfig, {**data, "output": str(tmp_path / "cut")}))
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [2, 2]
+    assert torch.equal(final_params(tmp_path / "whole/train/sft"), final_params(tmp_path / "cut/train/sft"))
+
+
+def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}})
+    data["train"] = {**data["train"], "epochs": 30, "save_steps": 2, "logging_steps": 1}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "drift.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = tmp_path / "run/train/drift/train_summary.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(summary.parent.glob("checkpoint-*/drift_checkpoint.json")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(summary.read_text())["status"] == "running"
+    with pytest.raises(DriftError, match="training did not finish"):
+        from drift.models import resolve_model
+
+        resolve_model(str(summary.parent))
+    done = subprocess.run([sys.executable, "-m", "drift.cli", "run", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = json.loads(summary.read_text())
+    assert final["status"] == "complete" and final["resumed_from"] is not None
+    assert final["steps"] == 30 * 3  # 6 rows, batch 2: 3 steps an epoch
