@@ -234,14 +234,14 @@ def test_skip_bad_rows_counts(tmp_path):
 def test_missing_input_and_bad_config():
     with pytest.raises(DriftError, match="input not found"):
         compute(WeightsConfig(input="/nonexistent/x.jsonl", output="o"))
-    with pytest.raises(DriftError, match="beta must be > 0"):
+    with pytest.raises(DriftError, match="beta must be a finite number > 0 or auto, got 0.0"):
         WeightsConfig(input="x", output="o", beta=0.0)
 
 
 @pytest.mark.parametrize("key", ["beta", "gamma", "format_penalty", "repeat_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_settings_are_refused(key, value):
-    with pytest.raises(DriftError, match=f"{key} must be a finite number, got {value}"):
+    with pytest.raises(DriftError, match=f"{key} must be a finite number( > 0 or auto)?, got {value}"):
         WeightsConfig(input="x", output="o", **{key: value})
 
 
@@ -285,3 +285,38 @@ def test_a_row_from_a_newer_drift_is_refused(tmp_path):
     inp = write(tmp_path / "in.jsonl", [{**drift_row("a", 0, [turn("wrong", "d")]), "schema_version": 2}])
     with pytest.raises(DriftError, match=r"in.jsonl:1: written with schema_version 2, but this drift reads up to 1"):
         compute(WeightsConfig(input=inp, output="o"))
+
+
+def test_auto_beta_on_hand_made_groups():
+    """One group [1, 0]: with x = exp(1/beta), ESS/N = (x + 1)^2 / (2 (x^2 + 1)). ESS/N = 0.75 gives
+    x^2 - 4x + 1 = 0, x = 2 + sqrt(3), beta = 1 / ln(2 + sqrt(3)) = 0.75933."""
+    from drift.weights import auto_beta, ess_share
+
+    beta, reached = auto_beta([[1.0, 0.0]], 0.75)
+    assert beta == pytest.approx(1 / math.log(2 + math.sqrt(3)), rel=1e-9) and reached == pytest.approx(0.75)
+    # two groups, and an all-equal group that does not count
+    groups = [[1.0, 0.0, 0.0, 0.0], [0.9, 0.81, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    beta, reached = auto_beta(groups, 0.5)
+    assert reached == pytest.approx(0.5, abs=1e-9) and ess_share(groups[:2], beta) == pytest.approx(0.5, abs=1e-9)
+    assert ess_share(groups[:2], beta * 0.9) < 0.5 < ess_share(groups[:2], beta * 1.1)  # monotone
+    # unreachable targets take the ends of the range; no group with spread: beta has no effect
+    assert auto_beta([[1.0, 0.0]], 0.4)[0] == pytest.approx(1e-4)  # ESS/N never goes below 1/2 here
+    assert auto_beta([[1.0, 1.0]], 0.25) == (1.0, None)
+
+
+def test_auto_beta_through_the_weights_stage(tmp_path):
+    from drift.config import build
+    from drift.records import write_jsonl
+
+    rows = [drift_row("a", 0, [turn("correct", "c")], 1), drift_row("a", 1, [turn("wrong", "b"), turn("wrong", "d")]),
+            drift_row("b", 0, [turn("wrong", "b"), turn("correct", "c")], 2),
+            drift_row("b", 1, [turn("wrong", "b"), turn("wrong", "b")])]
+    src = tmp_path / "t.jsonl"
+    write_jsonl(src, rows)
+    diag = run_weights(WeightsConfig(input=str(src), output=str(tmp_path / "w.jsonl"), method="drift", beta="auto",
+                                     ess_target=0.8))
+    assert diag["beta_setting"] == "auto" and diag["ess_share_reached"] == pytest.approx(0.8)
+    assert diag["beta"] > 0.1
+    assert build(WeightsConfig, {"beta": "auto"}).beta == "auto" and build(WeightsConfig, {"beta": "0.3"}).beta == 0.3
+    with pytest.raises(DriftError, match="config key 'beta' expects"):
+        build(WeightsConfig, {"beta": "hot"})

@@ -110,6 +110,13 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         raise DriftError(f"config key '{key}' may not be empty")
     origin = typing.get_origin(base)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"]: the first type that takes it
+        for arg in typing.get_args(base):
+            try:
+                return coerce(arg, value, key)
+            except DriftError:
+                continue
+        raise DriftError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
     try:
         if base is bool:
             if isinstance(value, bool):

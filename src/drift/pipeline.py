@@ -127,7 +127,7 @@ class RunConfig:
 
         a = self.arms[arm]
         ret = {k: v for k, v in {**self.weights, **a.weights}.items() if k in ReturnConfig.__dataclass_fields__
-               or k == "beta"}
+               or (k == "beta" and v != "auto")}  # an auto beta is chosen from DRIFT's rollouts: set it here
         return build(OnlineConfig, {**self.rollout, **ret, **a.online, "model": self.model, "eval": self.eval,
                                     "output": str(self.dir.online(arm).path), "resume": True}, f"arms.{arm}.online.")
 

@@ -14,6 +14,13 @@ Weights of one prompt group with returns R_1..R_N:
     rft:    w_i = 1 if trajectory i was solved else 0
     refit:  w_i = R_i                                            (R_i >= 0 required)
     swift:  w_i = (R_i - mean(R)) / (std(R) + eps)              (population std, eps = 1e-6)
+`beta = "auto"` picks one beta for the whole run from the training returns: the mean, over the
+groups whose returns are not all equal, of ESS/N (ESS = (sum w)^2 / sum w^2, N = group size)
+is set to `ess_target` (default 0.25) by bisection on log beta. ESS/N = 1 / (N sum p_i^2) with
+p = softmax(R / beta) rises monotonically with beta (from the share of the group's best
+returns at beta -> 0 to 1 at beta -> infinity), so the search is exact up to its tolerance; a
+target outside the reachable range takes the nearer end of [1e-4, 1e4]. The beta chosen and the
+ESS/N reached are in the diagnostics.
 Two kinds of groups may deserve no training, and they differ:
     unsolved:    no trajectory of the group succeeded (drift: the least bad failures get the
                  most weight; with equal returns, plain SFT on failures);
@@ -91,6 +98,33 @@ def drift_weights(returns: Sequence[float], beta: float) -> list[float]:
     return [v / mean for v in e]
 
 
+BETA_RANGE = (1e-4, 1e4)
+
+
+def ess_share(groups: Sequence[Sequence[float]], beta: float) -> float:
+    """Mean over `groups` of ESS/N of DRIFT's weights at `beta`."""
+    return statistics.fmean(effective_sample_size(drift_weights(g, beta)) / len(g) for g in groups)
+
+
+def auto_beta(groups: Sequence[Sequence[float]], target: float) -> tuple[float, float | None]:
+    """(beta, ESS/N reached): the beta at which the mean ESS/N of the groups with return spread is
+    `target` (bisection on log beta; see the module docstring). Without such groups beta has no
+    effect on the weights: (1.0, None)."""
+    live = [g for g in groups if not is_degenerate(g)]
+    if not live:
+        return 1.0, None
+    lo, hi = (math.log(b) for b in BETA_RANGE)
+    if ess_share(live, math.exp(lo)) >= target:
+        return math.exp(lo), ess_share(live, math.exp(lo))
+    if ess_share(live, math.exp(hi)) <= target:
+        return math.exp(hi), ess_share(live, math.exp(hi))
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ess_share(live, math.exp(mid)) < target else (lo, mid)
+    beta = math.exp((lo + hi) / 2)
+    return beta, ess_share(live, beta)
+
+
 def swift_weights(returns: Sequence[float]) -> list[float]:
     """(R - mean) / (population std + 1e-6) within the group."""
     mean = sum(returns) / len(returns)
@@ -126,32 +160,32 @@ def effective_sample_size(weights: Sequence[float]) -> float:
 
 
 @dataclass
-class WeightsConfig:
+class WeightsConfig(ReturnConfig):
     input: str = option("", "trajectories: a drift JSONL file or shard directory, or reference-format JSONL", result=False)
     output: str = option("", "where to write the weighted JSONL (every input row + 'return' and 'weight')", result=False)
     method: Literal["drift", "sft", "rft", "refit", "swift"] = option("drift", "weighting method")
-    beta: float = option(0.1, "DRIFT temperature: w ∝ exp(R/beta)")
-    gamma: float = option(0.9, "discount per turn for the return")
-    format_penalty: float = option(-0.1, "return penalty per unparseable turn (drift format)")
-    timeout_penalty: float = option(0.0, "return penalty per turn whose check timed out (drift format; 0: none)")
-    repeat_penalty: float = option(0.5, "lambda of the repeated-answer penalty")
+    beta: float | Literal["auto"] = option(0.1, "DRIFT temperature: w ∝ exp(R/beta); auto: the beta whose mean "
+                                           "ESS/N over groups with return spread is ess_target")
+    ess_target: float = option(0.25, "beta = auto: the mean ESS/N (0 < target < 1) to reach")
     degenerate: Literal["keep", "drop_unsolved", "drop_equal"] = option(
         "keep", "which groups get weight 0: keep (none, the reference), drop_unsolved (groups with no success), "
         "drop_equal (groups whose returns are all equal, all-success groups included)")
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
-        for key in ("beta", "gamma", "format_penalty", "repeat_penalty"):
+        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target"):
             if not math.isfinite(getattr(self, key)):
                 raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
-        if self.beta <= 0:
-            raise DriftError(f"beta must be > 0, got {self.beta}")
+        if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
+            raise DriftError(f"beta must be a finite number > 0 or auto, got {self.beta}")
         if not 0 < self.gamma <= 1:
             raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.ess_target < 1:
+            raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
 
     @property
     def returns(self) -> ReturnConfig:
-        return ReturnConfig(self.gamma, self.format_penalty, self.repeat_penalty, self.timeout_penalty)
+        return ReturnConfig(**{k: getattr(self, k) for k in ReturnConfig.__dataclass_fields__})
 
 
 def _input_files(path: str) -> list[Path]:
@@ -199,13 +233,16 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, row in enumerate(rows):
         groups.setdefault(str(row["prompt_id"]), []).append(i)
+    beta, reached = cfg.beta, None
+    if beta == "auto":
+        beta, reached = auto_beta([[rows[i]["return"] for i in idx] for idx in groups.values()], cfg.ess_target)
     per_group = []
     for pid, idx in groups.items():
         rets = [rows[i]["return"] for i in idx]
         solved = [is_success(rows[i]) for i in idx]
         degenerate = is_degenerate(rets)
         try:
-            ws = group_weights(cfg.method, rets, solved, cfg.beta)
+            ws = group_weights(cfg.method, rets, solved, beta)
         except ValueError:
             bad = next(i for i in idx if rows[i]["return"] < 0)
             raise DriftError(
@@ -219,15 +256,17 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
         per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate, "unsolved": not any(solved),
                           "dropped": dropped, "ess": effective_sample_size(ws), "max_weight": max(ws),
                           "solved": sum(solved)})
-    return rows, diagnostics(cfg, rows, per_group, skipped)
+    return rows, diagnostics(cfg, rows, per_group, skipped, beta, reached)
 
 
-def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int) -> dict:
+def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int, beta: float,
+                reached: float | None) -> dict:
     weights = [r["weight"] for r in rows]
     ess = [g["ess"] for g in per_group]
     qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
     return {
-        "method": cfg.method, "beta": cfg.beta, "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
+        "method": cfg.method, "beta": beta, "beta_setting": cfg.beta, "ess_target": cfg.ess_target,
+        "ess_share_reached": reached, "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
         "repeat_penalty": cfg.repeat_penalty, "degenerate_rule": cfg.degenerate,
         "rows": len(rows), "skipped_rows": skipped, "groups": len(per_group),
         "degenerate_groups": sum(g["degenerate"] for g in per_group),
@@ -271,7 +310,9 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
     """(name, value) pairs for printing."""
     q = diag["weight_quantiles"]
     return [
-        ("method", f"{diag['method']} (beta {diag['beta']}, gamma {diag['gamma']})"),
+        ("method", f"{diag['method']} (beta {diag['beta']:.4g}"
+                   + (f", auto: ESS/N {diag['ess_share_reached']}" if diag["beta_setting"] == "auto" else "")
+                   + f", gamma {diag['gamma']})"),
         ("rows / groups", f"{diag['rows']} / {diag['groups']}" + (f"  ({diag['skipped_rows']} skipped)" if diag["skipped_rows"] else "")),
         ("solved trajectories", f"{diag['solved_share']:.1%}"),
         ("mean return", f"{diag['return_mean']:.4f}"),
