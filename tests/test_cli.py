@@ -48,7 +48,7 @@ def test_config_file_and_flag_override(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["weights", "/nope/in.jsonl", "--output", "o.jsonl"], "input not found: /nope/in.jsonl"),
-    (["weights", "x", "--output", "o", "--beta", "abc"], "config key 'beta' expects float, got 'abc'"),
+    (["weights", "x", "--output", "o", "--beta", "abc"], "config key 'beta' expects float or 'auto', got 'abc'"),
     (["weights", "x", "--output", "o", "--set", "bta=1"], "unknown config key 'bta' (did you mean beta?)"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, message):

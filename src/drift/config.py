@@ -98,7 +98,8 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), True
+        optional = len(args) < len(typing.get_args(tp))
+        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), optional
     return tp, False
 
 
@@ -161,7 +162,12 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     base, optional = _base_type(tp)
-    name = getattr(base, "__name__", str(base).replace("typing.", ""))
+    if typing.get_origin(base) in (typing.Union, types.UnionType):
+        name = " or ".join(_type_name(a) for a in typing.get_args(base))
+    elif typing.get_origin(base) is typing.Literal:
+        name = " or ".join(repr(a) for a in typing.get_args(base))
+    else:
+        name = getattr(base, "__name__", str(base).replace("typing.", ""))
     return f"{name} or none" if optional else name
 
 
