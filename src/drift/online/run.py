@@ -70,9 +70,10 @@ def prompt_batch(problems: list[Problem], size: int, seed: int, iteration: int) 
 
 def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The online stage's record (`drift.rundir`)."""
-    from drift.rollout.engine import tasks_fingerprint
+    from drift.rollout.engine import resolved_dtype, tasks_fingerprint
 
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
+                   model_record)
     return record("online", s, model_record, cfg.model)
 
 
@@ -141,10 +142,10 @@ class _Nothing:
 
 
 def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
-    from drift.models import _torch_dtype
+    """Sampling and autocast dtype: bf16 where the device computes it fast (master weights stay float32)."""
+    from drift.rollout.engine import resolved_dtype
 
-    dtype = _torch_dtype(cfg.dtype)
-    return torch.float32 if dtype == "auto" else dtype
+    return getattr(torch, resolved_dtype(cfg))
 
 
 def _lora(model: Any, cfg: OnlineConfig) -> Any:

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from drift import DriftError, __version__
 from drift.config import option, settings, to_dict
 from drift.env import EnvConfig, Episode, check_golds, check_responses
+from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
@@ -59,8 +60,9 @@ class RolloutConfig(TaskSpec, EnvConfig):
     shard_size: int = option(256, "trajectories per shard file", result=False)
     max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish (none: max(n, 4 x batch_size))", result=False)
     batch_size: int = option(16, "hf: sequences per forward pass", result=False)
-    dtype: str = option("auto", "hf, vllm: model dtype (auto, float32, bfloat16)")
-    device: str | None = option(None, "hf: torch device (none: the backend's choice)", result=False)
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "hf, vllm: model dtype; auto: bfloat16 where the device computes it fast, else float32")
+    device: str | None = option(None, "hf: torch device (none: the GPU when there is one, else the CPU)", result=False)
     threads: int | None = option(None, "hf: CPU threads for torch (none: torch's default)", result=False)
     adapter: str | None = option(None, "vllm: a LoRA adapter directory served on top of the model")
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
@@ -116,7 +118,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
+                           dtype=resolve_dtype(cfg.dtype, "cuda"))
     from drift.rollout.hf import HFBackend
 
     return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
@@ -192,8 +194,16 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
 
 def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The rollout's stage record (`drift.rundir`): its settings, the problems, the model's origin."""
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems)}, model_record)
+    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
+                   model_record)
     return record("rollout", s, model_record, cfg.model)
+
+
+def resolved_dtype(cfg: RolloutConfig) -> str:
+    """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
+    if cfg.backend == "openai":
+        return cfg.dtype
+    return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
 
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],

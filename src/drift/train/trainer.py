@@ -50,6 +50,7 @@ from transformers import SchedulerType, Trainer
 
 from drift import DriftError
 from drift.config import option, settings
+from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
 from drift.rundir import Lock, TrainDir, ensure_writable, read_record, record, weights_record
@@ -98,7 +99,9 @@ class TrainConfig:
     lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     merge_lora: bool = option(False, "also save the base model with the adapter merged in output/merged")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory", result=False)
-    bf16: bool | None = option(None, "bf16 mixed precision (default: on when the GPU supports it)")
+    dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "compute dtype: bfloat16 runs under autocast with float32 master weights; auto: bfloat16 where "
+        "the device computes it fast, else float32")
     attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2; "
                                              "default: the transformers default)", result=False)
     report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
@@ -241,7 +244,7 @@ def _training_args(cfg: TrainConfig) -> Any:
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = resolve_dtype(cfg.dtype, default_device()) == "bfloat16"
     if cfg.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     return TrainingArguments(
@@ -356,5 +359,7 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
 
 
 def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None) -> dict[str, Any]:
-    """The train stage's record (`drift.rundir`): its settings and the weighted rows it trained on."""
-    return record("train", settings(cfg), weights_record, cfg.data)
+    """The train stage's record (`drift.rundir`): its settings (the dtype resolved) and the weighted
+    rows it trained on."""
+    s = {**settings(cfg), "dtype": resolve_dtype(cfg.dtype, default_device())}
+    return record("train", s, weights_record, cfg.data)
