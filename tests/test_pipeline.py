@@ -271,3 +271,68 @@ def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_mode
     final = json.loads(summary.read_text())
     assert final["status"] == "complete" and final["resumed_from"] is not None
     assert final["steps"] == 30 * 3  # 6 rows, batch 2: 3 steps an epoch
+
+
+@pytest.mark.parametrize("round_data", ["continue", "union"])
+def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data):
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 3, "round_data": round_data,
+                                                             "train": {"min_weight": 0.0}}})
+    cfg = build(RunConfig, data)
+    _, _, t2 = cfg.stage_configs("drift", 2)
+    r3, _, t3 = cfg.stage_configs("drift", 3)
+    run = tmp_path / "run"
+    assert r3.model == str(run / "rounds/drift/round-2/train") and r3.seed != cfg.rollout_config().seed
+    if round_data == "continue":
+        assert t2.model == str(run / "train/drift") and t3.data == str(run / "rounds/drift/round-3/weights.jsonl")
+    else:
+        assert t3.model == str(tiny_model_dir) and t3.data == str(run / "rounds/drift/round-3/union.jsonl")
+    md = run_pipeline(cfg)
+    for k in (2, 3):
+        assert json.loads((run / f"rounds/drift/round-{k}/train/train_summary.json").read_text())["status"] == "complete"
+    for k in (1, 2):
+        assert (run / f"rounds/drift/round-{k}/eval/metrics.json").is_file()
+    final = json.loads((run / "eval/drift/metrics.json").read_text())
+    assert final["settings"]["model"] == "trained:" + json.loads(
+        (run / "rounds/drift/round-3/train/train_summary.json").read_text())["digest"]
+    m3 = json.loads((run / "rounds/drift/round-3/rollout/manifest.json").read_text())
+    assert m3["settings"]["model"].startswith("trained:") and m3["status"] == "complete"
+    if round_data == "union":
+        assert len(json.loads((run / "rounds/drift/round-3/union.weights.json").read_text())["settings"]["union_of"]) == 3
+    assert "## Rounds of the iterated arms" in md
+    run_pipeline(cfg)  # complete: every stage skipped
+
+
+def test_sigkill_in_a_later_round_resumes_there(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 2}})
+    data["rollout"] = {**data["rollout"], "num_problems": 6, "n": 4, "max_new_tokens": 8}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(data))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "drift.cli", "run", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / "run/rounds/drift/round-2/rollout/trajectories"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(shards.glob("shard-*.jsonl")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train1 = tmp_path / "run/train/drift/train_summary.json"
+    stamp = train1.stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "-m", "drift.cli", "run", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert train1.stat().st_mtime_ns == stamp  # round 1 was not redone
+    manifest = json.loads((shards.parent / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["written"] == 6 * 4  # nothing duplicated
+    assert (tmp_path / "run/eval/drift/metrics.json").is_file()

@@ -59,6 +59,12 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def derive_seed(seed: int, *parts: object) -> int:
+    """A reproducible 63-bit seed for one random stream, from a run seed and the stream's name."""
+    h = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
+    return int.from_bytes(h[:8], "little") >> 1
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'key: old -> new' for every key whose value differs (nested tables as dotted keys)."""
     out = []

@@ -22,13 +22,13 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError
-from drift.config import build, option, read_config_file
+from drift.config import build, derive_seed, option, read_config_file
 from drift.evaluate import ENVIRONMENT_KEYS, EvalConfig, inherit_environment
 from drift.records import write_json
-from drift.rundir import Lock, RunDir, checkpoint_record, ensure_writable, is_complete, mismatch, read_record
+from drift.rundir import EvalDir, Lock, RunDir, checkpoint_record, ensure_writable, is_complete, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ class ArmConfig:
     train: dict = option({}, "train-stage keys for this arm on top of the shared [train] table")
     online: dict = option({}, "drift online keys of an online arm (iterations, batch_prompts, lr, kl, eval_every, "
                           "...) on top of [rollout]'s")
+    rounds: int = option(1, "iterated DRIFT (offline arms): round k samples the training prompts afresh from "
+                         "round k-1's model, weights them against it, and trains")
+    round_data: Literal["continue", "union"] = option(
+        "continue", "rounds >= 2: continue trains round k-1's model on round k's rows; union trains the base model "
+        "on the rows of rounds 1..k (ReST-EM)")
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise DriftError(f"config key 'rounds' must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and not self.offline:
+            raise DriftError("rounds apply to offline arms; an online arm samples afresh at every iteration already")
 
     @property
     def offline(self) -> bool:
@@ -81,7 +92,7 @@ class RunConfig:
         if "base" in self.arms:
             raise DriftError("arm name 'base' is reserved for the reference model")
         for name, arm in self.arms.items():  # unknown keys and bad values fail now, not hours later
-            self.stage_configs(name) if arm.offline else self.online_config(name)
+            self.stage_configs(name, arm.rounds) if arm.offline else self.online_config(name)
         self.eval_config("base")
 
     @property
@@ -96,28 +107,44 @@ class RunConfig:
                                      "resume": True}, "rollout.")
 
     def model_dir(self, arm: str) -> Path:
-        """Where an arm's trained model lies."""
-        return self.dir.train(arm).path if self.arms[arm].offline else self.dir.online(arm).path
+        """Where an arm's trained model lies (an iterated arm's: its last round's)."""
+        a = self.arms[arm]
+        return self.dir.round(arm, a.rounds).train.path if a.offline else self.dir.online(arm).path
 
-    def eval_config(self, arm: str) -> EvalConfig:
+    def eval_config(self, arm: str, k: int | None = None) -> EvalConfig:
+        """The held-out evaluation of an arm's model (of its round k, for an iterated arm's earlier rounds)."""
         model = self.model if arm == "base" else str(self.model_dir(arm))
+        output = self.dir.eval(arm).path
+        if k is not None:
+            model, output = str(self.dir.round(arm, k).train.path), self.dir.round(arm, k).eval.path
         return build(EvalConfig, {**inherit_environment(self.rollout, self.eval), "model": model,
-                                  "output": str(self.dir.eval(arm).path), "resume": True}, "eval.")
+                                  "output": str(output), "resume": True}, "eval.")
 
-    def stage_configs(self, arm: str) -> tuple[Any, Any]:
+    def stage_configs(self, arm: str, k: int = 1) -> tuple[Any, Any, Any]:
+        """(rollout, weights, train) configs of round k of an offline arm; round 1's rollout is the
+        shared one, a later round's samples the training prompts from round k-1's model with its
+        own seed."""
         from drift.train.trainer import TrainConfig
         from drift.weights import WeightsConfig
 
-        a = self.arms[arm]
-        w = build(WeightsConfig, {**self.weights, **a.weights, "method": a.method,
-                                  "input": str(self.dir.rollout.shards),
-                                  "output": str(self.dir.weights(arm))}, f"arms.{arm}.weights.")
+        a, rd = self.arms[arm], self.dir.round(arm, k)
+        rc = self.rollout_config()
+        if k > 1:
+            previous = str(self.dir.round(arm, k - 1).train.path)
+            rc = build(type(rc), {**self.rollout, "model": previous, "output": str(rd.rollout.path), "resume": True,
+                                  "seed": derive_seed(rc.seed, "round", k)}, "rollout.")
+        w = build(WeightsConfig, {**self.weights, **a.weights, "method": a.method, "input": str(rd.rollout.shards),
+                                  "output": str(rd.weights)}, f"arms.{arm}.weights.")
         t = {**self.train, **a.train}
         if a.method == "swift":
             t.setdefault("allow_negative_weights", True)
-        tc = build(TrainConfig, {**t, "model": self.model, "data": w.output, "output": str(self.dir.train(arm).path)},
+        model, data = self.model, w.output
+        if k > 1:
+            model = self.model if a.round_data == "union" else str(self.dir.round(arm, k - 1).train.path)
+            data = str(rd.union) if a.round_data == "union" else w.output
+        tc = build(TrainConfig, {**t, "model": model, "data": data, "output": str(rd.train.path)},
                    f"arms.{arm}.train.")
-        return w, tc
+        return rc, w, tc
 
     def online_config(self, arm: str) -> Any:
         """An online arm: [rollout]'s problems, environment and sampling, [weights]' return and beta,
@@ -166,20 +193,20 @@ class Step:
 
 def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step]:
     """Every step of the run in order, each with the record it would write (see the module docstring)."""
-    from drift import evaluate, weights
+    from drift import evaluate
     from drift.online import run as online
     from drift.rollout import engine
-    from drift.train import trainer
 
     d = cfg.dir
     rc = cfg.rollout_config()
     rollout = engine.stage_record(rc, train_problems, None)
     steps = [Step("rollout", d.rollout.manifest, rollout, lambda: engine.run_rollout(rc, train_problems))]
 
-    def evaluate_arm(arm: str, model_record: dict[str, Any] | None) -> Step:
-        ec = cfg.eval_config(arm)
-        return Step(f"eval/{arm}", d.eval(arm).metrics, evaluate.stage_record(ec, test_problems, model_record),
-                    lambda: evaluate.run_eval(ec, test_problems))
+    def evaluate_arm(arm: str, model_record: dict[str, Any] | None, k: int | None = None) -> Step:
+        ec = cfg.eval_config(arm, k)
+        name = f"eval/{arm}" if k is None else f"eval/{arm}/round-{k}"
+        return Step(name, EvalDir(Path(ec.output)).metrics,
+                    evaluate.stage_record(ec, test_problems, model_record), lambda: evaluate.run_eval(ec, test_problems))
 
     if cfg.eval_base:
         steps.append(evaluate_arm("base", None))
@@ -190,14 +217,42 @@ def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step
             steps += [Step(f"online/{arm}", d.online(arm).summary, o_rec, lambda oc=oc: online.run_online(oc)),
                       evaluate_arm(arm, o_rec)]
             continue
-        w, t = cfg.stage_configs(arm)
-        w_rec = weights.stage_record(w, rollout)
-        t_rec = trainer.stage_record(t, w_rec)
-        steps += [Step(f"weights/{arm}", weights.weights_record(w.output), w_rec, lambda w=w: weights.run_weights(w)),
-                  Step(f"train/{arm}", d.train(arm).summary, t_rec, lambda t=t: trainer.run_train(_resumed(t))),
-                  evaluate_arm(arm, t_rec)]
+        steps += _offline_steps(cfg, arm, rollout, train_problems, evaluate_arm)
     if all(not a.offline for a in cfg.arms.values()):
         steps = steps[1:]  # no offline arm: nothing uses the shared rollout
+    return steps
+
+
+def _offline_steps(cfg: RunConfig, arm: str, rollout: dict[str, Any], train_problems: list,
+                   evaluate_arm: Callable[..., Step]) -> list[Step]:
+    """Weights, training and evaluation of an offline arm; for an iterated one, every round's
+    rollout, weights (union), training, and the evaluation of each earlier round."""
+    from drift import weights
+    from drift.rollout import engine
+    from drift.train import trainer
+
+    a, steps = cfg.arms[arm], []
+    w_recs: list[dict[str, Any]] = []
+    t_rec = None
+    for k in range(1, a.rounds + 1):
+        rc, w, t = cfg.stage_configs(arm, k)
+        rd, tag = cfg.dir.round(arm, k), "" if k == 1 else f"/round-{k}"
+        if k > 1:
+            rollout = engine.stage_record(rc, train_problems, t_rec)
+            steps.append(Step(f"rollout/{arm}{tag}", rd.rollout.manifest, rollout,
+                              lambda rc=rc: engine.run_rollout(rc, train_problems)))
+        w_recs.append(weights.stage_record(w, rollout))
+        steps.append(Step(f"weights/{arm}{tag}", weights.weights_record(w.output), w_recs[-1],
+                          lambda w=w: weights.run_weights(w)))
+        data_rec = w_recs[-1]
+        if k > 1 and a.round_data == "union":
+            parts = [cfg.dir.round(arm, j).weights for j in range(1, k + 1)]
+            data_rec = weights.union_record(w_recs, rd.union)
+            steps.append(Step(f"weights/{arm}{tag}/union", weights.weights_record(rd.union), data_rec,
+                              lambda parts=parts, rd=rd: weights.union(parts, rd.union)))
+        t_rec = trainer.stage_record(t, data_rec, t_rec if k > 1 and a.round_data == "continue" else None)
+        steps.append(Step(f"train/{arm}{tag}", rd.train.summary, t_rec, lambda t=t: trainer.run_train(_resumed(t))))
+        steps.append(evaluate_arm(arm, t_rec, None if k == a.rounds else k))
     return steps
 
 
@@ -258,7 +313,7 @@ def run_pipeline(cfg: RunConfig) -> str:
                 _run_step(step)
             else:
                 log.info("stage %s: complete, skipped", step.name)
-        return report.write_report(cfg)
+        return report.write_report(cfg, [(s.name, s.record_path) for s in steps])
 
 
 def _run_step(step: Step) -> None:

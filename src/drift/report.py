@@ -12,7 +12,7 @@ from typing import Any
 from drift.evaluate import load_metrics, markdown_table, plot_succ_at_k
 from drift.ledger import Cost
 from drift.records import Trajectory, read_trajectories
-from drift.rundir import RunDir, read_record, weights_record
+from drift.rundir import RunDir, read_record
 
 EXAMPLES = 3
 SETUP_KEYS = ("model", "tasks", "split", "num_problems", "n", "max_turns", "temperature", "top_p", "max_new_tokens",
@@ -28,32 +28,59 @@ def _label(cfg: Any, arm: str) -> str:
     return arm if arm == "base" else f"{arm} ({cfg.arms[arm].method})"
 
 
-def records(cfg: Any) -> dict[str, dict[str, Any]]:
-    """Every record on disk by step name ("rollout", "weights/drift", "train/drift", "eval/base", ...)."""
-    d: RunDir = cfg.dir
-    paths = {"rollout": d.rollout.manifest}
-    for arm in _arms(cfg):
-        if arm != "base" and cfg.arms[arm].offline:
-            paths[f"weights/{arm}"] = weights_record(d.weights(arm))
-            paths[f"train/{arm}"] = d.train(arm).summary
-        elif arm != "base":
-            paths[f"online/{arm}"] = d.online(arm).summary
-        paths[f"eval/{arm}"] = d.eval(arm).metrics
-    found = {name: read_record(p) for name, p in paths.items()}
+def records(steps: list[tuple[str, Path]]) -> dict[str, dict[str, Any]]:
+    """The records on disk of a run's steps, by step name ("rollout", "weights/drift",
+    "train/drift/round-2", "eval/base", ...)."""
+    found = {name: read_record(path) for name, path in steps}
     return {name: r for name, r in found.items() if r is not None}
 
 
-def arm_cost(recs: dict[str, dict[str, Any]], arm: str) -> Cost:
+def _round_of(name: str, arm: str) -> int | None:
+    """The round of `arm` a step belongs to (the shared rollout: round 1), or None if it is not the arm's."""
+    parts = name.split("/")
+    if parts == ["rollout"]:
+        return 1
+    if len(parts) < 2 or parts[1] != arm:
+        return None
+    return int(parts[2].removeprefix("round-")) if len(parts) > 2 and parts[2].startswith("round-") else 1
+
+
+def arm_cost(recs: dict[str, dict[str, Any]], arm: str, upto: int | None = None) -> Cost:
     """What an arm's model cost to make (not its evaluations): an offline arm's share of the rollout
-    counts in full, with its weights and training; an online arm's rollouts and updates."""
-    if arm == "base":
-        return Cost()
-    names = [f"online/{arm}"] if f"online/{arm}" in recs else ["rollout", f"weights/{arm}", f"train/{arm}"]
-    parts = [recs.get(name, {}).get("cost") for name in names]
+    counts in full, with its weights and training, and for an iterated arm every round up to
+    `upto` (default: all); an online arm's rollouts and updates."""
     total = Cost()
-    for p in parts:
-        total = total + Cost.from_json(p)
+    if arm == "base":
+        return total
+    for name, rec in recs.items():
+        k = _round_of(name, arm)
+        if k is not None and not name.startswith("eval/") and (upto is None or k <= upto):
+            total = total + Cost.from_json(rec.get("cost"))
     return total
+
+
+def rounds_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
+    """Each iterated arm's held-out succ@k after every round, with the cumulative cost of the rounds."""
+    parts = []
+    for arm, a in cfg.arms.items():
+        if a.offline and a.rounds > 1:
+            evals = [(k, recs.get(f"eval/{arm}" if k == a.rounds else f"eval/{arm}/round-{k}"))
+                     for k in range(1, a.rounds + 1)]
+            evals = [(k, e) for k, e in evals if e]
+            if not evals:
+                continue
+            turns = len(evals[0][1]["succ_at_k"])
+            lines = [f"| {arm}: round | training FLOPs (cumulative) | training wall s (cumulative) | "
+                     + " | ".join(f"succ@{j}" for j in range(1, turns + 1)) + " | unique (≥2 turns) |",
+                     "|---:|---:|---:|" + "---:|" * (turns + 1)]
+            for k, e in evals:
+                c = arm_cost(recs, arm, k)
+                u = e.get("unique_ratio_multi_turn")
+                lines.append(f"| {k} | {c.flops:.3g} | {c.wall_seconds:.0f} | "
+                             + " | ".join(f"{100 * v:.1f}" for v in e["succ_at_k"])
+                             + f" | {'–' if u is None else f'{u:.2f}'} |")
+            parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -136,16 +163,20 @@ def curve_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
 
 def plot_cost(cfg: Any, recs: dict[str, dict[str, Any]], output_png: Path) -> bool:
     """Held-out succ@T against each arm's cumulative training FLOPs and wall seconds (cost.png):
-    offline arms as points, online arms as their learning curves."""
+    single-round offline arms as points, iterated arms over their rounds and online arms over
+    their evaluated iterations as curves."""
     from matplotlib.figure import Figure
 
     series = []
     for arm in _arms(cfg):
-        ev = recs.get(f"eval/{arm}")
         curve = (recs.get(f"online/{arm}") or {}).get("curve") or []
         points = [(Cost.from_json(p["cost"]), 100 * p["succ_at_k"][-1]) for p in curve]
-        if ev and not points:
-            points = [(arm_cost(recs, arm), 100 * ev["succ_at_k"][-1])]
+        rounds = cfg.arms[arm].rounds if arm != "base" and cfg.arms[arm].offline else 1
+        if not points:
+            for k in range(1, rounds + 1):
+                ev = recs.get(f"eval/{arm}" if k == rounds else f"eval/{arm}/round-{k}")
+                if ev:
+                    points.append((arm_cost(recs, arm, k), 100 * ev["succ_at_k"][-1]))
         if points:
             series.append((_label(cfg, arm), points))
     if not series:
@@ -211,10 +242,11 @@ def _setup(recs: dict[str, dict[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def write_report(cfg: Any) -> str:
-    """Write report.md, succ_at_k.png and cost.png into the run directory; return the markdown."""
+def write_report(cfg: Any, steps: list[tuple[str, Path]]) -> str:
+    """Write report.md, succ_at_k.png and cost.png into the run directory from the records of the
+    run's steps (name, record path); return the markdown."""
     d: RunDir = cfg.dir
-    recs = records(cfg)
+    recs = records(steps)
     arms = [a for a in _arms(cfg) if f"eval/{a}" in recs]
     metrics = [load_metrics(d.eval(a).path) for a in arms]
     labels = [_label(cfg, a) for a in arms]
@@ -240,6 +272,11 @@ def write_report(cfg: Any) -> str:
     curves = curve_table(cfg, recs)
     if curves:
         md += ["## Learning curves of the online arms", "", curves]
+    rounds = rounds_table(cfg, recs)
+    if rounds:
+        md += ["## Rounds of the iterated arms", "",
+               "Round k samples the training prompts afresh from round k-1's model, weights them against it and "
+               "trains; its cost includes every round before it.", "", rounds]
     ex = examples_markdown(cfg, shown)
     if ex:
         md += [f"## Held-out conversations before and after training ({shown})", "", ex]

@@ -110,6 +110,42 @@ def checkpoint_record(checkpoint: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
+class RoundDir:
+    """Round k of an iterated offline arm. Round 1 is the arm itself (the shared rollout, its
+    weights and training); round k >= 2 keeps its own rollout (sampled from round k-1's model),
+    weights (and, training on all rounds' data, their union) and model. Every round but the
+    last is evaluated here; the last is the arm's model, evaluated in eval/<arm>."""
+
+    run: RunDir
+    arm: str
+    k: int
+
+    @property
+    def path(self) -> Path:
+        return self.run.root / "rounds" / self.arm / f"round-{self.k}"
+
+    @property
+    def rollout(self) -> RolloutDir:
+        return self.run.rollout if self.k == 1 else RolloutDir(self.path / "rollout")
+
+    @property
+    def weights(self) -> Path:
+        return self.run.weights(self.arm) if self.k == 1 else self.path / "weights.jsonl"
+
+    @property
+    def union(self) -> Path:
+        return self.path / "union.jsonl"
+
+    @property
+    def train(self) -> TrainDir:
+        return self.run.train(self.arm) if self.k == 1 else TrainDir(self.path / "train")
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.path / "eval")
+
+
+@dataclass(frozen=True)
 class RunDir:
     root: Path
 
@@ -133,6 +169,9 @@ class RunDir:
     def eval(self, arm: str) -> EvalDir:
         return EvalDir(self.root / "eval" / arm)
 
+    def round(self, arm: str, k: int) -> RoundDir:
+        return RoundDir(self, arm, k)
+
     def evaluated(self) -> list[str]:
         """The arms that have an eval directory, by name."""
         folder = self.root / "eval"
@@ -151,8 +190,12 @@ class RunDir:
         return self.root / "cost.png"
 
     def stage_dirs(self, stage: str) -> list[Path]:
-        """What `--from STAGE` removes for one stage of the pipeline (online arms train)."""
-        return [self.root / stage] + ([self.root / "online"] if stage == "train" else [])
+        """What `--from STAGE` removes for one stage of the pipeline: online arms train; a round
+        after the first depends on the first round's training, so redoing rollouts, weights or
+        training redoes every later round; redoing evaluations redoes the rounds' evaluations."""
+        if stage == "eval":
+            return [self.root / "eval", *sorted((self.root / "rounds").glob("*/round-*/eval"))]
+        return [self.root / stage, self.root / "rounds"] + ([self.root / "online"] if stage == "train" else [])
 
 
 # --- stage records -------------------------------------------------------------------------

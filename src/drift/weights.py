@@ -37,6 +37,8 @@ The diagnostics count both kinds of groups whatever the rule.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import statistics
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -50,7 +52,7 @@ from drift.config import option, settings
 from drift.ledger import Cost, measure
 from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, trajectory_files,
                            write_json, write_jsonl)
-from drift.rundir import Lock, ensure_writable, record, weights_record
+from drift.rundir import Lock, ensure_writable, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -299,6 +301,32 @@ def run_weights(cfg: WeightsConfig) -> dict:
         diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
         write_json(weights_record(out), diag)
     return diag
+
+
+def union(parts: list[Path], output: Path) -> dict:
+    """The weighted rows of several rounds as one training input: `output/` holds a link to each
+    part (each already weighted within its own round's groups), and `weights_record(output)` a
+    record naming every part's record. Returns that record."""
+    records = [read_record(weights_record(p)) for p in parts]
+    if any(r is None or r.get("status") != "complete" for r in records):
+        raise DriftError(f"union: every part needs a finished weights record ({', '.join(map(str, parts))})")
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
+    for k, p in enumerate(parts, 1):
+        target = output / f"part-{k:03d}.jsonl"
+        try:
+            os.link(p, target)
+        except OSError:  # another filesystem: copy
+            shutil.copyfile(p, target)
+    rec = union_record(records, output)
+    write_json(weights_record(output), {**rec, "status": "complete", "parts": [str(p) for p in parts],
+                                        "rows": sum(r["rows"] for r in records)})
+    return rec
+
+
+def union_record(part_records: list[dict], output: Path) -> dict:
+    """The record of a union of weighted parts: its settings name the parts' digests in order."""
+    return record("weights", {"union_of": [r.get("digest") for r in part_records]}, part_records[-1], output)
 
 
 def stage_record(cfg: WeightsConfig, rollout_record: dict | None) -> dict:

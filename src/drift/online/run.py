@@ -26,7 +26,6 @@ them seeded from (seed, iteration)), so the result equals an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import random
 import shutil
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from drift import DriftError
-from drift.config import build, settings, to_dict
+from drift.config import build, derive_seed, settings, to_dict
 from drift.ledger import Cost, measure, parameter_count
 from drift.online import state as saved
 from drift.online.advantages import group_advantages, select_groups
@@ -51,19 +50,13 @@ from drift.weights import trajectory_return
 log = logging.getLogger(__name__)
 
 
-def derive(seed: int, *parts: object) -> int:
-    """A reproducible 63-bit seed for one random stream of the run."""
-    h = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
 def prompt_batch(problems: list[Problem], size: int, seed: int, iteration: int) -> list[Problem]:
     """The problems of one iteration: consecutive slices of an order reshuffled every epoch."""
     out = []
     for pos in range(iteration * size, (iteration + 1) * size):
         epoch, k = divmod(pos, len(problems))
         order = list(range(len(problems)))
-        random.Random(derive(seed, "epoch", epoch)).shuffle(order)
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
         out.append(problems[order[k]])
     return out
 
@@ -220,7 +213,7 @@ class _Loop:
         name = "rollout" if acc.num_processes == 1 else f"rollout-rank{acc.process_index}"
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
         rcfg = RolloutConfig(**{**values, "output": str(self.out.iteration(it + 1) / name),
-                                "model": f"{cfg.output}#policy-after-{it}", "seed": derive(cfg.seed, "rollout", it),
+                                "model": f"{cfg.output}#policy-after-{it}", "seed": derive_seed(cfg.seed, "rollout", it),
                                 "resume": False})
         rows, cost = [], Cost()
         if mine:
@@ -275,8 +268,8 @@ class _Loop:
         if cfg.kl == "matched":
             ref, n = self._logprobs(train, reference=True)
             cost.aux_forward_tokens += n
-        torch.manual_seed(derive(cfg.seed, "update", it))
-        stats = self.policy.update(train, old, ref, derive(cfg.seed, "order", it))
+        torch.manual_seed(derive_seed(cfg.seed, "update", it))
+        stats = self.policy.update(train, old, ref, derive_seed(cfg.seed, "order", it))
         cost.trained_tokens += int(self.acc.reduce(torch.tensor(stats.trained_tokens, device=self.acc.device),
                                                    reduction="sum"))
         cost.optimizer_steps += stats.steps

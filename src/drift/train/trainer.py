@@ -53,7 +53,8 @@ from drift.config import option, settings
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import Lock, TrainDir, ensure_writable, read_record, record, weights_record
+from drift.rundir import (Lock, TrainDir, ensure_writable, read_record, record, trained_record, weights_record,
+                          with_model)
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
 from drift.train.loss import loss_targets, weighted_nll_sum
 from drift.train.output import resume_checkpoint, start_output
@@ -298,7 +299,7 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     cost, started = Cost(), (time.perf_counter(), time.process_time())
     with measure(cost, str(args.device)):
         # step 2
-        rec = stage_record(cfg, read_record(weights_record(cfg.data)))
+        rec = stage_record(cfg, read_record(weights_record(cfg.data)), trained_record(cfg.model))
         checkpoint, carried = resume_checkpoint(cfg.resume_from_checkpoint, out, rec)
         # step 3
         path = resolve_model(cfg.model)
@@ -358,8 +359,9 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
     }
 
 
-def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None) -> dict[str, Any]:
-    """The train stage's record (`drift.rundir`): its settings (the dtype resolved) and the weighted
-    rows it trained on."""
-    s = {**settings(cfg), "dtype": resolve_dtype(cfg.dtype, default_device())}
+def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None,
+                 model_record: dict[str, Any] | None) -> dict[str, Any]:
+    """The train stage's record (`drift.rundir`): its settings (the dtype resolved; a starting model
+    that drift trained named by its record), and the weighted rows it trained on."""
+    s = with_model({**settings(cfg), "dtype": resolve_dtype(cfg.dtype, default_device())}, model_record)
     return record("train", s, weights_record, cfg.data)
