@@ -264,19 +264,29 @@ def _resumed(t: Any) -> Any:
 
 
 def check(steps: list[Step]) -> list[Step]:
-    """The steps to run; raise one error for every step whose output was made otherwise."""
-    todo, stale = [], []
+    """The steps to run; raise one error if any output on disk was made otherwise.
+
+    The error names each stage whose own settings differ, with the keys; stages that differ only
+    because they were built on such a stage (their input or starting model) are counted.
+    """
+    todo, own, built_on = [], [], []
     for step in steps:
         rec = read_record(step.record_path)
         differ = mismatch(rec, step.expected) if rec is not None else []
-        if differ:
-            stale.append((step, differ))
+        mine = [d for d in differ if not d.startswith(("input:", "model: 'trained:"))]
+        if mine:
+            own.append((step, mine))
+        elif differ:
+            built_on.append(step)
         elif not is_complete(rec):
             todo.append(step)
-    if stale:
-        first = min(STAGES.index(s.stage) for s, _ in stale)
-        lines = "; ".join(f"{s.name} ({', '.join(d)})" for s, d in stale)
-        raise DriftError(f"the run directory holds outputs made with other settings: {lines}. Rerun with "
+    if not own and built_on:  # nothing changed its own settings: an input was redone under it
+        own, built_on = [(built_on[0], ["made from another input: an earlier stage was redone"])], built_on[1:]
+    if own:
+        first = min(STAGES.index(s.stage) for s, _ in own)
+        named = "; ".join(f"{s.name} ({', '.join(d)})" for s, d in own)
+        later = f", and {len(built_on)} stage(s) built on them" if built_on else ""
+        raise DriftError(f"the run directory holds outputs made with other settings: {named}{later}. Rerun with "
                          f"--from {STAGES[first]} to redo them and every later stage, or choose a new output directory")
     return todo
 

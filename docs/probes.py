@@ -1,0 +1,196 @@
+"""Probe drift as a new user would, and print what happened (the tables of docs/reliability.md).
+
+    HF_HUB_OFFLINE=1 python docs/probes.py [--workdir DIR]
+
+Every probe runs the real CLI (`python -m drift.cli ...`) in a fresh directory, on a tiny random
+model built here (the tests' byte tokenizer and 2-layer Llama), and records the exit status and
+the last line drift printed. Three kinds:
+  1. bad input to every command: one clear line (exit 2) and nothing written is lost;
+  2. SIGKILL inside each stage of `drift run`, then the same command again: it resumes;
+  3. the same `drift run` with one setting changed: it refuses to reuse the old output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def tiny_model(directory: Path) -> Path:
+    from conftest import make_model, make_tokenizer
+
+    tok = make_tokenizer("chatml")
+    model = make_model(tok)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def drift(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "drift.cli", *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def last_line(p: subprocess.CompletedProcess) -> str:
+    lines = [x for x in (p.stderr or p.stdout).strip().splitlines() if x.strip()]
+    if p.returncode == 0:
+        return "ok"
+    tail = lines[-1] if lines else "(nothing)"
+    return tail if len(tail) < 240 else tail[:237] + "..."
+
+
+def run_config(model: Path, output: Path, **over: dict) -> dict:
+    data = {"output": str(output), "model": str(model),
+            "rollout": {"tasks": "mc-arith", "split": "train", "num_problems": 4, "n": 4, "max_turns": 2,
+                        "max_new_tokens": 6, "batch_size": 8},
+            "train": {"epochs": 20, "batch_size": 2, "lr": 1e-4, "save_steps": 2, "logging_steps": 1},
+            "eval": {"tasks": "mc-arith", "split": "test", "num_problems": 4, "max_turns": 2, "max_new_tokens": 6},
+            "arms": {"drift": {"method": "drift", "rounds": 2, "train": {"min_weight": 0.0}},
+                     "grpo": {"method": "online", "online": {"iterations": 3, "batch_prompts": 2, "eval_every": 1,
+                                                             "lr": 1e-3}}}}
+    data.update(over)
+    return data
+
+
+def bad_inputs(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
+    good = work / "tasks.jsonl"
+    good.write_text('{"id": "a", "question": "2+2?", "answer": "4"}\n')
+    empty = work / "empty.jsonl"
+    empty.write_text("")
+    binary = work / "latin1.jsonl"
+    binary.write_bytes(b'{"id": "a", "question": "caf\xe9", "answer": "4"}\n')
+    fake = work / "fake.parquet"
+    fake.write_text("not parquet")
+    wrongtype = work / "wrongtype.jsonl"
+    wrongtype.write_text('{"id": "a", "question": ["2+2?"], "answer": {"x": 4}}\n')
+    afile = work / "a-file"
+    afile.write_text("x")
+    nomodel = work / "nomodel"
+    nomodel.mkdir()
+    weighted = work / "w.jsonl"
+    weighted.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                                 {"role": "assistant", "content": "a"}], "weight": 1.0}) + "\n")
+    probes = [
+        ("rollout", "tasks file missing", ["rollout", "--model", str(model), "--tasks", "nope.jsonl", "--output", "r"]),
+        ("rollout", "empty tasks file", ["rollout", "--model", str(model), "--tasks", str(empty), "--output", "r"]),
+        ("rollout", "non-UTF-8 tasks file", ["rollout", "--model", str(model), "--tasks", str(binary), "--output", "r"]),
+        ("rollout", "a .parquet that is not Parquet", ["rollout", "--model", str(model), "--tasks", str(fake),
+                                                        "--output", "r"]),
+        ("rollout", "list question, dict answer", ["rollout", "--model", str(model), "--tasks", str(wrongtype),
+                                                    "--output", "r"]),
+        ("rollout", "directory without a model", ["rollout", "--model", str(nomodel), "--tasks", str(good),
+                                                  "--output", "r"]),
+        ("rollout", "output path is a file", ["rollout", "--model", str(model), "--tasks", str(good), "--output",
+                                              str(afile)]),
+        ("rollout", "unknown key", ["rollout", "--set", "temprature=1"]),
+        ("weights", "input missing", ["weights", "nope", "--output", "w.jsonl"]),
+        ("weights", "beta nan", ["weights", str(good), "--output", "w.jsonl", "--beta", "nan"]),
+        ("weights", "beta 'hot'", ["weights", str(good), "--output", "w.jsonl", "--beta", "hot"]),
+        ("train", "lr -1", ["train", "--model", str(model), "--data", str(weighted), "--lr", "-1", "--output", "t"]),
+        ("train", "max-steps 0", ["train", "--model", str(model), "--data", str(weighted), "--max-steps", "0",
+                                  "--output", "t"]),
+        ("train", "output path is a file", ["train", "--model", str(model), "--data", str(weighted), "--output",
+                                            str(afile)]),
+        ("train", "resume latest without checkpoints", ["train", "--model", str(model), "--data", str(weighted),
+                                                        "--output", "t2", "--resume-from-checkpoint", "latest"]),
+        ("online", "n 1", ["online", "--model", str(model), "--tasks", str(good), "--n", "1", "--output", "o"]),
+        ("online", "keep-top 0", ["online", "--model", str(model), "--tasks", str(good), "--keep-top", "0",
+                                  "--output", "o"]),
+        ("eval", "model and trajectories both missing", ["eval", "--output", "e"]),
+        ("compare", "not an eval directory", ["compare", str(work)]),
+        ("run", "config file missing", ["run", "nope.toml"]),
+        ("inspect", "row out of range", ["inspect", str(weighted), "--model", str(model), "--row", "9"]),
+    ]
+    out = []
+    for command, what, args in probes:
+        p = drift(*args, cwd=work)
+        out.append((command, what, p.returncode, last_line(p)))
+    return out
+
+
+def killed(work: Path, model: Path) -> list[tuple[str, str, str]]:
+    """SIGKILL while a stage is running (its output appears), then the same command."""
+    watch: list[tuple[str, Callable[[Path], bool]]] = [
+        ("rollout", lambda r: any((r / "rollout/trajectories").glob("shard-*.jsonl"))),
+        ("eval/base", lambda r: any((r / "eval/base/rollout/trajectories").glob("shard-*.jsonl"))),
+        ("train/drift (after a checkpoint)", lambda r: any((r / "train/drift").glob("checkpoint-*/drift_checkpoint.json"))),
+        ("rollout/drift/round-2", lambda r: any((r / "rounds/drift/round-2/rollout/trajectories").glob("shard-*"))),
+        ("train/drift/round-2", lambda r: (r / "rounds/drift/round-2/train/train_summary.json").is_file()),
+        ("online/grpo (after iteration 1)", lambda r: (r / "online/grpo/state/progress.json").is_file()),
+    ]
+    out = []
+    for name, started in watch:
+        run = work / f"kill-{len(out)}"
+        cfg = work / f"kill-{len(out)}.json"
+        cfg.write_text(json.dumps(run_config(model, run)))
+        proc = subprocess.Popen([sys.executable, "-m", "drift.cli", "run", str(cfg)], cwd=work, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None and not started(run):
+            time.sleep(0.02)
+        was_running = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        again = drift("run", str(cfg), cwd=work)
+        report = (run / "report.md").is_file()
+        outcome = "resumed, report written" if again.returncode == 0 and report else last_line(again)
+        out.append((name, "killed mid-stage" if was_running else "finished before the kill", outcome))
+    return out
+
+
+def changed(work: Path, model: Path) -> list[tuple[str, str]]:
+    run = work / "changed"
+    base = run_config(model, run, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    base["train"] = {**base["train"], "epochs": 1, "save_steps": 0}
+    cfg = work / "changed.json"
+    cfg.write_text(json.dumps(base))
+    first = drift("run", str(cfg), cwd=work)
+    out = [("(first run)", last_line(first))]
+    for what, key, value in [("weights.beta 0.1 -> 0.3", "weights", {"beta": 0.3}),
+                             ("train.lr 1e-4 -> 2e-4", "train", {**base["train"], "lr": 2e-4}),
+                             ("rollout.n 4 -> 2", "rollout", {**base["rollout"], "n": 2}),
+                             ("eval.max_turns 2 -> 3", "eval", {**base["eval"], "max_turns": 3}),
+                             ("rollout.batch_size 8 -> 4 (no effect on results)", "rollout",
+                              {**base["rollout"], "batch_size": 4})]:
+            cfg.write_text(json.dumps({**base, key: value}))
+            out.append((what, last_line(drift("run", str(cfg), cwd=work))))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=None, help="where to run (default: a temporary directory)")
+    args = p.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="drift-probes-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(work / "tiny-model")
+    print("## Bad input\n\n| command | input | exit | what drift said |\n|---|---|---:|---|")
+    for command, what, code, line in bad_inputs(work, model):
+        print(f"| {command} | {what} | {code} | `{line}` |")
+    print("\n## SIGKILL inside a stage of `drift run`, then the same command\n\n| stage | kill | rerun |\n|---|---|---|")
+    for name, state, outcome in killed(work, model):
+        print(f"| {name} | {state} | {outcome} |")
+    print("\n## The same `drift run` with one setting changed\n\n| change | what drift said |\n|---|---|")
+    for what, line in changed(work, model):
+        print(f"| {what} | `{line}` |")
+
+
+if __name__ == "__main__":
+    main()
