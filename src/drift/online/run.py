@@ -141,6 +141,17 @@ def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
     return getattr(torch, resolved_dtype(cfg))
 
 
+def _vllm(cfg: OnlineConfig) -> Any:
+    """A vLLM engine for the base model with LoRA enabled at the adapter's rank (sync: `_Loop._sync`)."""
+    from drift.models import resolve_model
+    from drift.rollout.engine import resolved_dtype
+    from drift.rollout.vllm_backend import VLLMBackend
+
+    return VLLMBackend(resolve_model(cfg.model), seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                       dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r)
+
+
 def _lora(model: Any, cfg: OnlineConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -169,10 +180,11 @@ class _Loop:
         self.cfg, self.out, self.policy, self.acc = cfg, out, policy, accelerator
         self.problems, self.held_out, self.progress, self.expected = problems, held_out, progress, expected
         self.tokenizer = policy.tokenizer
+        self.vllm = _vllm(cfg) if cfg.backend == "vllm" else None
 
     def run(self) -> None:
         cfg, acc = self.cfg, self.acc
-        generator = self.policy.generator()
+        backend = self._sync(self.progress["iterations_done"])
         for it in range(self.progress["iterations_done"], cfg.iterations):
             k = it + 1
             if acc.is_main_process:
@@ -181,16 +193,16 @@ class _Loop:
             acc.wait_for_everyone()
             cost = Cost(parameters=self.progress["cost"]["parameters"])
             with measure(cost, str(acc.device)):
-                trajs, rollout_cost = self._sample(it, generator)
+                trajs, rollout_cost = self._sample(it, backend)
                 entry = self._learn(it, trajs, cost)
             cost = cost + dataclasses.replace(rollout_cost, wall_seconds=0.0, cpu_seconds=0.0, peak_memory_bytes=0)
-            generator = self.policy.generator()
+            backend = self._sync(k)
             total = Cost.from_json(self.progress["cost"]) + cost
             entry["cost"] = cost.to_json()
             self.progress["cost"] = total.to_json()
             self.progress["iterations"].append(entry)
             if k == cfg.iterations or (cfg.eval_every and k % cfg.eval_every == 0):
-                self._evaluate(k, generator, total)
+                self._evaluate(k, backend, total)
             self.progress["iterations_done"] = k
             log.info("online iteration %d/%d: return %.3f, %d of %d groups trained (%d zero spread), loss %s",
                      k, cfg.iterations, entry["return_mean"], entry["groups_trained"], entry["groups"],
@@ -201,11 +213,25 @@ class _Loop:
             acc.wait_for_everyone()
 
     # step 1
-    def _sample(self, it: int, generator: Any) -> tuple[list[Trajectory], Cost]:
+    def _sync(self, k: int) -> Any:
+        """The generation backend with the policy after k iterations: the hf backend over an
+        in-memory copy of the live weights; vLLM serving the LoRA adapter saved after iteration k."""
+        from drift.rollout.hf import HFBackend
+
+        if self.vllm is None:
+            return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size)
+        if k > 0:
+            path = self.out.path / "adapters" / f"{k:05d}"
+            if self.acc.is_main_process:
+                self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
+            self.acc.wait_for_everyone()
+            self.vllm.use_adapter(str(path), k)
+        return self.vllm
+
+    def _sample(self, it: int, backend: Any) -> tuple[list[Trajectory], Cost]:
         from accelerate.utils import gather_object
 
         from drift.rollout.engine import RolloutConfig, run_rollout
-        from drift.rollout.hf import HFBackend
 
         cfg, acc = self.cfg, self.acc
         batch = prompt_batch(self.problems, cfg.batch_prompts, cfg.seed, it)
@@ -217,7 +243,6 @@ class _Loop:
                                 "resume": False})
         rows, cost = [], Cost()
         if mine:
-            backend = HFBackend.from_model(generator, self.tokenizer, batch_size=cfg.batch_size)
             manifest = run_rollout(rcfg, problems=mine, backend=backend)
             rows = [t.to_json() for t in read_trajectories(Path(rcfg.output) / "trajectories")]
             cost = Cost.from_json(manifest["cost"])
@@ -301,13 +326,11 @@ class _Loop:
         return out, sum(n for _, _, n in gathered)
 
     # step 5
-    def _evaluate(self, k: int, generator: Any, cost: Cost) -> None:
+    def _evaluate(self, k: int, backend: Any, cost: Cost) -> None:
         from drift.evaluate import run_eval
-        from drift.rollout.hf import HFBackend
 
         if self.acc.is_main_process:
             ec = eval_config(self.cfg, f"{self.cfg.output}#policy-after-{k}", self.out.evaluation(k))
-            backend = HFBackend.from_model(generator, self.tokenizer, batch_size=self.cfg.batch_size)
             metrics = run_eval(ec, self.held_out, backend)
             self.progress["eval_cost"] = (Cost.from_json(self.progress["eval_cost"])
                                           + Cost.from_json(metrics.get("cost"))).to_json()

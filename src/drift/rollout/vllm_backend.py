@@ -42,9 +42,14 @@ def lora_rank(adapter_dir: str) -> int:
         r = int(json.loads(path.read_text())["r"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DriftError(f"lora {adapter_dir}: cannot read the adapter rank from {path} ({e})") from None
+    return fitting_rank(r, f"lora {adapter_dir}: ")
+
+
+def fitting_rank(r: int, where: str = "") -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds rank r."""
     fitting = [k for k in LORA_RANKS if k >= r]
     if not fitting:
-        raise DriftError(f"lora {adapter_dir}: rank {r} exceeds vLLM's largest ({LORA_RANKS[-1]})")
+        raise DriftError(f"{where}rank {r} exceeds vLLM's largest ({LORA_RANKS[-1]})")
     return fitting[0]
 
 
@@ -52,25 +57,33 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model: str, lora: str | None = None, seed: int = 0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto"):
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto",
+                 max_lora_rank: int | None = None):
         try:
             import vllm
             from vllm.lora.request import LoRARequest
         except ImportError:
             raise DriftError("the vllm backend needs vLLM: pip install 'drift-rl[vllm]'") from None
         self._sampling_params = vllm.SamplingParams
+        self._lora_request = LoRARequest
         self._lora = LoRARequest("drift-adapter", 1, lora) if lora else None
         kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype, enable_prefix_caching=True,
                                       tensor_parallel_size=tensor_parallel_size,
-                                      gpu_memory_utilization=gpu_memory_utilization, enable_lora=lora is not None)
+                                      gpu_memory_utilization=gpu_memory_utilization,
+                                      enable_lora=lora is not None or max_lora_rank is not None)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        if lora:
-            kwargs["max_lora_rank"] = lora_rank(lora)
+        if lora or max_lora_rank is not None:
+            kwargs["max_lora_rank"] = lora_rank(lora) if lora else fitting_rank(max_lora_rank)
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.stats = BackendStats()
+
+    def use_adapter(self, path: str, adapter_id: int) -> None:
+        """Generate with the LoRA adapter saved at `path` from now on: the online arm's sync after each
+        update. A new id makes vLLM load the new weights instead of a cached adapter of the same name."""
+        self._lora = self._lora_request(f"drift-adapter-{adapter_id}", adapter_id, path)
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
         built = build_requests(requests, params)
