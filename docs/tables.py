@@ -1,94 +1,168 @@
-"""Print the tables of docs/results.md from finished `drift run` directories (one per seed).
+"""Print the tables of docs/results.md from `drift run` directories (one per seed), and draw the
+succ@T-against-cost figure.
 
-    python docs/tables.py runs/mul-s0 runs/mul-s1 --against drift
+    python docs/tables.py runs/ovd-s0 runs/ovd-s1 runs/ovd-s2 --against drift --figure docs/figures/x.png
 
-Table 1: per arm, succ@k averaged over the run directories (each seed's value in brackets),
-the unique-answer ratio over conversations that got feedback, and the training cost (tokens
-processed = every real token of every epoch, the load-independent cost; wall time depends on load).
-Table 2: paired differences at the last turn, `against` minus each other arm: per held-out
+Every run directory is read back through `drift.pipeline.load_run` (its config.json and the records
+of its steps), so the numbers are the records' own. Rows are the arms' held-out evaluations; an
+iterated arm gives one row per round (`drift@1`, `drift@2`, ...; its last round is the arm itself).
+
+Table 1, per row: succ@k (mean over the run directories, each seed's value in brackets), the
+correction rate after feedback (over turns >= 2: answers corrected / answers that were parsed and
+wrong at the turn before), the unique-answer ratio over conversations that got feedback, and the
+training budget from the cost ledger (FLOPs and wall seconds: the shared rollout in full, weights
+and training, every earlier round; an online arm's rollouts and updates; evaluation excluded).
+Table 2: paired differences at the last turn, `against` minus each other row: per held-out
 problem the difference is averaged over seeds, then mean ± standard error over problems; then
-the mean difference of each seed (the spread between seeds, which the standard error over
-problems does not include).
+the mean difference of each seed (the spread between seeds, which the error over problems omits).
+Table 3 (online arms): the learning curve, succ@T and cumulative FLOPs at every evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+from drift.ledger import Cost
 from drift.metrics import mean_and_se
-from drift.rundir import RunDir, read_record
+from drift.pipeline import load_run
+from drift.report import arm_cost
 
 
-def load(run: Path) -> dict[str, dict]:
-    d = RunDir(run)
-    arms = {}
-    for arm in d.evaluated():
-        metrics = read_record(d.eval(arm).metrics)
-        if metrics is not None:
-            arms[arm] = {"metrics": metrics, "train": read_record(d.train(arm).summary)}
-    return arms
+def rows_of(path: Path) -> dict[str, dict[str, Any]]:
+    """Row name -> {"metrics", "cost", "curve"} for one run directory."""
+    cfg, recs = load_run(path)
+    rows: dict[str, dict[str, Any]] = {}
+    if "eval/base" in recs:
+        rows["base"] = {"metrics": recs["eval/base"], "cost": Cost(), "curve": None}
+    for arm, a in cfg.arms.items():
+        rounds = a.rounds if a.offline else 1
+        for k in range(1, rounds + 1):
+            ev = recs.get(f"eval/{arm}" if k == rounds else f"eval/{arm}/round-{k}")
+            if ev:
+                name = arm if rounds == 1 else f"{arm}@{k}"
+                rows[name] = {"metrics": ev, "cost": arm_cost(recs, arm, k),
+                              "curve": (recs.get(f"online/{arm}") or {}).get("curve")}
+    return rows
 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def correction(m: dict[str, Any]) -> float | None:
+    """Answers corrected after feedback / answers parsed and wrong at the turn before, over turns >= 2."""
+    base = sum(m["correction_base"][1:])
+    fixed = sum(r * b for r, b in zip(m["correction_rate"][1:], m["correction_base"][1:]) if r is not None)
+    return fixed / base if base else None
+
+
+def _each(values: list[float | None], fmt: Any) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    mean = fmt(sum(vals) / len(vals))
+    return f"{mean} ({' / '.join(fmt(v) for v in vals)})" if len(vals) > 1 else mean
+
+
 def summary_table(runs: list[dict[str, dict]]) -> str:
-    arms = [a for a in runs[0] if all(a in r for r in runs)]
-    turns = len(runs[0][arms[0]]["metrics"]["succ_at_k"])
-    head = "| arm | " + " | ".join(f"succ@{k + 1}" for k in range(turns))
-    head += " | unique (≥2 turns) | rows trained | tokens processed | tokens trained | train wall time (s) |\n"
-    head += "|---|" + "---:|" * (turns + 5) + "\n"
+    names = [n for n in runs[0] if all(n in r for r in runs)]
+    turns = len(runs[0][names[0]]["metrics"]["succ_at_k"])
+    head = ("| arm | " + " | ".join(f"succ@{k + 1}" for k in range(turns))
+            + " | correction after feedback | unique (≥2 turns) | training FLOPs | training wall s |\n"
+            + "|---|" + "---:|" * (turns + 4) + "\n")
     lines = []
-    for arm in arms:
-        cells = []
-        for k in range(turns):
-            vals = [r[arm]["metrics"]["succ_at_k"][k] for r in runs]
-            each = " / ".join(pct(v) for v in vals)
-            cells.append(f"{pct(sum(vals) / len(vals))} ({each})" if len(vals) > 1 else pct(vals[0]))
-        uniq = [r[arm]["metrics"]["unique_ratio_multi_turn"] for r in runs]
-        uniq = [u for u in uniq if u is not None]
-        cells.append(f"{sum(uniq) / len(uniq):.2f}" if uniq else "–")
-        trains = [r[arm]["train"] for r in runs if r[arm]["train"]]
-        if trains:
-            cells.append(" / ".join(str(t["data"]["rows_used"]) for t in trains))
-            cells.append(" / ".join(f"{t['tokens']:,}" for t in trains))
-            cells.append(" / ".join(f"{t['trained_tokens']:,}" for t in trains))
-            cells.append(" / ".join(f"{t['seconds']:.0f}" for t in trains))
-        else:
-            cells += ["–"] * 4
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for n in names:
+        ms = [r[n]["metrics"] for r in runs]
+        cells = [_each([m["succ_at_k"][k] for m in ms], pct) for k in range(turns)]
+        cells.append(_each([correction(m) for m in ms], pct))
+        cells.append(_each([m["unique_ratio_multi_turn"] for m in ms], lambda v: f"{v:.2f}"))
+        costs = [r[n]["cost"] for r in runs]
+        cells.append(_each([c.flops or None for c in costs], lambda v: f"{v:.3g}"))
+        cells.append(_each([c.wall_seconds or None for c in costs], lambda v: f"{v:.0f}"))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
 def paired_table(runs: list[dict[str, dict]], against: str) -> str:
-    arms = [a for a in runs[0] if a != against and all(a in r for r in runs)]
+    names = [n for n in runs[0] if n != against and all(n in r for r in runs)]
     lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | each seed | problems |",
              "|---|---:|---:|---:|---:|"]
     problems = list(runs[0][against]["metrics"]["per_problem"])
-    for arm in arms:
-        per_seed = [[r[against]["metrics"]["per_problem"][pid][-1] - r[arm]["metrics"]["per_problem"][pid][-1]
+    for n in names:
+        per_seed = [[r[against]["metrics"]["per_problem"][pid][-1] - r[n]["metrics"]["per_problem"][pid][-1]
                      for pid in problems] for r in runs]  # per run: one difference per held-out problem
         diffs = [sum(d) / len(d) for d in zip(*per_seed)]
         mean, se = mean_and_se(diffs)
         each = " / ".join(f"{100 * sum(d) / len(d):+.1f}" for d in per_seed)
-        lines.append(f"| {arm} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {each} | {len(diffs)} |")
+        lines.append(f"| {n} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {each} | {len(diffs)} |")
     return "\n".join(lines) + "\n"
+
+
+def curve_table(runs: list[dict[str, dict]]) -> str:
+    out = []
+    for n in runs[0]:
+        curves = [r[n]["curve"] for r in runs if n in r and r[n]["curve"]]
+        if not curves:
+            continue
+        out += [f"| {n}: iteration | succ@T per seed | training FLOPs (seed 1) |", "|---:|---:|---:|"]
+        for i, point in enumerate(curves[0]):
+            succ = " / ".join(pct(c[i]["succ_at_k"][-1]) for c in curves if i < len(c))
+            out.append(f"| {point['iteration']} | {succ} | {Cost.from_json(point['cost']).flops:.3g} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def figure(runs: list[dict[str, dict]], output: Path) -> None:
+    """Held-out succ@T against training FLOPs: every row, every seed (online arms as curves)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.add_subplot()
+    markers = "osD^v<>P*X"
+    for j, n in enumerate(runs[0]):
+        color = f"C{j % 10}"
+        for s, r in enumerate(runs):
+            if n not in r:
+                continue
+            row, label = r[n], n if s == 0 else None
+            if row["curve"]:
+                xs = [Cost.from_json(p["cost"]).flops for p in row["curve"]]
+                ys = [100 * p["succ_at_k"][-1] for p in row["curve"]]
+                ax.plot(xs, ys, color=color, marker=markers[s % len(markers)], markersize=3, label=label)
+            else:
+                ax.scatter([row["cost"].flops], [100 * row["metrics"]["succ_at_k"][-1]], color=color,
+                           marker=markers[s % len(markers)], label=label)
+    ax.set_xscale("symlog", linthresh=1e12)
+    ax.set_xlabel("training FLOPs (rollouts + training; evaluation excluded)")
+    ax.set_ylabel("held-out succ@T (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="`drift run` output directories, one per seed")
-    p.add_argument("--against", default="drift", help="arm whose paired differences are reported")
+    p.add_argument("--against", default="drift", help="row whose paired differences are reported")
+    p.add_argument("--figure", type=Path, help="also draw succ@T against training FLOPs to this PNG")
     args = p.parse_args()
-    runs = [load(r) for r in args.runs]
-    for path, arms in zip(args.runs, runs):
-        if not arms:
+    runs = [rows_of(r) for r in args.runs]
+    for path, rows in zip(args.runs, runs):
+        if not rows:
             p.error(f"{path}: no evaluation finished (not a `drift run` directory)")
     print(summary_table(runs))
     if all(args.against in r for r in runs):
         print(paired_table(runs, args.against))
+    curves = curve_table(runs)
+    if curves:
+        print(curves)
+    if args.figure:
+        figure(runs, args.figure)
+        print(f"figure: {args.figure}")
 
 
 if __name__ == "__main__":

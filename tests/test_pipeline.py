@@ -195,6 +195,14 @@ def test_online_arm_beside_the_offline_ones(tmp_path, tiny_model_dir):
         "settings"]["problems"]
     assert "| grpo (online) |" in md and "## Learning curves of the online arms" in md
     assert "| online/grpo |" in md
+    from drift.pipeline import load_run
+    from drift.report import arm_cost
+
+    loaded, recs = load_run(run)
+    assert loaded.arms["grpo"].method == "online"
+    assert arm_cost(recs, "grpo").flops == pytest.approx(summary["cost"]["flops"])  # not the shared rollout
+    parts = ("rollout", "weights/drift", "train/drift")
+    assert arm_cost(recs, "drift").flops == pytest.approx(sum(recs[p]["cost"]["flops"] for p in parts))
     run_pipeline(cfg)  # complete: skipped
     with pytest.raises(DriftError, match=r"online/grpo \(lr: 0.001 -> 0.002\).*--from train"):
         data["arms"]["grpo"]["online"]["lr"] = 2e-3

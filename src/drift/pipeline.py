@@ -17,6 +17,7 @@ instruction, checker and its timeout, turn limit) unless `[eval]` sets a key its
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -337,6 +338,18 @@ def _run_step(step: Step) -> None:
     except Exception:
         log.error("stage %s failed; finished stages are kept, rerun the same command to go on", step.name)
         raise
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+    """A run directory read back: its config (from config.json) and the records of its steps on disk."""
+    from drift import report
+
+    run = RunDir(Path(path))
+    if not run.config.is_file():
+        raise DriftError(f"{path}: no {run.config.name} (not a `drift run` directory)")
+    cfg = build(RunConfig, {**json.loads(run.config.read_text()), "output": str(path), "start_from": None})
+    steps = plan(cfg, *check_disjoint(cfg))
+    return cfg, report.records([(s.name, s.record_path) for s in steps])
 
 
 @dataclass

@@ -52,8 +52,11 @@ def arm_cost(recs: dict[str, dict[str, Any]], arm: str, upto: int | None = None)
     total = Cost()
     if arm == "base":
         return total
+    online = f"online/{arm}" in recs
     for name, rec in recs.items():
         k = _round_of(name, arm)
+        if name == "rollout" and online:  # the online arm samples its own conversations
+            continue
         if k is not None and not name.startswith("eval/") and (upto is None or k <= upto):
             total = total + Cost.from_json(rec.get("cost"))
     return total
