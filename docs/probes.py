@@ -28,15 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def tiny_model(directory: Path) -> Path:
-    from conftest import make_model, make_tokenizer
+    from conftest import make_tokenizer, save_tiny_model
 
-    tok = make_tokenizer("chatml")
-    model = make_model(tok)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_tiny_model(directory, make_tokenizer("chatml"))
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

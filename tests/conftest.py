@@ -79,13 +79,17 @@ def llama3_tokenizer():
     return make_tokenizer("llama3")
 
 
+def save_tiny_model(directory, tokenizer):
+    """A tiny random Llama + `tokenizer` saved to `directory`, loadable with from_pretrained."""
+    model = make_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny random Llama + ChatML tokenizer, loadable with from_pretrained."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    model = make_model(tiny_tokenizer)
-    model.generation_config.eos_token_id = tiny_tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tiny_tokenizer.pad_token_id
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)

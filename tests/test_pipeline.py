@@ -245,37 +245,16 @@ def test_rerun_after_a_crash_trains_like_an_uninterrupted_run(tmp_path, tiny_mod
 
 
 def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_model_dir):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}})
     data["train"] = {**data["train"], "epochs": 30, "save_steps": 2, "logging_steps": 1}
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(data))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "drift.cli", "run", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = tmp_path / "run/train/drift/train_summary.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(summary.parent.glob("checkpoint-*/drift_checkpoint.json")):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    rerun = run_and_kill(tmp_path, data, lambda: any(summary.parent.glob("checkpoint-*/drift_checkpoint.json")))
     assert json.loads(summary.read_text())["status"] == "running"
     with pytest.raises(DriftError, match="training did not finish"):
         from drift.models import resolve_model
 
         resolve_model(str(summary.parent))
-    done = subprocess.run([sys.executable, "-m", "drift.cli", "run", str(path)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = rerun()
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads(summary.read_text())
     assert final["status"] == "complete" and final["resumed_from"] is not None
@@ -312,6 +291,22 @@ def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data):
 
 
 def test_sigkill_in_a_later_round_resumes_there(tmp_path, tiny_model_dir):
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 2}})
+    data["rollout"] = {**data["rollout"], "num_problems": 6, "n": 4, "max_new_tokens": 8}
+    shards = tmp_path / "run/rounds/drift/round-2/rollout/trajectories"
+    rerun = run_and_kill(tmp_path, data, lambda: any(shards.glob("shard-*.jsonl")))
+    train1 = tmp_path / "run/train/drift/train_summary.json"
+    stamp = train1.stat().st_mtime_ns
+    done = rerun()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert train1.stat().st_mtime_ns == stamp  # round 1 was not redone
+    manifest = json.loads((shards.parent / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["written"] == 6 * 4  # nothing duplicated
+    assert (tmp_path / "run/eval/drift/metrics.json").is_file()
+
+
+def run_and_kill(tmp_path, data, started):
+    """`drift run` on `data` in a subprocess, SIGKILLed once `started()` holds; returns the rerun command."""
     import os
     import signal
     import subprocess
@@ -320,28 +315,15 @@ def test_sigkill_in_a_later_round_resumes_there(tmp_path, tiny_model_dir):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 2}})
-    data["rollout"] = {**data["rollout"], "num_problems": 6, "n": 4, "max_new_tokens": 8}
     path = tmp_path / "run.json"
     path.write_text(json.dumps(data))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "drift.cli", "run", str(path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = tmp_path / "run/rounds/drift/round-2/rollout/trajectories"
+    cmd = [sys.executable, "-m", "drift.cli", "run", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(shards.glob("shard-*.jsonl")):
-            break
+    while time.monotonic() < deadline and proc.poll() is None and not started():
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    train1 = tmp_path / "run/train/drift/train_summary.json"
-    stamp = train1.stat().st_mtime_ns
-    done = subprocess.run([sys.executable, "-m", "drift.cli", "run", str(path)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert train1.stat().st_mtime_ns == stamp  # round 1 was not redone
-    manifest = json.loads((shards.parent / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["counts"]["written"] == 6 * 4  # nothing duplicated
-    assert (tmp_path / "run/eval/drift/metrics.json").is_file()
+    return lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
