@@ -55,3 +55,12 @@ def test_a_tiny_model_generates_in_both_dtypes(tiny_model_dir, dtype):
     out = backend.generate([GenRequest([("p", 0), ("p", 1)], [{"role": "user", "content": "hi"}], 1)],
                            SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=5, seed=0))
     assert [o.tokens for o in out[0]] and all(1 <= o.tokens <= 5 for o in out[0])
+
+
+def test_the_accelerator_is_the_default_device(monkeypatch):
+    from drift.hardware import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device() == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"

@@ -330,3 +330,23 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
 def shard_rows_tolerant(out: Path) -> list[str]:
     return [line for f in (out / "trajectories").glob("*.jsonl") for line in f.read_text().splitlines()
             if line.endswith("}")]
+
+
+def test_a_failure_before_the_first_trajectory_does_not_block_the_corrected_rerun(tmp_path):
+    """The model loaded, then generation failed (a config error found late): no "running" manifest
+    is left, so the corrected command runs without --resume."""
+    probs = problems(2)
+    with pytest.raises(RuntimeError, match="backend crashed"):
+        run_rollout(config(tmp_path), probs, ScriptedBackend(probs, fail_after=0))
+    assert not (tmp_path / "run").exists()
+    manifest = run_rollout(config(tmp_path), probs, ScriptedBackend(probs))
+    assert manifest["status"] == "complete"
+
+
+def test_two_writers_on_one_rollout_directory(tmp_path):
+    from drift.rundir import Lock
+
+    probs = problems(2)
+    (tmp_path / "run").mkdir()
+    with Lock(tmp_path / "run"), pytest.raises(DriftError, match="being written by another drift process"):
+        run_rollout(config(tmp_path, resume=True), probs, ScriptedBackend(probs))
