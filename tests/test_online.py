@@ -238,3 +238,11 @@ def test_vllm_follows_the_policy_through_its_lora_adapter(tmp_path, tiny_model_d
     assert requests[0] is None  # iteration 1 samples the base
     assert requests[-1] == ("lora", "drift-adapter-2", 2, str(adapters / "00002"))  # the final eval: after 2
     assert summary["status"] == "complete"
+
+
+def test_the_curve_is_held_out_problems_of_the_training_task(tmp_path, tiny_model_dir):
+    from drift.online.run import eval_config
+
+    cfg = build(OnlineConfig, {"tasks": "mul", "output": str(tmp_path), "system_prompt": "Be brief.", "max_turns": 2})
+    ev = eval_config(cfg, "m", tmp_path / "e")
+    assert (ev.tasks, ev.split, ev.system_prompt, ev.max_turns) == ("mul", "test", "Be brief.", 2)

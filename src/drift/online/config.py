@@ -57,8 +57,8 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
     lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     eval_every: int = option(10, "evaluate on held-out problems every this many iterations (and after the last; "
                              "0: only after the last)")
-    eval: dict = option({"split": "test"}, "drift eval keys of the held-out evaluations (tasks, split, "
-                        "num_problems, ...); environment keys default to this run's")
+    eval: dict = option({"split": "test"}, "drift eval keys of the held-out evaluations (split, num_problems, ...); "
+                        "the task and the environment keys default to this run's")
     save_every: int = option(1, "save the resumable state every this many iterations", result=False)
 
     def __post_init__(self) -> None:

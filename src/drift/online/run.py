@@ -71,11 +71,13 @@ def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[
 
 
 def eval_config(cfg: OnlineConfig, model: str, output: Path) -> Any:
-    """The held-out evaluation of the learning curve: [eval] keys in this run's environment."""
+    """The held-out evaluation of the learning curve: the `eval` keys, on the training task and in this
+    run's environment unless they say otherwise."""
     from drift.evaluate import EvalConfig, inherit_environment
 
-    return build(EvalConfig, {**inherit_environment(to_dict(cfg), cfg.eval), "model": model, "output": str(output),
-                              "resume": True}, "eval.")
+    task = {"tasks": cfg.tasks, "task_seed": cfg.task_seed}
+    return build(EvalConfig, {**task, **inherit_environment(to_dict(cfg), cfg.eval), "model": model,
+                              "output": str(output), "resume": True}, "eval.")
 
 
 def run_online(cfg: OnlineConfig) -> dict[str, Any]:
