@@ -93,3 +93,12 @@ def save_tiny_model(directory, tokenizer):
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     """A saved tiny random Llama + ChatML tokenizer, loadable with from_pretrained."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_fast_bf16(monkeypatch):
+    """dtype auto resolves to float32 in every test, whatever CPU runs them: literal expectations
+    are fp32 numbers (tests that want bf16 ask for it; test_hardware mocks the report itself)."""
+    from drift import hardware
+
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: "")

@@ -175,13 +175,86 @@ def test_history_longer_than_the_context_is_refused(tmp_path):
     assert out.finish_reason == "length" and len(backend.render(reqs[0].messages)) + out.tokens == 64
 
 
-def test_sampler_follows_temperature_and_top_p():
+def sample_many(logits: torch.Tensor, params: SamplingParams, seeds, counts=None) -> torch.Tensor:
+    """One draw per seed from the same logits [V] (a batch of len(seeds) rows)."""
     from drift.rollout.hf import _sample
 
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = [_sample(logits, SamplingParams(1.0, 1.0, 1, 0), [torch.Generator().manual_seed(s)])[0] for s in range(4000)]
-    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
-    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
-    nucleus = {_sample(logits, SamplingParams(1.0, 0.7, 1, 0), [torch.Generator().manual_seed(s)])[0] for s in range(300)}
+    seeds = torch.as_tensor(seeds)
+    counts = torch.zeros_like(seeds) if counts is None else torch.as_tensor(counts)
+    return _sample(logits.expand(len(seeds), -1), params, seeds, counts)
+
+
+def chi_square(draws: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * len(draws)
+    observed = torch.bincount(draws, minlength=len(probs)).double()
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_sampler_draws_the_softmax_across_blocks():
+    # 700 entries = 3 blocks of 256 (the last padded); mass spread over entries of every block
+    probs = torch.full((700,), 0.2 / 694, dtype=torch.float64)
+    probs[[0, 1, 255, 256, 300, 699]] = torch.tensor([0.3, 0.1, 0.15, 0.05, 0.12, 0.08], dtype=torch.float64)
+    draws = sample_many((probs.log() * 2).float(), SamplingParams(2.0, 1.0, 1, 0), torch.arange(40_000))
+    lumped = torch.where(torch.isin(draws, torch.tensor([0, 1, 255, 256, 300, 699])), draws, 2)  # the rest -> 2
+    cats = torch.tensor([0, 1, 2, 255, 256, 300, 699])
+    p = torch.tensor([0.3, 0.1, 0.2, 0.15, 0.05, 0.12, 0.08], dtype=torch.float64)
+    # 6 degrees of freedom: chi-square above 27.9 has probability 1e-4 under the softmax
+    assert chi_square(torch.bucketize(lumped, cats), p) < 27.9
+
+
+def test_sampler_draws_are_independent_across_tokens_and_seeds():
+    seeds = torch.arange(20_000) * 7919 + (1 << 40)  # seeds using both 32-bit halves
+    first = sample_many(torch.zeros(4), SamplingParams(1.0, 1.0, 1, 0), seeds, torch.zeros_like(seeds))
+    second = sample_many(torch.zeros(4), SamplingParams(1.0, 1.0, 1, 0), seeds, torch.ones_like(seeds))
+    # pairs (token 1, token 2) of a row uniform over 16 cells; 15 degrees of freedom, p = 1e-4 at 42.6
+    assert chi_square(first * 4 + second, torch.full((16,), 1 / 16, dtype=torch.float64)) < 42.6
+    neighbours = sample_many(torch.zeros(4), SamplingParams(1.0, 1.0, 1, 0), seeds + 1)
+    assert chi_square(first * 4 + neighbours, torch.full((16,), 1 / 16, dtype=torch.float64)) < 42.6
+
+
+def test_sampler_row_does_not_depend_on_the_batch():
+    from drift.rollout.hf import _gumbel
+
+    seeds, counts = torch.tensor([5, 2**62 + 3, 17]), torch.tensor([0, 9, 4])
+    batch = _gumbel(seeds, counts, 300)
+    for b in range(3):
+        assert torch.equal(_gumbel(seeds[b : b + 1], counts[b : b + 1], 300)[0], batch[b])
+    assert not torch.equal(batch[0], _gumbel(torch.tensor([6]), torch.tensor([0]), 300)[0])
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(1.0, 1.0, 1, 0)
+    from drift.rollout.hf import _sample
+
+    together = _sample(logits, params, seeds, counts)
+    alone = [int(_sample(logits[b : b + 1], params, seeds[b : b + 1], counts[b : b + 1])) for b in range(3)]
+    assert together.tolist() == alone
+
+
+def test_hash_is_32_bit_arithmetic_without_overflow():
+    from drift.rollout.hf import _mix32, _mul32
+
+    def lowbias32(x: int) -> int:  # the reference, in Python's unbounded integers
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2**32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2**32
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1]
+    assert _mul32(torch.tensor(xs), 0x846CA68B).tolist() == [x * 0x846CA68B % 2**32 for x in xs]
+    assert _mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+
+
+def test_sampler_follows_top_p_and_greedy():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    nucleus = set(sample_many(logits, SamplingParams(1.0, 0.7, 1, 0), torch.arange(300)).tolist())
     assert nucleus == {0, 1}  # 0.5 + 0.3 covers 0.7; the rest is cut
-    assert _sample(logits, SamplingParams(0.0, 1.0, 1, 0), [torch.Generator()]) == [0]
+    assert sample_many(logits, SamplingParams(0.0, 1.0, 1, 0), torch.arange(3)).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backend_runs_in_either_dtype(model_dir, dtype):
+    backend = HFBackend(model_dir, dtype=dtype)
+    assert backend.hardware == {"device": "cpu", "dtype": dtype}
+    assert next(backend.model.parameters()).dtype == getattr(torch, dtype)
+    outs = backend.generate([GenRequest([("a", j) for j in range(3)], opening(1), 1)], SAMPLED)[0]
+    assert all(o.tokens >= 1 for o in outs) and backend.stats.generated_tokens == sum(o.tokens for o in outs)

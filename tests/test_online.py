@@ -123,7 +123,8 @@ def test_first_update_loss_equals_hand_computation(tmp_path, tiny_model_dir):
     returns = [r - p - 0.1 * sum(x["status"] == "unparseable" for x in t["turns"])
                for r, p, t in zip(returns, repeat, trajs)]
     assert it["groups_trained"] >= 1, "the tiny task should give some groups return spread"
-    assert it["loss"] == pytest.approx(hand_loss(tiny_model_dir, trajs, returns), rel=1e-5, abs=1e-7)
+    # padded micro-batches against one row at a time: float32 noise, amplified by the centred advantages
+    assert it["loss"] == pytest.approx(hand_loss(tiny_model_dir, trajs, returns), rel=1e-4)
     assert summary["cost"]["optimizer_steps"] == 1 and summary["cost"]["trained_tokens"] > 0
     assert summary["cost"]["generated_tokens"] > 0 and summary["cost"]["aux_forward_tokens"] == 0
     assert not torch.equal(params(cfg.output), params(tiny_model_dir))

@@ -105,3 +105,15 @@ def test_generate_through_a_stand_in_vllm(fake_vllm, tmp_path):
     with pytest.raises(PromptTooLong) as e:
         b.generate([GenRequest([("r", 0)], [{"role": "user", "content": "x" * 61}], 1)], PARAMS)
     assert e.value.conv_ids == [("r", 0)] and len(llm.calls) == 1  # nothing generated
+
+
+@pytest.mark.parametrize("bf16,dtype", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_is_resolved_before_vllm_sees_it(fake_vllm, monkeypatch, bf16, dtype):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    b = VLLMBackend("model-dir")
+    assert fake_vllm.instances[0].kwargs["dtype"] == dtype and b.hardware == {"device": "cuda", "dtype": dtype}
+    VLLMBackend("model-dir", dtype="float32")
+    assert fake_vllm.instances[1].kwargs["dtype"] == "float32"

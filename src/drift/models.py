@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
+from drift.hardware import resolve as resolve_device_dtype
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +130,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def torch_dtype(dtype: str, device: str) -> Any:
-    """The torch dtype of a dtype setting on `device` ("auto": `drift.hardware.resolve_dtype`)."""
-    import torch
-
-    from drift.hardware import resolve_dtype
-
-    return getattr(torch, resolve_dtype(dtype, device))
-
-
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 300 else text[:297] + "..."
@@ -160,19 +152,17 @@ def load_tokenizer(name_or_path: str, _path: str | None = None) -> Any:
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer with a pad token) for a name, directory or the default alias.
 
-    device None: the accelerator when there is one (`drift.hardware.default_device`); dtype auto:
-    bf16 where that device computes it fast, float32 elsewhere.
+    The model is loaded in `dtype` on `device`; "auto" and None resolve as `drift.hardware.resolve`
+    says (bf16 where the hardware computes it fast; the accelerator when there is one).
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    from drift.hardware import default_device
-
-    device = device or default_device()
-    dt = torch_dtype(dtype, device)
+    device, resolved = resolve_device_dtype(dtype, device)
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(name_or_path, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolved)).to(device)
     except Exception as e:  # as above: report any load failure as one user-facing line
         raise DriftError(f"cannot load model {name_or_path!r}: {_one_line(e)}") from None
     model.eval()

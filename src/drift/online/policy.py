@@ -55,6 +55,11 @@ class Policy:
         if self.reference is not None:
             self.reference = self.reference.to(accelerator.device)
 
+    def autocast(self) -> Any:
+        """bf16 autocast over the float32 master weights where the generation dtype is bf16."""
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                              enabled=self.gen_dtype == torch.bfloat16)
+
     @property
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
@@ -81,7 +86,7 @@ class Policy:
             for chunk in _chunks(list(examples), self.cfg.micro_batch_size):
                 batch = collate(chunk, self.pad_id)
                 keep, targets, _ = loss_targets(batch["labels"], batch["token_weight"])
-                with self.accelerator.autocast():
+                with self.autocast():
                     logits = model(input_ids=batch["input_ids"].to(self.accelerator.device),
                                    attention_mask=batch["attention_mask"].to(self.accelerator.device),
                                    logits_to_keep=keep.to(self.accelerator.device)).logits
@@ -148,7 +153,7 @@ class Policy:
         if cfg.normalize == "sequences":  # 1 / n_i per trained token: a per-conversation mean of the KL too
             ones = collate([Example(e.input_ids, e.mask, 1.0, e.line) for e in chunk], self.pad_id)
             mass = ones["token_weight"][:, 1:][:, keep].to(dev)
-        with self.accelerator.autocast():
+        with self.autocast():
             logits = self.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                                 logits_to_keep=keep.to(dev)).logits
         targets = targets.to(dev)

@@ -93,8 +93,13 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     problems = load_tasks(task_spec(cfg))
     held_out = load_tasks(task_spec(eval_config(cfg, cfg.model, out.path)))
     expected = stage_record(cfg, problems, trained_record(cfg.model))
-    accelerator = Accelerator(mixed_precision="bf16" if _gen_dtype(cfg) == torch.bfloat16 else "no",
-                              cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
+    # accelerate keeps process-wide state: a Trainer that ran earlier in this process (an offline
+    # arm of the same `drift run`) would otherwise impose its mixed precision on this model. Reset it
+    # as transformers' TrainingArguments does; the policy runs its own autocast.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
     lock = Lock(out.path) if accelerator.is_main_process else None
     with lock or _Nothing():
         previous = read_record(out.summary)

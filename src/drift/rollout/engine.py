@@ -118,7 +118,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=resolve_dtype(cfg.dtype, "cuda"))
+                           dtype=cfg.dtype)
     from drift.rollout.hf import HFBackend
 
     return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
@@ -222,6 +222,7 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
             model_path = resolve_model(cfg.model)
         backend = make_backend(cfg, model_path)
     manifest = _start_manifest(cfg, problems, expected, previous, backend.name, model_path, len(done))
+    manifest["hardware"] = getattr(backend, "hardware", None)  # the resolved device and dtype (hf, vllm)
     session = manifest["timings"]["sessions"][-1]
     cost = Cost(parameters=backend.stats.parameters)
     before = Cost.from_json(manifest["cost"])

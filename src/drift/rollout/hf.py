@@ -10,8 +10,9 @@ of its time is prefill. This backend instead
   a longer prefill, never a wrong answer;
 - decodes with continuous batching: a finished row's slot is given to a waiting row at the next
   step (or the batch is repacked), so the batch stays full until the work runs out.
-Sampling draws its noise from a generator seeded per (seed, prompt, sample, turn), so a
-conversation's text does not depend on which others share its batch (up to float rounding).
+Sampling runs on the logits' device with noise hashed from (seed of the (prompt, sample, turn),
+token index, vocabulary index), so a conversation's text does not depend on which others share
+its batch (up to float rounding), and nothing of vocabulary size crosses between devices.
 
 Layout of a batch cache: per layer `[B, H, T, D]` keys and values, each row left-padded; a row's
 tokens occupy columns `start[r]..T-1` and have positions `0..T-1-start[r]`.
@@ -27,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from drift import DriftError
 from drift.chat import render_ids
+from drift.hardware import resolve as resolve_device_dtype
 from drift.ledger import parameter_count
 from drift.models import load_model_and_tokenizer
 from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
@@ -89,7 +91,7 @@ class _Row:
     conv: ConvId
     out: tuple[int, int]  # (request index, index within its conv_ids)
     prefix: _KV  # what the row's cache held when it was admitted
-    gen: torch.Generator
+    seed: int  # of its (prompt, sample, turn): the sampling noise is hashed from it
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
 
 
@@ -116,12 +118,17 @@ def _pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare
 
 
 class HFBackend:
-    """Generation with a transformers causal LM on CPU or one GPU (see the module docstring)."""
+    """Generation with a transformers causal LM on CPU or one GPU (see the module docstring).
+
+    `device` None: the accelerator if there is one; `dtype` "auto": bf16 where that device computes
+    it fast (`drift.hardware`). The resolved pair is `hardware`, recorded in the run's manifest.
+    """
 
     name = "hf"
 
     def __init__(self, model_path: str, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
                  max_cache_conversations: int | None = None, max_cache_gb: float = 4.0, max_prefill_tokens: int = 4096):
+        device, dtype = resolve_device_dtype(dtype, device)
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device=device)
         if not tokenizer.chat_template:
             raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")
@@ -141,6 +148,7 @@ class HFBackend:
         if batch_size < 1:
             raise DriftError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer = model, tokenizer
+        self.hardware = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
         self.batch_size = batch_size
         self.max_cache_conversations = max_cache_conversations
         self.max_cache_bytes = int(max_cache_gb * 2**30)
@@ -262,9 +270,11 @@ class HFBackend:
         rows = []
         for (_, i, _, _), (kv, logits) in zip(chunk, prefixes):
             req = requests[i]
-            for j, conv in enumerate(req.conv_ids):
-                gen = torch.Generator().manual_seed(sample_seed(params.seed, conv, req.turn))
-                row = _Row(conv, (i, j), kv, gen, [_sample(logits[None], params, [gen])[0]])
+            seeds = [sample_seed(params.seed, conv, req.turn) for conv in req.conv_ids]
+            firsts = _sample(logits.expand(len(seeds), -1), params, torch.tensor(seeds, device=self.device),
+                             torch.zeros(len(seeds), dtype=torch.long, device=self.device)).tolist()
+            for j, (conv, seed, first) in enumerate(zip(req.conv_ids, seeds, firsts)):
+                row = _Row(conv, (i, j), kv, seed, [first])
                 done = self._finish(row, params)
                 if done is not None:  # finished on its first token: its cache is the prefix
                     self._keep(conv, kv)
@@ -311,14 +321,28 @@ class HFBackend:
 
 
 class _Decoding:
-    """The running decode batch: up to `batch_size` rows sharing one left-padded cache."""
+    """The running decode batch: up to `batch_size` rows sharing one left-padded cache.
+
+    What every step reads — each slot's last token, seed, token count and first cache column — is
+    kept on the model's device, so a step moves nothing to the device and one list of sampled
+    tokens back.
+    """
 
     def __init__(self, backend: HFBackend, params: SamplingParams):
         self.b, self.params = backend, params
         self.rows: list[_Row | None] = []
         self.cache: Cache | None = None
-        self.start = torch.zeros(0, dtype=torch.long)
+        self.start = torch.zeros(0, dtype=torch.long)  # [B] on the CPU, for cache bookkeeping
         self.T = 0
+        self._slots(torch.zeros(0, dtype=torch.long), [])
+
+    def _slots(self, start: torch.Tensor, rows: list[_Row]) -> None:
+        """Device copies of the slots' state: start [B], last token [B], seed [B], tokens sampled [B]."""
+        dev = self.b.device
+        self.start_dev = start.to(dev)
+        self.last = torch.tensor([row.tokens[-1] for row in rows], dtype=torch.long, device=dev)
+        self.seeds = torch.tensor([row.seed for row in rows], dtype=torch.long, device=dev)
+        self.counts = torch.tensor([len(row.tokens) for row in rows], dtype=torch.long, device=dev)
 
     @property
     def live(self) -> list[_Row]:
@@ -355,6 +379,7 @@ class _Decoding:
                 layer.vbuf[r, :, self.T - n : self.T] = v
             self.start[r] = self.T - n
             self.rows[r] = row
+            self.start_dev[r], self.last[r], self.seeds[r], self.counts[r] = self.T - n, row.tokens[-1], row.seed, 1
         return rest
 
     def rebuild(self, admitted: list[_Row]) -> None:
@@ -365,27 +390,32 @@ class _Decoding:
         self.rows = [self.rows[r] for r in keep] + admitted
         if not self.rows:
             self.cache, self.start, self.T = None, torch.zeros(0, dtype=torch.long), 0
-            return
-        spare = self.params.max_new_tokens - min(len(row.tokens) for row in self.rows) + 1
-        self.cache, self.start, self.T = _pack(parts, spare, self.b.n_layers)
+        else:
+            spare = self.params.max_new_tokens - min(len(row.tokens) for row in self.rows) + 1
+            self.cache, self.start, self.T = _pack(parts, spare, self.b.n_layers)
+        self._slots(self.start, self.rows)
 
     def step(self) -> list[tuple[_Row, GenOutput]]:
-        """Feed every row's last token, sample the next; return the rows that finished."""
+        """Feed every slot's last token, sample the next; return the rows that finished.
+
+        Finished rows' slots are fed and sampled too (their results are ignored): selecting the
+        live rows would cost more than the few rows it saves, which rebuild() bounds.
+        """
         if not self.live:
             return []
-        last = torch.tensor([[row.tokens[-1] if row else self.b.pad_id] for row in self.rows])
-        mask = (torch.arange(self.T + 1)[None] >= self.start[:, None]).long()
-        position_ids = (self.T - self.start)[:, None]
         dev = self.b.device
-        out = self.b.model(input_ids=last.to(dev), attention_mask=mask.to(dev), position_ids=position_ids.to(dev),
-                           past_key_values=self.cache, use_cache=True)
+        mask = torch.arange(self.T + 1, device=dev)[None] >= self.start_dev[:, None]
+        out = self.b.model(input_ids=self.last[:, None], attention_mask=mask.long(),
+                           position_ids=(self.T - self.start_dev)[:, None], past_key_values=self.cache,
+                           use_cache=True)
         self.T += 1
-        live = [r for r, row in enumerate(self.rows) if row is not None]
-        logits = out.logits[live, -1].float()
-        tokens = _sample(logits, self.params, [self.rows[r].gen for r in live])
+        self.last = _sample(out.logits[:, -1], self.params, self.seeds, self.counts)
+        self.counts += 1
         finished = []
-        for r, tok in zip(live, tokens):
+        for r, tok in enumerate(self.last.tolist()):
             row = self.rows[r]
+            if row is None:
+                continue
             row.tokens.append(tok)
             done = self.b._finish(row, self.params)
             if done is not None:
@@ -397,21 +427,66 @@ class _Decoding:
         return finished
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> list[int]:
+BLOCK = 256  # vocabulary entries per block of the two-level draw in _sample
+_M32 = 0xFFFFFFFF
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """One token per row of `logits` [B, V]: greedy at temperature 0, else temperature + top-p.
 
-    Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise drawn from the
-    row's own generator (V numbers per token, whatever the batch) — the same distribution as
-    softmax sampling. Batch composition changes matmul rounding in the last bits; that changes
-    a choice only when the two best noisy scores all but tie, which is far rarer than an
-    inverse-CDF draw landing on a shifted boundary of a cumulative sum over the vocabulary.
+    Row b's noise is a function of (seeds[b], counts[b] = tokens it sampled before, index) only —
+    never of the batch — computed on the logits' device.
+
+    Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise — the same
+    distribution as softmax sampling. Batch composition changes matmul rounding in the last bits;
+    that changes a choice only when the two best noisy scores all but tie, which is far rarer
+    than an inverse-CDF draw landing on a shifted boundary of a cumulative sum over the
+    vocabulary. It is done in two levels, so each token costs noise for V / BLOCK blocks plus
+    BLOCK entries instead of V (noise for 49k entries per row took longer than a decode step on
+    CPU): Gumbel-max over the blocks' log-sum-exp picks a block with probability its mass, then
+    Gumbel-max within it picks an entry with probability its share of the block, so the product is
+    exactly softmax(logits / temperature) restricted to top-p.
     """
     if params.temperature <= 0:
-        return logits.argmax(-1).tolist()
-    scores = logits / params.temperature
+        return logits.argmax(-1)
+    scores = logits.float() / params.temperature
     if params.top_p < 1.0:
         probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
         outside = probs.cumsum(-1) - probs >= params.top_p  # in sorted order; the top token always stays
         scores = scores.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), float("-inf"))
-    u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in gens]).to(scores.device)
-    return (scores - torch.log(-torch.log(u))).argmax(-1).tolist()
+    B, V = scores.shape
+    blocks = -(-V // BLOCK)
+    padded = torch.nn.functional.pad(scores, (0, blocks * BLOCK - V), value=float("-inf")).view(B, blocks, BLOCK)
+    block = (torch.logsumexp(padded, -1).double() + _gumbel(seeds, 2 * counts, blocks)).argmax(-1)
+    within = padded[torch.arange(B, device=scores.device), block].double() + _gumbel(seeds, 2 * counts + 1, BLOCK)
+    return block * BLOCK + within.argmax(-1)
+
+
+def _gumbel(seeds: torch.Tensor, draws: torch.Tensor, n: int) -> torch.Tensor:
+    """Gumbel noise [B, n] (float64): a counter-based hash of (seeds[b], draws[b], index) per entry.
+
+    Row b's key is two 32-bit words, each a bijection of one seed half for a fixed draw and of the
+    draw for a fixed half, so two (seed, draw) pairs share a noise vector only if both words
+    collide. Values stay in [0, 2^32), so shifts never see a sign bit and products fit in int64.
+    """
+    seeds, draws = seeds[:, None], draws[:, None]
+    lo = _mix32((seeds & _M32) ^ _mix32(draws))
+    hi = _mix32((seeds >> 32) ^ _mix32(draws ^ 0x9E3779B9))
+    index = torch.arange(n, device=seeds.device)[None]
+    bits = _mix32(_mix32(index ^ lo) ^ hi)
+    u = (bits.double() + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (Wellons' "lowbias32") on int64 tensors holding [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2^32 for x in [0, 2^32), in 16-bit halves of c so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32

@@ -3,7 +3,10 @@
 Prefix caching is on, so a prompt group's shared opening and each conversation's growing
 history are computed once. A turn-1 request asks for the whole group at once (`n` = group size,
 one seed: that of the group's first sample); later turns ask for one sample per live
-conversation with its own seed. A LoRA adapter is applied with a `LoRARequest`.
+conversation with its own seed. A LoRA adapter is applied with a `LoRARequest`. dtype "auto" is
+resolved as for the other backends (bf16 on GPUs that compute it fast) and handed to vLLM by name
+(its `dtype` argument takes "float32" and "bfloat16"; its own "auto", the checkpoint's dtype,
+would give fp16 or fp32 checkpoints a different number format from the hf backend's).
 
 Prompts are rendered with the model's chat template and tokenized here, so their length can be
 checked against the context before anything is generated (`PromptTooLong`).
@@ -17,6 +20,7 @@ from typing import Any
 
 from drift import DriftError
 from drift.chat import render_ids
+from drift.hardware import resolve_dtype
 from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)  # the max_lora_rank values vLLM accepts
@@ -66,8 +70,9 @@ class VLLMBackend:
             raise DriftError("the vllm backend needs vLLM: pip install 'drift-rl[vllm]'") from None
         self._sampling_params = vllm.SamplingParams
         self._lora_request = LoRARequest
+        self.hardware = {"device": "cuda", "dtype": resolve_dtype(dtype, "cuda")}
         self._lora = LoRARequest("drift-adapter", 1, lora) if lora else None
-        kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=dtype, enable_prefix_caching=True,
+        kwargs: dict[str, Any] = dict(model=model, seed=seed, dtype=self.hardware["dtype"], enable_prefix_caching=True,
                                       tensor_parallel_size=tensor_parallel_size,
                                       gpu_memory_utilization=gpu_memory_utilization,
                                       enable_lora=lora is not None or max_lora_rank is not None)

@@ -101,8 +101,8 @@ class TrainConfig:
     merge_lora: bool = option(False, "also save the base model with the adapter merged in output/merged")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory", result=False)
     dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", "compute dtype: bfloat16 runs under autocast with float32 master weights; auto: bfloat16 where "
-        "the device computes it fast, else float32")
+        "auto", "compute dtype; bfloat16: bf16 autocast over fp32 master weights and optimizer state; "
+        "auto: bfloat16 where the device computes it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32")
     attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2; "
                                              "default: the transformers default)", result=False)
     report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
@@ -348,6 +348,7 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
     return {
         "config": asdict(cfg), "data": {**asdict(stats), "weight_share_dropped": stats.weight_share_dropped},
         "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+        "hardware": {"device": trainer.args.device.type, "dtype": "bfloat16" if trainer.args.bf16 else "float32"},
         "distributed_type": trainer.accelerator.distributed_type.value,
         "constant_normalizer": trainer.constant if cfg.normalize == "constant" else None,
         "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
