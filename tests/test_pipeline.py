@@ -246,7 +246,7 @@ def test_rerun_after_a_crash_trains_like_an_uninterrupted_run(tmp_path, tiny_mod
 
 def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_model_dir):
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}})
-    data["train"] = {**data["train"], "epochs": 30, "save_steps": 2, "logging_steps": 1}
+    data["train"] = {**data["train"], "epochs": 8, "save_steps": 2, "logging_steps": 1}
     summary = tmp_path / "run/train/drift/train_summary.json"
     rerun = run_and_kill(tmp_path, data, lambda: any(summary.parent.glob("checkpoint-*/drift_checkpoint.json")))
     assert json.loads(summary.read_text())["status"] == "running"
@@ -258,7 +258,7 @@ def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_mode
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads(summary.read_text())
     assert final["status"] == "complete" and final["resumed_from"] is not None
-    assert final["steps"] == 30 * 3  # 6 rows, batch 2: 3 steps an epoch
+    assert final["steps"] == 8 * 3  # 6 rows, batch 2: 3 steps an epoch
 
 
 @pytest.mark.parametrize("round_data", ["continue", "union"])
