@@ -49,7 +49,8 @@ def params(out: Path) -> torch.Tensor:
 def test_two_processes_match_one(tmp_path, tiny_model_dir, normalize):
     data = write_rows(tmp_path / "w.jsonl", 14)
     common = dict(model=str(tiny_model_dir), data=data, lr=1e-3, epochs=1, warmup_ratio=0, weight_decay=0,
-                  logging_steps=1, save_steps=0, min_weight=0, max_steps=3, turns="all", normalize=normalize)
+                  logging_steps=1, save_steps=0, min_weight=0, max_steps=3, turns="all", normalize=normalize,
+                  dtype="float32")  # a subprocess sees the real CPU: fp32 explicitly, for exact invariance
     single = run_train(build(TrainConfig, {**common, "output": str(tmp_path / "one"), "batch_size": 4}))
 
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]

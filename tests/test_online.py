@@ -165,7 +165,7 @@ def _cli(tmp_path, model_dir, output, extra=()):
     held_out = write_tasks(tmp_path / "held_out.jsonl", 3)
     return ["online", f"--model={model_dir}", f"--tasks={tasks}", f"--output={output}", "--n=4",
             "--batch-prompts=2", "--max-turns=2", "--max-new-tokens=3", "--iterations=3", "--lr=1e-2",
-            "--eval-every=0", "--batch-size=8", "--micro-batch-size=3", "--resume",
+            "--eval-every=0", "--batch-size=8", "--micro-batch-size=3", "--resume", "--dtype=float32",
             f"--eval={json.dumps({'tasks': held_out, 'max_new_tokens': 3})}", *extra]
 
 
