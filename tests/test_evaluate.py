@@ -107,7 +107,7 @@ def test_score_existing_trajectories(tmp_path):
         m = run_eval(EvalConfig(trajectories=str(source), output=str(tmp_path / "scored"), max_turns=3))
         assert m["succ_at_k"] == pytest.approx([0.2, 0.4, 0.6])
         assert m["source"]["trajectories"] == str(source)
-    assert m["wall_time_s"] is None  # a lone shard file carries no manifest
+    assert m["wall_time_s"] is not None  # a shard of a rollout directory is read with its manifest
     # at a smaller turn limit P4's success at turn 3 does not count
     m2 = run_eval(EvalConfig(trajectories=str(rollout), output=str(tmp_path / "t2"), max_turns=2))
     assert m2["succ_at_k"] == pytest.approx([0.2, 0.4]) and m2["wall_time_s"] is not None
@@ -255,3 +255,23 @@ def test_compare_plot_writes_exactly_the_path_it_prints(tmp_path, capsys):
     assert code == 2 and err.splitlines() == [
         f"drift compare: error: --plot {tmp_path / 'succ'}: give a .png path or an existing directory"]
     assert not list(tmp_path.glob("succ*"))
+
+
+def test_compare_checks_the_plot_path_before_any_work(tmp_path, capsys):
+    eval_run(tmp_path, "base")
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("")
+    code, out, err = compare_cli(capsys, str(tmp_path / "base"), "--plot", str(tmp_path / "afile" / "p.png"))
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"drift compare: error: cannot write to {tmp_path / 'afile'}")
+
+
+def test_compare_refuses_metrics_from_a_newer_drift(tmp_path, capsys):
+    eval_run(tmp_path, "base")
+    metrics = tmp_path / "base" / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "schema_version": 99}))
+    capsys.readouterr()
+    code, _, err = compare_cli(capsys, str(tmp_path / "base"))
+    assert code == 2 and err.splitlines() == [
+        f"drift compare: error: {metrics}: written with schema_version 99, but this drift reads up to 1: "
+        "upgrade drift to read it"]

@@ -93,11 +93,12 @@ def test_trajectory_files_one_rule(tmp_path):
     files, manifest = trajectory_files(run)
     assert files == shards and manifest["status"] == "complete"
     assert trajectory_files(run / "trajectories") == (shards, manifest)
-    assert trajectory_files(shards[1]) == ([shards[1]], None)
+    assert trajectory_files(shards[1]) == ([shards[1]], manifest)  # a shard: its rollout's manifest
     plain = tmp_path / "plain"
     write_jsonl(plain / "b.jsonl", [trajectory()])
     write_jsonl(plain / "a.jsonl", [trajectory()])
     assert trajectory_files(plain) == ([plain / "a.jsonl", plain / "b.jsonl"], None)
+    assert trajectory_files(plain / "a.jsonl") == ([plain / "a.jsonl"], None)
     assert [t.sample_idx for t in read_trajectories(run)] == [0, 1, 2]
     with pytest.raises(DriftError, match="input not found"):
         trajectory_files(tmp_path / "missing")

@@ -182,6 +182,16 @@ def test_bad_rows_name_the_line_or_are_counted(tmp_path, tiny_tokenizer, row, me
     assert len(examples) == 1 and sum(stats.skipped.values()) == 1
 
 
+def test_rows_from_a_newer_drift_are_refused_even_when_skipping_bad_rows(tmp_path, tiny_tokenizer):
+    row = {"messages": CONV, "weight": 1.0}
+    path = write_rows(tmp_path / "w.jsonl", [row, {**row, "schema_version": 99}])
+    for skip in (False, True):
+        with pytest.raises(DriftError, match="w.jsonl:2: written with schema_version 99, but this drift reads up to 1"):
+            load_examples(path, tiny_tokenizer, skip_bad_rows=skip)
+    with pytest.raises(DriftError, match="w.jsonl:2: written with schema_version 99"):
+        inspect_row(path, str(tmp_path), 2)
+
+
 def test_negative_weights_when_allowed(tmp_path, tiny_tokenizer):
     path = write_rows(tmp_path / "w.jsonl", [{"messages": CONV, "weight": -0.5}, {"messages": CONV, "weight": 0.5}])
     examples, _ = load_examples(path, tiny_tokenizer, allow_negative_weights=True)

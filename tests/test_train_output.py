@@ -26,12 +26,41 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "w.jsonl", make_rows(8, seed=4))
     train(tmp_path, tiny_model_dir, data, max_steps=2, save_steps=1, batch_size=2)
     out = tmp_path / "out"
-    assert json.loads(checkpoint_record(out / "checkpoint-2").read_text())["settings"]["lr"] == 1e-3
-    with pytest.raises(DriftError, match=r"cannot resume from .*checkpoint-2: it was made with other settings "
+    assert json.loads(checkpoint_record(out / "checkpoint-1").read_text())["settings"]["lr"] == 1e-3
+    with pytest.raises(DriftError, match=r"cannot resume from .*checkpoint-1: it was made with other settings "
                                          r"\(lr: 0.001 -> 0.002; max_length: 1024 -> 512\)"):
         train(tmp_path, tiny_model_dir, data, max_steps=2, save_steps=1, batch_size=2, lr=2e-3, max_length=512,
               resume_from_checkpoint="latest")
     assert summary_of(out)["status"] == "complete" and (out / "model.safetensors").is_file()  # nothing lost
+
+
+def test_resume_on_other_rows_is_refused(tmp_path, tiny_model_dir):
+    """Rows without a `drift weights` record are identified by their bytes: a resume on other rows
+    (here the first 6 of the 16) would train 0 steps and claim the new data."""
+    rows = make_rows(16, seed=5)
+    a = write_data(tmp_path / "a.jsonl", rows)
+    b = write_data(tmp_path / "b.jsonl", rows[:6])
+    train(tmp_path, tiny_model_dir, a, max_steps=4, save_steps=2, batch_size=2)
+    with pytest.raises(DriftError, match=r"checkpoint-2: it was made with other settings \(input: made from rows:"):
+        train(tmp_path, tiny_model_dir, b, max_steps=4, save_steps=2, batch_size=2, resume_from_checkpoint="latest")
+
+
+def test_a_fresh_run_removes_the_checkpoints_of_an_earlier_run(tmp_path, tiny_model_dir):
+    """Otherwise "latest" after a kill would name the earlier run's newest checkpoint and refuse it,
+    although this run's own checkpoint is there. No checkpoint is saved at the last step: resuming
+    from it would train a step past max_steps; the one before is resumed and the rest redone."""
+    data = write_data(tmp_path / "w.jsonl", make_rows(8, seed=4))
+    train(tmp_path, tiny_model_dir, data, max_steps=4, save_steps=1, batch_size=2, save_total_limit=4)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    again = train(tmp_path, tiny_model_dir, data, max_steps=3, save_steps=1, batch_size=2, lr=2e-3)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    params = final_params(out)
+    resumed = train(tmp_path, tiny_model_dir, data, max_steps=3, save_steps=1, batch_size=2, lr=2e-3,
+                    resume_from_checkpoint="latest")
+    assert resumed["resumed_from"] == str(out / "checkpoint-2") and resumed["steps"] == again["steps"] == 3
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in again["history"]], rel=1e-5)
+    assert torch.allclose(final_params(out), params, atol=1e-6)
 
 
 def test_latest_skips_an_incomplete_checkpoint_and_counts_like_an_uninterrupted_run(tmp_path, tiny_model_dir, caplog):
@@ -42,11 +71,11 @@ def test_latest_skips_an_incomplete_checkpoint_and_counts_like_an_uninterrupted_
     out = tmp_path / "out"
     params = final_params(out)
     assert full["capped_tokens"] > 0
-    checkpoint_record(out / "checkpoint-3").unlink()  # killed while saving checkpoint 3
+    checkpoint_record(out / "checkpoint-2").unlink()  # killed while saving checkpoint 2
     with caplog.at_level(logging.WARNING, logger="drift.train.output"):
         resumed = train(tmp_path, tiny_model_dir, data, resume_from_checkpoint="latest", **kw)
-    assert "skipping" in caplog.text and "checkpoint-3: incomplete" in caplog.text
-    assert resumed["resumed_from"] == str(out / "checkpoint-2")
+    assert "skipping" in caplog.text and "checkpoint-2: incomplete" in caplog.text
+    assert resumed["resumed_from"] == str(out / "checkpoint-1")
     assert [resumed[k] for k in COUNTS] == [full[k] for k in COUNTS]
     for k in ("trained_tokens", "optimizer_steps"):
         assert resumed["cost"][k] == full["cost"][k]

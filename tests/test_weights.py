@@ -275,8 +275,9 @@ def test_duplicate_trajectories_name_both_places(tmp_path):
 
 def test_an_unfinished_rollout_is_refused(tmp_path):
     run = rollout_dir(tmp_path / "r1", status="running")
-    for source in (run, run / "trajectories"):
-        with pytest.raises(DriftError, match=r"r1(/trajectories)?: the rollout is not complete \(manifest status "
+    shard = next((run / "trajectories").glob("*.jsonl"))
+    for source in (run, run / "trajectories", shard):
+        with pytest.raises(DriftError, match=r"r1(/trajectories(/[^:]*\.jsonl)?)?: the rollout is not complete \(manifest status "
                                              r"'running'\): finish it with `drift rollout --resume`"):
             compute(WeightsConfig(input=str(source), output="o"))
 

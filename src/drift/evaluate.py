@@ -11,7 +11,6 @@ An existing trajectory file or directory can be scored instead of a model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -26,12 +25,10 @@ from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
 from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
 from drift.rollout.protocol import Backend
-from drift.rundir import EvalDir, ensure_writable, record, trained_record, with_model
+from drift.rundir import PLOT_FILE, EvalDir, ensure_writable, read_record, record, trained_record, with_model
 from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
-
-PLOT_FILE = "succ_at_k.png"
 
 
 @dataclass
@@ -245,10 +242,7 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     f = EvalDir(p).metrics if p.is_dir() else p
     if not f.is_file():
         raise DriftError(f"{p}: no {f.name} (not an eval run directory)")
-    try:
-        m = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DriftError(f"{f}: malformed JSON ({e})") from None
+    m = read_record(f)
     missing = [k for k in ("max_turns", "succ_at_k", "succ_at_k_se", "num_problems") if k not in m]
     if missing:
         raise DriftError(f"{f}: missing key {missing[0]!r} (not a drift metrics file)")
@@ -289,7 +283,7 @@ def plot_path(plot: str) -> Path:
     """Where `--plot` writes: the .png path itself, or `succ_at_k.png` inside a directory."""
     p = Path(plot)
     if p.is_dir() or plot.endswith("/"):
-        return p / PLOT_FILE
+        return p / PLOT_FILE  # the name a run directory uses too
     if p.suffix.lower() != ".png":
         raise DriftError(f"--plot {plot}: give a .png path or an existing directory")
     return p
@@ -302,7 +296,7 @@ def run_compare(cfg: CompareConfig) -> str:
         raise DriftError("compare needs at least one eval directory")
     if cfg.labels is not None and len(cfg.labels) != len(cfg.dirs):
         raise DriftError(f"{len(cfg.labels)} labels given for {len(cfg.dirs)} directories")
-    png = plot_path(cfg.plot) if cfg.plot else None
+    png = ensure_writable(plot_path(cfg.plot), is_file=True) if cfg.plot else None
     metrics = [load_metrics(d) for d in cfg.dirs]
     labels = cfg.labels
     if labels is None:

@@ -201,7 +201,7 @@ def trajectory_files(path: str | Path) -> tuple[list[Path], dict[str, Any] | Non
     """The files a trajectory input names, and its rollout manifest (None if it has none).
 
     The one rule for every stage that reads trajectories:
-    - a file: itself;
+    - a file: itself (and, for a shard inside a rollout's `trajectories/`, that rollout's manifest);
     - a rollout directory (it holds a manifest): its `trajectories/` shards, never other *.jsonl
       beside them (a weights output written into the run directory is not read back);
     - a `trajectories/` directory whose parent holds a manifest: its shards and that manifest;
@@ -209,7 +209,8 @@ def trajectory_files(path: str | Path) -> tuple[list[Path], dict[str, Any] | Non
     """
     p = Path(path)
     if p.is_file():
-        return [p], None
+        rollout = _rollout_of(p.parent)
+        return [p], None if rollout is None or p.parent != rollout.shards else read_record(rollout.manifest)
     if not p.is_dir():
         raise DriftError(f"input not found: {p}")
     rollout = _rollout_of(p)

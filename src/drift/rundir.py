@@ -39,6 +39,7 @@ from drift import DriftError
 from drift.config import differences, digest
 
 RECORD_SCHEMA = 1
+PLOT_FILE = "succ_at_k.png"
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class RunDir:
 
     @property
     def plot(self) -> Path:
-        return self.root / "succ_at_k.png"
+        return self.root / PLOT_FILE
 
     @property
     def cost_plot(self) -> Path:

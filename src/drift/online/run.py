@@ -251,7 +251,7 @@ class _Loop:
         rows, cost = [], Cost()
         if mine:
             manifest = run_rollout(rcfg, problems=mine, backend=backend)
-            rows = [t.to_json() for t in read_trajectories(Path(rcfg.output) / "trajectories")]
+            rows = [t.to_json() for t in read_trajectories(rcfg.output)]
             cost = Cost.from_json(manifest["cost"])
         gathered = gather_object([(rows, cost.to_json())])
         order = {p.id: i for i, p in enumerate(batch)}

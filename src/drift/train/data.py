@@ -25,6 +25,7 @@ padded or packed, gives sum_i w_i * mean-token-NLL_i.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
@@ -37,7 +38,8 @@ import torch
 
 from drift import DriftError
 from drift.chat import render
-from drift.records import jsonl_files, read_jsonl
+from drift.records import SCHEMA_VERSION, jsonl_files, read_jsonl
+from drift.rundir import check_schema
 
 Turns = Literal["last", "all"]
 Batching = Literal["group", "pack", "random"]
@@ -209,6 +211,19 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, turns: Turns) -> tuple[lis
     return ids, mask, len(cut)
 
 
+def rows_record(path: str | Path) -> dict[str, Any]:
+    """The input record of weighted rows that have no `drift weights` record beside them (written
+    by hand or another tool): the digest of their bytes, so a resume on other rows is refused."""
+    h = hashlib.sha256()
+    for f in jsonl_files(path):
+        if not f.is_file():
+            raise DriftError(f"data not found: {f}")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return {"digest": f"rows:{h.hexdigest()[:16]}"}
+
+
 def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_length: int = 1024,
                   min_weight: float = 0.0, skip_bad_rows: bool = False,
                   allow_negative_weights: bool = False) -> tuple[list[Example], DataStats]:
@@ -225,6 +240,7 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
     for f in jsonl_files(p):
         for line, row in read_jsonl(f):
             stats.rows_read += 1
+            check_schema(row.get("schema_version", SCHEMA_VERSION), f"{f}:{line}", SCHEMA_VERSION)
             try:
                 weight = check_weight(row, allow_negative_weights)
                 ids, mask, cut = tokenize_row(row, tokenizer, turns)

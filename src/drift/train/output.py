@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # save_pretrained's weight files (transformers and peft); config and tokenizer files are rewritten anyway
 MODEL_FILES = ("model*.safetensors*", "pytorch_model*", "adapter_*", "merged")
+CHECKPOINTS = ("checkpoint-*",)
 
 
 def require_trained(path: str | Path) -> None:
@@ -40,11 +41,12 @@ def require_trained(path: str | Path) -> None:
                          f"{path} (add --resume-from-checkpoint latest if it saved checkpoints)")
 
 
-def start_output(output: Path, running: dict[str, Any]) -> None:
+def start_output(output: Path, running: dict[str, Any], fresh: bool) -> None:
     """Mark `output` as a run in progress before training: the summary says running, and model
-    files of an earlier run are removed (checkpoints stay: they may be what is being resumed)."""
+    files of an earlier run are removed; so are its checkpoints unless this run resumes from one
+    (`fresh` False), so that "latest" can only ever name a checkpoint of this run."""
     write_json(TrainDir(output).summary, running)
-    for pattern in MODEL_FILES:
+    for pattern in MODEL_FILES + (CHECKPOINTS if fresh else ()):
         for p in output.glob(pattern):
             if p.is_dir():
                 shutil.rmtree(p)

@@ -1,6 +1,7 @@
 """What a training run has done so far, summed over processes and carried across resumes.
 
-`Progress` is a TrainerCallback. When a checkpoint is fully saved (`on_save` runs after
+`Progress` is a TrainerCallback. It saves no checkpoint at the last step (see `on_step_end`).
+When a checkpoint is fully saved (`on_save` runs after
 transformers wrote it) it writes the checkpoint's record: the run's stage record (the settings
 a resume must match), the optimizer step, the counters and the cost so far. A resumed run starts
 from those numbers, so its summary counts what an uninterrupted run would have counted. (Peak
@@ -43,6 +44,14 @@ class Progress(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.loop_started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # No checkpoint at the last step: the model itself is saved right after it, and resuming
+        # from a checkpoint of the last step makes transformers' Trainer train one step past
+        # max_steps (it skips the trained batches, then steps before it checks the limit). A
+        # run killed before its summary resumes from the checkpoint before and redoes the rest.
+        if state.global_step >= state.max_steps:
+            control.should_save = False
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # A collective: every process is here, so every process's part of the checkpoint is on disk.

@@ -55,7 +55,7 @@ from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
 from drift.rundir import (Lock, TrainDir, ensure_writable, read_record, record, trained_record, weights_record,
                           with_model)
-from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples
+from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
 from drift.train.output import resume_checkpoint, start_output
 from drift.train.progress import COUNTERS, Progress
@@ -299,7 +299,8 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     cost, started = Cost(), (time.perf_counter(), time.process_time())
     with measure(cost, str(args.device)):
         # step 2
-        rec = stage_record(cfg, read_record(weights_record(cfg.data)), trained_record(cfg.model))
+        rows = read_record(weights_record(cfg.data)) or rows_record(cfg.data)
+        rec = stage_record(cfg, rows, trained_record(cfg.model))
         checkpoint, carried = resume_checkpoint(cfg.resume_from_checkpoint, out, rec)
         # step 3
         path = resolve_model(cfg.model)
@@ -321,7 +322,7 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
         progress = Progress(trainer, rec, carried, started, parameter_count(model))
         trainer.add_callback(progress)
         if trainer.is_world_process_zero():
-            start_output(out, {**rec, "config": asdict(cfg)})
+            start_output(out, {**rec, "config": asdict(cfg)}, fresh=checkpoint is None)
         result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
         counters = progress.counters()
         # step 6
