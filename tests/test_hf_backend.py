@@ -258,3 +258,21 @@ def test_backend_runs_in_either_dtype(model_dir, dtype):
     assert next(backend.model.parameters()).dtype == getattr(torch, dtype)
     outs = backend.generate([GenRequest([("a", j) for j in range(3)], opening(1), 1)], SAMPLED)[0]
     assert all(o.tokens >= 1 for o in outs) and backend.stats.generated_tokens == sum(o.tokens for o in outs)
+
+
+def test_packed_weights_generate_what_plain_ones_do(model_dir, monkeypatch):
+    from drift import hardware
+    from drift.models import load_model_and_tokenizer
+    from drift.rollout.packed import PackedLinear
+
+    cpuinfo = hardware.CPUINFO.read_text() if hardware.CPUINFO.is_file() else ""
+    if not hardware.cpu_flags(cpuinfo) & set(hardware.CPU_BF16_FLAGS):
+        pytest.skip("this CPU has no bf16 units: a bf16 backend keeps plain weights there")
+    monkeypatch.setattr(hardware, "_read_cpuinfo", lambda: cpuinfo)  # the real CPU, not the suite's fp32 one
+    model, tok = load_model_and_tokenizer(model_dir, dtype="bfloat16", device="cpu")
+    plain = HFBackend.from_model(model, tok, batch_size=3)  # a model handed in is never packed (it may train)
+    packed = HFBackend(model_dir, dtype="bfloat16", batch_size=3)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 2 * 7 + 1  # 2 layers, lm_head
+    convs = lambda: {f"p{i}": opening(i) for i in range(4)}  # noqa: E731
+    assert run_turns(packed, convs(), 3, SAMPLED) == run_turns(plain, convs(), 3, SAMPLED)

@@ -31,6 +31,7 @@ from drift.chat import render_ids
 from drift.hardware import resolve as resolve_device_dtype
 from drift.ledger import parameter_count
 from drift.models import load_model_and_tokenizer
+from drift.rollout.packed import can_pack, pack_linears
 from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
                                    sample_seed)
 
@@ -62,8 +63,8 @@ class _BufferLayer(DynamicLayer):
 
     def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
         b, h, _, dk = k.shape
-        kbuf = k.new_zeros(b, h, capacity, dk)
-        vbuf = v.new_zeros(b, h, capacity, v.shape[-1])
+        kbuf = k.new_empty(b, h, capacity, dk)  # columns past `length` are written before they are read
+        vbuf = v.new_empty(b, h, capacity, v.shape[-1])
         if self.kbuf is not None:
             kbuf[:, :, : self.length] = self.keys
             vbuf[:, :, : self.length] = self.values
@@ -107,9 +108,13 @@ def _pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare
         return Cache(layers=[_BufferLayer(None, None, 0, spare) for _ in range(n_layers)]), start, 0
     layers = []
     for li, (k0, v0) in enumerate(zip(first[0], first[1])):
-        kbuf = k0.new_zeros(len(parts), k0.shape[0], T + spare, k0.shape[-1])
-        vbuf = v0.new_zeros(len(parts), v0.shape[0], T + spare, v0.shape[-1])
+        # Only the padding is zeroed (masked, it must still be finite: attention weighs it by 0);
+        # the spare columns are written before they are read.
+        kbuf = k0.new_empty(len(parts), k0.shape[0], T + spare, k0.shape[-1])
+        vbuf = v0.new_empty(len(parts), v0.shape[0], T + spare, v0.shape[-1])
         for r, (ks, vs, length) in enumerate(parts):
+            kbuf[r, :, : T - length] = 0
+            vbuf[r, :, : T - length] = 0
             if length:
                 kbuf[r, :, T - length : T] = ks[li]
                 vbuf[r, :, T - length : T] = vs[li]
@@ -133,6 +138,8 @@ class HFBackend:
         if not tokenizer.chat_template:
             raise DriftError(f"model {model_path!r}: its tokenizer has no chat template")
         self._setup(model, tokenizer, batch_size, max_cache_conversations, max_cache_gb, max_prefill_tokens)
+        if can_pack(model):  # its own model never changes: lay the weights out once (same numbers, faster)
+            pack_linears(model)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: object, batch_size: int = 16,
@@ -312,12 +319,18 @@ class HFBackend:
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
         logits = out.logits[:, -1].float()
         result = []
-        for r, (ids, _) in enumerate(items):
-            cols = mask[r].nonzero().squeeze(1).to(self.device)
-            kv = _KV(list(ids), [layer.keys[r][:, cols] for layer in cache.layers],
-                     [layer.values[r][:, cols] for layer in cache.layers])
+        for r, ((ids, _), s) in enumerate(zip(items, suffixes)):
+            # the row's columns: its past (start[r]..T-1), then its new tokens (the last len(s) of S)
+            spans = [(int(start[r]), T), (T + S - len(s), T + S)]
+            kv = _KV(list(ids), [_columns(layer.keys[r], spans) for layer in cache.layers],
+                     [_columns(layer.values[r], spans) for layer in cache.layers])
             result.append((kv, logits[r]))
         return result
+
+
+def _columns(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of the column ranges `spans` of x [H, T, D], joined: [H, sum of lengths, D]."""
+    return torch.cat([x[:, a:b] for a, b in spans if b > a], 1)
 
 
 class _Decoding:
@@ -449,14 +462,16 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, c
     """
     if params.temperature <= 0:
         return logits.argmax(-1)
-    scores = logits.float() / params.temperature
+    scores = logits.float() if params.temperature == 1 else logits.float() / params.temperature  # x / 1 is x
     if params.top_p < 1.0:
         probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
         outside = probs.cumsum(-1) - probs >= params.top_p  # in sorted order; the top token always stays
         scores = scores.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), float("-inf"))
     B, V = scores.shape
     blocks = -(-V // BLOCK)
-    padded = torch.nn.functional.pad(scores, (0, blocks * BLOCK - V), value=float("-inf")).view(B, blocks, BLOCK)
+    if V % BLOCK:
+        scores = torch.nn.functional.pad(scores, (0, blocks * BLOCK - V), value=float("-inf"))
+    padded = scores.view(B, blocks, BLOCK)
     block = (torch.logsumexp(padded, -1).double() + _gumbel(seeds, 2 * counts, blocks)).argmax(-1)
     within = padded[torch.arange(B, device=scores.device), block].double() + _gumbel(seeds, 2 * counts + 1, BLOCK)
     return block * BLOCK + within.argmax(-1)
