@@ -12,7 +12,8 @@ its summary file under "cost", so arms can be compared in one unit whatever they
                         old log-probabilities)
     optimizer_steps     parameter updates
     peak_memory_bytes   peak resident memory of the process during the stage (CPU: VmHWM, reset
-                        at the start of the stage; CUDA: peak allocated device memory)
+                        at the start of the stage after freed memory is returned to the OS;
+                        CUDA: peak allocated device memory)
     parameters          N, the model's parameter count (0: unknown, e.g. a remote server)
 
 FLOPs are estimated with the usual dense-transformer rule (attention's sequence-length term
@@ -24,7 +25,9 @@ same rule is used for every arm, so comparisons stay fair).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import re
 import resource
 import time
@@ -83,7 +86,20 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def release_memory() -> None:
+    """Give back what earlier stages of this process freed: collect unreachable objects, then ask
+    glibc to return free heap pages to the OS (measured: after a short SmolLM2-135M training the
+    process held 2.8 GB, 2.0 GB after collection, 0.5 GB after the trim), so that a stage's peak
+    is its own and not the leftovers of the stages before it in one `drift run`."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _reset_peak(device: str | None) -> None:
+    release_memory()
     if device and device.startswith("cuda"):
         import torch
 
