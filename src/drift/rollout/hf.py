@@ -108,13 +108,13 @@ def _pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare
         return Cache(layers=[_BufferLayer(None, None, 0, spare) for _ in range(n_layers)]), start, 0
     layers = []
     for li, (k0, v0) in enumerate(zip(first[0], first[1])):
-        # Only the padding is zeroed (masked, it must still be finite: attention weighs it by 0);
-        # the spare columns are written before they are read.
+        # The first T columns are zeroed in one go (the padding is masked, but must be finite:
+        # attention weighs it by 0); the spare columns are written before they are read.
         kbuf = k0.new_empty(len(parts), k0.shape[0], T + spare, k0.shape[-1])
         vbuf = v0.new_empty(len(parts), v0.shape[0], T + spare, v0.shape[-1])
+        kbuf[:, :, :T] = 0
+        vbuf[:, :, :T] = 0
         for r, (ks, vs, length) in enumerate(parts):
-            kbuf[r, :, : T - length] = 0
-            vbuf[r, :, : T - length] = 0
             if length:
                 kbuf[r, :, T - length : T] = ks[li]
                 vbuf[r, :, T - length : T] = vs[li]
