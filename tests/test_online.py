@@ -47,11 +47,18 @@ def test_select_groups_skips_zero_spread_and_keeps_the_widest():
     assert top.kept == ["b", "d"] and top.filtered == ["c"]
 
 
-def test_prompt_batches_cover_each_epoch_once():
+def test_prompt_batches_are_distinct_problems_and_cover_each_epoch_once():
+    """5 problems, batches of 2: two batches per epoch, one problem sits each epoch out. A batch
+    crossing an epoch's end could hold one problem twice (two groups under one id)."""
     problems = [Problem(id=f"p{i}", question="q", answer="a") for i in range(5)]
-    first = [p.id for it in range(5) for p in prompt_batch(problems, 2, 0, it)][:5]
-    assert sorted(first) == [f"p{i}" for i in range(5)]
+    batches = [[p.id for p in prompt_batch(problems, 2, 0, it)] for it in range(40)]
+    assert all(len(set(b)) == 2 for b in batches)
+    epochs = [batches[i] + batches[i + 1] for i in range(0, 40, 2)]
+    assert all(len(set(e)) == 4 for e in epochs)
+    assert len({tuple(sorted(e)) for e in epochs}) > 1  # a different problem sits out across epochs
     assert prompt_batch(problems, 2, 0, 3) == prompt_batch(problems, 2, 0, 3)
+    with pytest.raises(DriftError, match="batch_prompts = 6: the task has 5 training problems"):
+        prompt_batch(problems, 6, 0, 0)
 
 
 def config(tmp_path, model_dir, **over):

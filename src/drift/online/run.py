@@ -51,14 +51,15 @@ log = logging.getLogger(__name__)
 
 
 def prompt_batch(problems: list[Problem], size: int, seed: int, iteration: int) -> list[Problem]:
-    """The problems of one iteration: consecutive slices of an order reshuffled every epoch."""
-    out = []
-    for pos in range(iteration * size, (iteration + 1) * size):
-        epoch, k = divmod(pos, len(problems))
-        order = list(range(len(problems)))
-        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
-        out.append(problems[order[k]])
-    return out
+    """The problems of one iteration: `size` distinct problems. Each epoch reshuffles the problems
+    and cuts them into len // size batches; the len % size left over sit that epoch out (a
+    different random few each epoch), so a batch never holds a problem twice."""
+    if not 1 <= size <= len(problems):
+        raise DriftError(f"batch_prompts = {size}: the task has {len(problems)} training problems")
+    epoch, b = divmod(iteration, len(problems) // size)
+    order = list(range(len(problems)))
+    random.Random(derive_seed(seed, "epoch", epoch)).shuffle(order)
+    return [problems[i] for i in order[b * size:(b + 1) * size]]
 
 
 def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
@@ -91,6 +92,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         raise DriftError("online needs an output directory (--output)")
     out = OnlineDir(ensure_writable(cfg.output))
     problems = load_tasks(task_spec(cfg))
+    prompt_batch(problems, cfg.batch_prompts, cfg.seed, 0)  # B fits the task, before any work
     held_out = load_tasks(task_spec(eval_config(cfg, cfg.model, out.path)))
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     # accelerate keeps process-wide state: a Trainer that ran earlier in this process (an offline
