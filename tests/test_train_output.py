@@ -134,6 +134,24 @@ def test_unwritable_output_fails_before_training(tmp_path, tiny_model_dir):
         train(tmp_path, tiny_model_dir, data, "file/out")
 
 
+def test_a_directory_that_refuses_writes_fails_before_training(tmp_path, tiny_model_dir, monkeypatch):
+    """As a non-root user on a read-only directory: the probe file cannot be written."""
+    from pathlib import Path
+
+    data = write_data(tmp_path / "w.jsonl", make_rows(4))
+    real = Path.write_bytes
+
+    def refuse(self, data):
+        if self.name.startswith(".drift-write-test"):
+            raise PermissionError(13, "Permission denied")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(DriftError, match=r"cannot write to .*ro: Permission denied"):
+        train(tmp_path, tiny_model_dir, data, "ro")
+    assert not (tmp_path / "ro" / "train_summary.json").exists()
+
+
 def test_an_output_being_written_is_refused(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "w.jsonl", make_rows(4))
     with Lock(tmp_path / "out"), pytest.raises(DriftError, match="being written by another drift process"):
