@@ -1,130 +1,160 @@
-"""Rollout speed: drift's hf backend against a naive `generate` loop, same prompts, same process.
+"""Rollout speed: `drift rollout` (hf backend) against a naive `generate` loop on the same prompts.
 
-Both drive the same multi-turn try-again loop (`drift.env.Episode` on mc-arith problems) in turn
-lockstep: every live conversation generates its next turn, the environment judges it, repeat.
-- naive: re-render every live conversation each turn, left-pad, one `model.generate` per batch
-  (turn 1: each of the n samples is its own row);
-- drift: `HFBackend` (prompt shared across its samples, KV caches kept between turns,
-  continuous batching).
-The texts differ (different samplers), so the token counts differ somewhat; compare
-generated tokens per second as well as wall time.
+Sides (`--sides`, each `drift:DTYPE` or `naive:DTYPE`, DTYPE auto, float32 or bfloat16):
+- drift: the real rollout stage (`run_rollout`: the engine's multi-turn loop over `HFBackend`, which
+  prefills a prompt once for its n samples, keeps KV caches between turns and batches continuously);
+- naive: every turn, re-render every live conversation, left-pad, one `model.generate` per batch of
+  rows (turn 1: each of the n samples is its own row); sampling from the full softmax as drift does.
+Both run the same environment (`drift.env.Episode`: feedback, turn limit, checks). The samplers
+differ, so the texts and token counts differ a little: compare generated tokens per second.
 
-    python benchmarks/rollout_bench.py --prompts 16 --n 8 --max-turns 4
+Each side runs in its own process, so its peak resident memory (VmHWM) is its own; it is counted
+from the loaded model on (the drift stage resets it there, the naive side does the same). Times
+exclude model loading; CPU seconds are the side's process time over the same span (steadier than
+wall time on a shared machine: with one thread a side uses one core at most).
+
+    python benchmarks/rollout_bench.py --prompts 16 --threads 1
+    python benchmarks/rollout_bench.py --prompts 64 --sides drift:auto,drift:float32 --json r.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from drift.config import build
 from drift.env import EnvConfig, Episode
-from drift.models import DEFAULT_MODEL, load_model_and_tokenizer, resolve_model
-from drift.rollout.hf import HFBackend
-from drift.rollout.protocol import GenRequest, SamplingParams
+from drift.models import load_model_and_tokenizer
+from drift.rollout.engine import RolloutConfig, make_backend, run_rollout
 from drift.tasks import TaskSpec, load_tasks
 
 
-def episodes(args: argparse.Namespace) -> list[list[Episode]]:
-    problems = load_tasks(TaskSpec(tasks="mc-arith", num_problems=args.prompts, split="train"))
-    env = EnvConfig(max_turns=args.max_turns)
-    return [[Episode(p, i, env) for i in range(args.n)] for p in problems]
+def rollout_config(args: argparse.Namespace, dtype: str, output: str) -> RolloutConfig:
+    return build(RolloutConfig, dict(
+        tasks="mc-arith", split="train", num_problems=args.prompts, n=args.n, max_turns=args.max_turns,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, model=args.model, dtype=dtype, output=output))
 
 
-def run_drift(args: argparse.Namespace, path: str) -> dict:
-    backend = HFBackend(path, batch_size=args.batch_size, threads=args.threads)
-    params = SamplingParams(args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    groups = episodes(args)
-    t0 = time.perf_counter()
-    requests = [(GenRequest([(ep.problem.id, ep.trajectory.sample_idx) for ep in g], list(g[0].messages), 1), g)
-                for g in groups]
-    turn = 1
-    while requests:
-        outputs = backend.generate([r for r, _ in requests], params)
-        progress("drift", turn, sum(len(r.conv_ids) for r, _ in requests), t0)
-        live = []
-        for (req, eps), outs in zip(requests, outputs):
-            for conv, ep, out in zip(req.conv_ids, eps, outs):
-                ep.step(out.text, out.tokens, out.finish_reason)
-                if ep.done:
-                    backend.release([conv])
-                else:
-                    live.append((GenRequest([conv], list(ep.messages), turn + 1), [ep]))
-        requests, turn = live, turn + 1
-    return summary("drift hf backend", time.perf_counter() - t0, backend.stats.prefill_tokens,
-                   backend.stats.generated_tokens, groups,
-                   extra=f"reused {backend.reused_tokens} cached tokens, {backend.cache_mismatches} cache mismatches")
+def run_drift(args: argparse.Namespace, dtype: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="drift-rollout-bench-") as tmp:
+        cfg = rollout_config(args, dtype, str(Path(tmp) / "rollout"))
+        backend = make_backend(cfg)
+        wall, cpu = time.perf_counter(), time.process_time()
+        manifest = run_rollout(cfg, backend=backend)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    s = manifest["summary"]
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "dtype": backend.hardware["dtype"],
+            "prefill": backend.stats.prefill_tokens, "generated": backend.stats.generated_tokens,
+            "turns": sum(s["attempted"]), "solved": round(s["accuracy"] * s["num_trajectories"]),
+            "conversations": s["num_trajectories"]}
 
 
-def run_naive(args: argparse.Namespace, path: str) -> dict:
-    model, tok = load_model_and_tokenizer(path)
+def run_naive(args: argparse.Namespace, dtype: str) -> dict:
+    model, tok = load_model_and_tokenizer(args.model, dtype=dtype, device="cpu")
     tok.padding_side = "left"
     stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    groups = episodes(args)
+    problems = load_tasks(TaskSpec(tasks="mc-arith", num_problems=args.prompts, split="train"))
+    env = EnvConfig(max_turns=args.max_turns)
+    episodes = [Episode(p, i, env) for p in problems for i in range(args.n)]
     prefill = generated = 0
-    t0 = time.perf_counter()
-    live, turn = [ep for g in groups for ep in g], 1
+    reset_peak_rss()  # as the drift side's stage does once its model is loaded
+    wall, cpu = time.perf_counter(), time.process_time()
+    live, turn = episodes, 1
     while live:
         texts = [tok.apply_chat_template(ep.messages, tokenize=False, add_generation_prompt=True) for ep in live]
         for b in range(0, len(live), args.batch_size):
             batch = tok(texts[b : b + args.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             prefill += int(batch["attention_mask"].sum())
-            torch.manual_seed(args.seed + b)
+            torch.manual_seed(args.seed * 1_000_003 + turn * 10_007 + b)
             with torch.inference_mode():
                 out = model.generate(**batch, do_sample=args.temperature > 0, temperature=args.temperature or None,
-                                     top_p=args.top_p, max_new_tokens=args.max_new_tokens, eos_token_id=stop,
-                                     pad_token_id=tok.pad_token_id)
+                                     top_p=args.top_p, top_k=0, max_new_tokens=args.max_new_tokens,
+                                     eos_token_id=stop, pad_token_id=tok.pad_token_id)
             for ep, row in zip(live[b : b + args.batch_size], out[:, batch["input_ids"].shape[1]:].tolist()):
                 n = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
                 generated += n
                 finish = "stop" if row[n - 1] in stop else "length"
                 ep.step(tok.decode(row[: n - (finish == "stop")], skip_special_tokens=True), n, finish)
-        progress("naive", turn, len(live), t0)
+        print(f"  naive turn {turn}: {len(live)} conversations, {time.perf_counter() - wall:.0f} s", file=sys.stderr, flush=True)
         live, turn = [ep for ep in live if not ep.done], turn + 1
-    return summary("naive generate loop", time.perf_counter() - t0, prefill, generated, groups)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "dtype": str(model.dtype).removeprefix("torch."),
+            "prefill": prefill, "generated": generated, "turns": sum(len(ep.trajectory.turns) for ep in episodes),
+            "solved": sum(ep.trajectory.success_turn is not None for ep in episodes), "conversations": len(episodes)}
 
 
-def progress(name: str, turn: int, rows: int, t0: float) -> None:
-    print(f"  {name} turn {turn}: {rows} conversations, {time.perf_counter() - t0:.1f} s elapsed", flush=True)
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory afresh from its current size (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
-def summary(name: str, seconds: float, prefill: int, generated: int, groups: list[list[Episode]],
-            extra: str = "") -> dict:
-    eps = [ep for g in groups for ep in g]
-    turns = sum(len(ep.trajectory.turns) for ep in eps)
-    solved = sum(ep.trajectory.success_turn is not None for ep in eps)
-    print(f"{name}: {seconds:.1f} s, {turns} turns, prefill {prefill} tokens, generated {generated} tokens "
-          f"({generated / seconds:.1f} tok/s), prefill/generated {prefill / max(generated, 1):.2f}, "
-          f"solved {solved}/{len(eps)}" + (f"; {extra}" if extra else ""), flush=True)
-    return {"seconds": seconds, "prefill": prefill, "generated": generated}
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_side(args: argparse.Namespace) -> None:
+    """Child process: run one side, print its result as the last line of JSON."""
+    torch.set_num_threads(args.threads)
+    kind, dtype = args.side.split(":")
+    result = (run_drift if kind == "drift" else run_naive)(args, dtype)
+    result.update(side=args.side, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb())
+    print(json.dumps(result), flush=True)
+
+
+def table(results: list[dict], args: argparse.Namespace) -> str:
+    lines = [f"workload: {args.prompts} prompts x {args.n} samples x {args.max_turns} turns, "
+             f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, {args.threads} thread(s)", "",
+             "| side | dtype | wall s | CPU s | prefill tokens | generated tokens | generated tok/s (wall) "
+             "| generated tok/s (CPU) | prefill / generated | solved | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['side'].split(':')[0]} | {r['dtype']} | {r['wall_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                     f"{r['prefill']:,} | {r['generated']:,} | {r['generated'] / r['wall_seconds']:.0f} | "
+                     f"{r['generated'] / r['cpu_seconds']:.0f} | {r['prefill'] / max(r['generated'], 1):.2f} | "
+                     f"{r['solved']}/{r['conversations']} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--prompts", type=int, default=64, help="mc-arith training problems (the demo: 64)")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per side")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["drift", "naive"], help="run one side only")
+    ap.add_argument("--sides", default="drift:auto,drift:float32,naive:auto")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: run this one side in this process
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
-    results = {}
-    if args.only != "naive":
-        results["drift"] = run_drift(args, path)
-    if args.only != "drift":
-        results["naive"] = run_naive(args, path)
-    if len(results) == 2:
-        d, n = results["drift"], results["naive"]
-        print(f"speed-up: {n['seconds'] / d['seconds']:.2f}x wall time, "
-              f"{(d['generated'] / d['seconds']) / (n['generated'] / n['seconds']):.2f}x generated tokens/s")
+    if args.side:
+        return run_side(args)
+    results = []
+    for side in args.sides.split(","):
+        print(f"side {side} ...", flush=True)
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
+                               stdout=subprocess.PIPE, text=True)
+        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(f"  {results[-1]}", flush=True)
+    print(table(results, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
