@@ -115,26 +115,33 @@ def curve_table(runs: list[dict[str, dict]]) -> str:
 
 
 def figure(runs: list[dict[str, dict]], output: Path) -> None:
-    """Held-out succ@T against training FLOPs: every row, every seed (online arms as curves)."""
+    """Held-out succ@T against training FLOPs, every seed: an untrained row as a dotted level, an
+    online arm as its learning curve, an iterated arm's rounds joined in order, other rows as points."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.add_subplot()
     markers = "osD^v<>P*X"
-    for j, n in enumerate(runs[0]):
+    arms = list(dict.fromkeys(n.split("@")[0] for n in runs[0]))
+    for j, arm in enumerate(arms):
         color = f"C{j % 10}"
         for s, r in enumerate(runs):
-            if n not in r:
+            names = [n for n in r if n.split("@")[0] == arm]
+            if not names:
                 continue
-            row, label = r[n], n if s == 0 else None
-            if row["curve"]:
-                xs = [Cost.from_json(p["cost"]).flops for p in row["curve"]]
-                ys = [100 * p["succ_at_k"][-1] for p in row["curve"]]
-                ax.plot(xs, ys, color=color, marker=markers[s % len(markers)], markersize=3, label=label)
+            label, marker = (arm if s == 0 else None), markers[s % len(markers)]
+            last = r[names[-1]]
+            if last["cost"].flops == 0:
+                ax.axhline(100 * last["metrics"]["succ_at_k"][-1], color=color, linestyle=":", label=label)
+            elif last["curve"]:
+                xs = [Cost.from_json(p["cost"]).flops for p in last["curve"]]
+                ys = [100 * p["succ_at_k"][-1] for p in last["curve"]]
+                ax.plot(xs, ys, color=color, marker=marker, markersize=3, label=label)
             else:
-                ax.scatter([row["cost"].flops], [100 * row["metrics"]["succ_at_k"][-1]], color=color,
-                           marker=markers[s % len(markers)], label=label)
-    ax.set_xscale("symlog", linthresh=1e12)
+                xs = [r[n]["cost"].flops for n in names]
+                ys = [100 * r[n]["metrics"]["succ_at_k"][-1] for n in names]
+                ax.plot(xs, ys, color=color, marker=marker, linestyle="-" if len(names) > 1 else "", label=label)
+    ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (rollouts + training; evaluation excluded)")
     ax.set_ylabel("held-out succ@T (%)")
     ax.grid(alpha=0.3)
