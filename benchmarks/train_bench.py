@@ -123,8 +123,8 @@ def run_trl(args: argparse.Namespace, dtype: str, work: Path) -> dict:
     data = trainer.train_dataset
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"dtype": "bfloat16" if sft.bf16 else "float32", "rows": len(data), "steps": trainer.state.global_step,
-            "tokens": sum(len(ids) for ids in data["input_ids"]) * cfg.epochs,
-            "trained_tokens": sum(sum(t != -100 for t in labels) for labels in data["labels"]) * cfg.epochs,
+            "tokens": int(sum(len(ids) for ids in data["input_ids"]) * cfg.epochs),
+            "trained_tokens": int(sum(sum(t != -100 for t in labels) for labels in data["labels"]) * cfg.epochs),
             "padding_share": None, "final_loss": losses[-1] if losses else result.training_loss}
 
 
