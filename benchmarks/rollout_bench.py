@@ -31,6 +31,7 @@ import torch
 
 from drift.config import build
 from drift.env import EnvConfig, Episode
+from drift.ledger import peak_memory, reset_peak_memory
 from drift.models import load_model_and_tokenizer
 from drift.rollout.engine import RolloutConfig, make_backend, run_rollout
 from drift.tasks import TaskSpec, load_tasks
@@ -65,7 +66,7 @@ def run_naive(args: argparse.Namespace, dtype: str) -> dict:
     env = EnvConfig(max_turns=args.max_turns)
     episodes = [Episode(p, i, env) for p in problems for i in range(args.n)]
     prefill = generated = 0
-    reset_peak_rss()  # as the drift side's stage does once its model is loaded
+    reset_peak_memory()  # as the drift side's stage does once its model is loaded
     wall, cpu = time.perf_counter(), time.process_time()
     live, turn = episodes, 1
     while live:
@@ -91,25 +92,12 @@ def run_naive(args: argparse.Namespace, dtype: str) -> dict:
             "solved": sum(ep.trajectory.success_turn is not None for ep in episodes), "conversations": len(episodes)}
 
 
-def reset_peak_rss() -> None:
-    """Start this process's peak resident memory afresh from its current size (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_side(args: argparse.Namespace) -> None:
     """Child process: run one side, print its result as the last line of JSON."""
     torch.set_num_threads(args.threads)
     kind, dtype = args.side.split(":")
     result = (run_drift if kind == "drift" else run_naive)(args, dtype)
-    result.update(side=args.side, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb())
+    result.update(side=args.side, threads=torch.get_num_threads(), peak_rss_mb=peak_memory() / 2**20)
     print(json.dumps(result), flush=True)
 
 

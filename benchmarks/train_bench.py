@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from drift.config import build
+from drift.ledger import peak_memory
 from drift.records import read_jsonl
 from drift.train.trainer import TrainConfig, run_train
 
@@ -128,14 +129,6 @@ def run_trl(args: argparse.Namespace, dtype: str, work: Path) -> dict:
             "padding_share": None, "final_loss": losses[-1] if losses else result.training_loss}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_side(args: argparse.Namespace) -> None:
     """Child process: train one side, print its result as the last line of JSON."""
     torch.set_num_threads(args.threads)
@@ -144,7 +137,7 @@ def run_side(args: argparse.Namespace) -> None:
     work = Path(args.work)
     result = run_trl(args, dtype, work) if recipe == "trl" else run_drift(args, recipe, dtype, work)
     result.update(side=args.side, recipe=recipe, threads=torch.get_num_threads(), seconds=Timed.wall,
-                  cpu_seconds=Timed.cpu, peak_rss_mb=peak_rss_mb())
+                  cpu_seconds=Timed.cpu, peak_rss_mb=peak_memory() / 2**20)
     print(json.dumps(result), flush=True)
 
 

@@ -98,7 +98,8 @@ def release_memory() -> None:
         pass
 
 
-def _reset_peak(device: str | None) -> None:
+def reset_peak_memory(device: str | None = None) -> None:
+    """Start the peak afresh from now (after `release_memory`)."""
     release_memory()
     if device and device.startswith("cuda"):
         import torch
@@ -110,7 +111,8 @@ def _reset_peak(device: str | None) -> None:
         pass
 
 
-def _peak(device: str | None) -> int:
+def peak_memory(device: str | None = None) -> int:
+    """Peak memory in bytes since the last reset: CUDA peak allocated, else VmHWM (else ru_maxrss)."""
     if device and device.startswith("cuda"):
         import torch
 
@@ -130,11 +132,11 @@ def measure(cost: Cost, device: str | None = None) -> Iterator[Cost]:
 
     Token and step counts are the caller's to add; on an exception the times are still added.
     """
-    _reset_peak(device)
+    reset_peak_memory(device)
     wall0, cpu0 = time.perf_counter(), _cpu_seconds()
     try:
         yield cost
     finally:
         cost.wall_seconds += time.perf_counter() - wall0
         cost.cpu_seconds += _cpu_seconds() - cpu0
-        cost.peak_memory_bytes = max(cost.peak_memory_bytes, _peak(device))
+        cost.peak_memory_bytes = max(cost.peak_memory_bytes, peak_memory(device))
