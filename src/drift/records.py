@@ -78,7 +78,7 @@ class Trajectory:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str = "trajectory") -> Trajectory:
-        check_schema(d.get("schema_version", SCHEMA_VERSION), where, SCHEMA_VERSION)
+        check_row_schema(d, where)
         turns = [Turn(**t) for t in d["turns"]]
         return cls(
             prompt_id=str(d["prompt_id"]),
@@ -103,10 +103,15 @@ class ReturnInputs:
     timeouts: int = 0  # number of turns whose check timed out (drift format)
 
 
+def check_row_schema(row: dict[str, Any], where: str) -> None:
+    """Refuse a row (trajectory or weighted) written by a newer drift."""
+    check_schema(row.get("schema_version", SCHEMA_VERSION), where, SCHEMA_VERSION)
+
+
 def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
     """Read the return inputs from a drift row or a reference-format row."""
     if "turns" in row:
-        check_schema(row.get("schema_version", SCHEMA_VERSION), where, SCHEMA_VERSION)
+        check_row_schema(row, where)
         turns = row["turns"]
         if not isinstance(turns, list):
             raise DriftError(f"{where}: 'turns' must be a list")

@@ -38,8 +38,7 @@ import torch
 
 from drift import DriftError
 from drift.chat import render
-from drift.records import SCHEMA_VERSION, jsonl_files, read_jsonl
-from drift.rundir import check_schema
+from drift.records import check_row_schema, jsonl_files, read_jsonl
 
 Turns = Literal["last", "all"]
 Batching = Literal["group", "pack", "random"]
@@ -217,7 +216,7 @@ def rows_record(path: str | Path) -> dict[str, Any]:
     h = hashlib.sha256()
     for f in jsonl_files(path):
         if not f.is_file():
-            raise DriftError(f"data not found: {f}")
+            raise DriftError(f"file not found: {f}")
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -240,7 +239,7 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
     for f in jsonl_files(p):
         for line, row in read_jsonl(f):
             stats.rows_read += 1
-            check_schema(row.get("schema_version", SCHEMA_VERSION), f"{f}:{line}", SCHEMA_VERSION)
+            check_row_schema(row, f"{f}:{line}")
             try:
                 weight = check_weight(row, allow_negative_weights)
                 ids, mask, cut = tokenize_row(row, tokenizer, turns)

@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 from drift import DriftError
 from drift.config import option
-from drift.records import SCHEMA_VERSION, read_jsonl
-from drift.rundir import check_schema
+from drift.records import check_row_schema, read_jsonl
 from drift.train.data import RowError, check_weight, tokenize_row, truncate
 
 OPEN, CLOSE = "[[", "]]"
@@ -46,7 +45,7 @@ def inspect_row(data: str, model: str, row: int, turns: str = "last", max_length
     found = next((r for line, r in read_jsonl(data) if line == row), None)
     if found is None:
         raise DriftError(f"{data}: no row on line {row}")
-    check_schema(found.get("schema_version", SCHEMA_VERSION), f"{data}:{row}", SCHEMA_VERSION)
+    check_row_schema(found, f"{data}:{row}")
     tokenizer = load_tokenizer(model)
     try:
         weight = check_weight(found, allow_negative=True)
