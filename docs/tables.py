@@ -27,24 +27,15 @@ from typing import Any
 from drift.ledger import Cost
 from drift.metrics import mean_and_se
 from drift.pipeline import load_run
-from drift.report import arm_cost
+from drift.report import arm_cost, result_rows
 
 
 def rows_of(path: Path) -> dict[str, dict[str, Any]]:
     """Row name -> {"metrics", "cost", "curve"} for one run directory."""
     cfg, recs = load_run(path)
-    rows: dict[str, dict[str, Any]] = {}
-    if "eval/base" in recs:
-        rows["base"] = {"metrics": recs["eval/base"], "cost": Cost(), "curve": None}
-    for arm, a in cfg.arms.items():
-        rounds = a.rounds if a.offline else 1
-        for k in range(1, rounds + 1):
-            ev = recs.get(f"eval/{arm}" if k == rounds else f"eval/{arm}/round-{k}")
-            if ev:
-                name = arm if rounds == 1 else f"{arm}@{k}"
-                rows[name] = {"metrics": ev, "cost": arm_cost(recs, arm, k),
-                              "curve": (recs.get(f"online/{arm}") or {}).get("curve")}
-    return rows
+    return {name: {"metrics": recs[step], "cost": arm_cost(recs, arm, k),
+                   "curve": (recs.get(f"online/{arm}") or {}).get("curve")}
+            for name, arm, step, k in result_rows(cfg, recs)}
 
 
 def pct(x: float) -> str:

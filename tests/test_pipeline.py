@@ -7,7 +7,8 @@ import pytest
 from drift import DriftError
 from drift.cli import main
 from drift.config import build
-from drift.pipeline import RunConfig, check_disjoint, run_pipeline
+from drift import report
+from drift.pipeline import RunConfig, check_disjoint, load_run, run_pipeline
 
 
 def config(tmp_path, model_dir, **over):
@@ -262,7 +263,7 @@ def test_sigkill_during_training_then_rerun_finishes_the_run(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("round_data", ["continue", "union"])
-def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data):
+def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data, capsys):
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 3, "round_data": round_data,
                                                              "train": {"min_weight": 0.0}}})
     cfg = build(RunConfig, data)
@@ -288,6 +289,10 @@ def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data):
         assert len(json.loads((run / "rounds/drift/round-3/union.weights.json").read_text())["settings"]["union_of"]) == 3
     assert "## Rounds of the iterated arms" in md
     run_pipeline(cfg)  # complete: every stage skipped
+    capsys.readouterr()
+    report.print_console_summary(*load_run(run))  # the demo's closing screen: a row per round, with its cost
+    rows = [line.split("│")[1].strip() for line in capsys.readouterr().out.splitlines() if line.count("│") > 5]
+    assert rows[:4] == ["base", "drift@1", "drift@2", "drift@3"]
 
 
 def test_sigkill_in_a_later_round_resumes_there(tmp_path, tiny_model_dir):

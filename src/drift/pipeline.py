@@ -376,4 +376,4 @@ def run_demo(demo: DemoConfig) -> None:
 
     cfg = demo_config(demo)
     run_pipeline(cfg)
-    report.print_console_summary(cfg)  # ends with the path of report.md
+    report.print_console_summary(*load_run(cfg.dir.root))  # ends with the path of report.md

@@ -62,6 +62,20 @@ def arm_cost(recs: dict[str, dict[str, Any]], arm: str, upto: int | None = None)
     return total
 
 
+def result_rows(cfg: Any, recs: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, int]]:
+    """Every finished held-out evaluation of a run, in order: (row, arm, eval step, round). An
+    iterated arm gives one row per round (`drift@1`, `drift@2`, ...; its last round is the arm's
+    own evaluation), every other arm and the base one row."""
+    rows = []
+    for arm in _arms(cfg):
+        rounds = cfg.arms[arm].rounds if arm != "base" and cfg.arms[arm].offline else 1
+        for k in range(1, rounds + 1):
+            step = f"eval/{arm}" if k == rounds else f"eval/{arm}/round-{k}"
+            if step in recs:
+                rows.append((arm if rounds == 1 else f"{arm}@{k}", arm, step, k))
+    return rows
+
+
 def rounds_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
     """Each iterated arm's held-out succ@k after every round, with the cumulative cost of the rounds."""
     parts = []
@@ -174,12 +188,9 @@ def plot_cost(cfg: Any, recs: dict[str, dict[str, Any]], output_png: Path) -> bo
     for arm in _arms(cfg):
         curve = (recs.get(f"online/{arm}") or {}).get("curve") or []
         points = [(Cost.from_json(p["cost"]), 100 * p["succ_at_k"][-1]) for p in curve]
-        rounds = cfg.arms[arm].rounds if arm != "base" and cfg.arms[arm].offline else 1
         if not points:
-            for k in range(1, rounds + 1):
-                ev = recs.get(f"eval/{arm}" if k == rounds else f"eval/{arm}/round-{k}")
-                if ev:
-                    points.append((arm_cost(recs, arm, k), 100 * ev["succ_at_k"][-1]))
+            points = [(arm_cost(recs, arm, k), 100 * recs[step]["succ_at_k"][-1])
+                      for _, a, step, k in result_rows(cfg, recs) if a == arm]
         if points:
             series.append((_label(cfg, arm), points))
     if not series:
@@ -289,23 +300,27 @@ def write_report(cfg: Any, steps: list[tuple[str, Path]]) -> str:
     return text
 
 
-def print_console_summary(cfg: Any) -> None:
-    """The demo's closing screen: the arm table and before/after conversations."""
+def print_console_summary(cfg: Any, recs: dict[str, dict[str, Any]]) -> None:
+    """The demo's closing screen: every evaluation with its training cost, and before/after conversations."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    arms = [a for a in _arms(cfg) if cfg.dir.eval(a).metrics.is_file()]
-    metrics = [load_metrics(cfg.dir.eval(a).path) for a in arms]
-    if not metrics:
+    rows = result_rows(cfg, recs)
+    if not rows:
         return
-    t_max = max(m["max_turns"] for m in metrics)
-    table = Table(title="held-out multi-turn success (greedy, with feedback)")
-    for col in ["arm"] + [f"succ@{k}" for k in range(1, t_max + 1)] + ["unique", "mean turns"]:
+    t_max = max(len(recs[step]["succ_at_k"]) for _, _, step, _ in rows)
+    table = Table(title="held-out multi-turn success (greedy, with feedback); arm@k: after round k",
+                  caption="training cost: the rollouts and training that made the model (evaluation excluded)")
+    for col in ["arm"] + [f"succ@{k}" for k in range(1, t_max + 1)] + ["unique (≥2 turns)", "training FLOPs",
+                                                                         "training time"]:
         table.add_column(col, justify="left" if col == "arm" else "right")
-    for arm, m in zip(arms, metrics):
-        table.add_row(arm, *[f"{100 * v:.0f}%" for v in m["succ_at_k"]],
-                      f"{m['unique_ratio']:.2f}" if m["unique_ratio"] is not None else "–", f"{m['mean_turns']:.2f}")
+    for name, arm, step, k in rows:
+        m, cost = recs[step], arm_cost(recs, arm, k)
+        u = m.get("unique_ratio_multi_turn")
+        table.add_row(name, *[f"{100 * v:.0f}%" for v in m["succ_at_k"]], "–" if u is None else f"{u:.2f}",
+                      f"{cost.flops:.2g}" if cost.flops else "–",
+                      f"{cost.wall_seconds / 60:.1f} min" if cost.wall_seconds else "–")
     console.print(table)
     shown = next((a for a in cfg.arms if a == "drift"), next(iter(cfg.arms)))
     for before, after in examples(cfg, shown):
