@@ -8,7 +8,7 @@ from drift import DriftError
 from drift.cli import main
 from drift.config import build
 from drift import report
-from drift.pipeline import RunConfig, check_disjoint, load_run, run_pipeline
+from drift.pipeline import DemoConfig, RunConfig, check_disjoint, demo_config, load_run, run_pipeline
 
 
 def config(tmp_path, model_dir, **over):
@@ -332,3 +332,10 @@ def run_and_kill(tmp_path, data, started):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_demo_presets_build(quick):
+    cfg = demo_config(DemoConfig(quick=quick))
+    train, test = check_disjoint(cfg)
+    assert train and test and cfg.arms

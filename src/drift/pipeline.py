@@ -371,7 +371,8 @@ def demo_config(demo: DemoConfig) -> RunConfig:
 
 
 def run_demo(demo: DemoConfig) -> None:
-    """`drift demo`: the pipeline on the embedded default and mc-arith, then before/after examples."""
+    """`drift demo`: the pipeline on the embedded default and mul (the quick preset: mc-arith), then the
+    evaluations with their training cost and before/after examples."""
     from drift import report
 
     cfg = demo_config(demo)
