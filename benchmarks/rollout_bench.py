@@ -1,8 +1,12 @@
 """Rollout speed: `drift rollout` (hf backend) against a naive `generate` loop on the same prompts.
 
-Sides (`--sides`, each `drift:DTYPE` or `naive:DTYPE`, DTYPE auto, float32 or bfloat16):
+Sides (`--sides`, each `drift:DTYPE`, `drift-turns:DTYPE` or `naive:DTYPE`, DTYPE auto, float32 or
+bfloat16):
 - drift: the real rollout stage (`run_rollout`: the engine's multi-turn loop over `HFBackend`, which
-  prefills a prompt once for its n samples, keeps KV caches between turns and batches continuously);
+  prefills a prompt once for its n samples, keeps KV caches between turns and batches continuously;
+  a conversation's next turn joins the running decode batch as soon as its answer is judged);
+- drift-turns: the same with `stream_turns = false`: one `generate` call per turn for every live
+  conversation, its answers judged when the call returns;
 - naive: every turn, re-render every live conversation, left-pad, one `model.generate` per batch of
   rows (turn 1: each of the n samples is its own row); sampling from the full softmax as drift does.
 Both run the same environment (`drift.env.Episode`: feedback, turn limit, checks). The samplers
@@ -15,6 +19,7 @@ wall time on a shared machine: with one thread a side uses one core at most).
 
     python benchmarks/rollout_bench.py --prompts 16 --threads 1
     python benchmarks/rollout_bench.py --prompts 64 --sides drift:auto,drift:float32 --json r.json
+    python benchmarks/rollout_bench.py --prompts 16 --sides drift-turns:bfloat16,drift:bfloat16
 """
 
 from __future__ import annotations
@@ -37,16 +42,17 @@ from drift.rollout.engine import RolloutConfig, make_backend, run_rollout
 from drift.tasks import TaskSpec, load_tasks
 
 
-def rollout_config(args: argparse.Namespace, dtype: str, output: str) -> RolloutConfig:
+def rollout_config(args: argparse.Namespace, dtype: str, output: str, stream_turns: bool = True) -> RolloutConfig:
     return build(RolloutConfig, dict(
         tasks="mc-arith", split="train", num_problems=args.prompts, n=args.n, max_turns=args.max_turns,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, seed=args.seed, model=args.model, dtype=dtype, output=output))
+        batch_size=args.batch_size, seed=args.seed, model=args.model, dtype=dtype, output=output,
+        stream_turns=stream_turns))
 
 
-def run_drift(args: argparse.Namespace, dtype: str) -> dict:
+def run_drift(args: argparse.Namespace, dtype: str, stream_turns: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="drift-rollout-bench-") as tmp:
-        cfg = rollout_config(args, dtype, str(Path(tmp) / "rollout"))
+        cfg = rollout_config(args, dtype, str(Path(tmp) / "rollout"), stream_turns)
         backend = make_backend(cfg)
         wall, cpu = time.perf_counter(), time.process_time()
         manifest = run_rollout(cfg, backend=backend)
@@ -55,7 +61,8 @@ def run_drift(args: argparse.Namespace, dtype: str) -> dict:
     return {"wall_seconds": wall, "cpu_seconds": cpu, "dtype": backend.hardware["dtype"],
             "prefill": backend.stats.prefill_tokens, "generated": backend.stats.generated_tokens,
             "turns": sum(s["attempted"]), "solved": round(s["accuracy"] * s["num_trajectories"]),
-            "conversations": s["num_trajectories"]}
+            "conversations": s["num_trajectories"], "decode_steps": backend.decode_steps,
+            "decode_rows": backend.decode_rows}
 
 
 def run_naive(args: argparse.Namespace, dtype: str) -> dict:
@@ -96,7 +103,10 @@ def run_side(args: argparse.Namespace) -> None:
     """Child process: run one side, print its result as the last line of JSON."""
     torch.set_num_threads(args.threads)
     kind, dtype = args.side.split(":")
-    result = (run_drift if kind == "drift" else run_naive)(args, dtype)
+    if kind == "naive":
+        result = run_naive(args, dtype)
+    else:
+        result = run_drift(args, dtype, stream_turns=kind == "drift")
     result.update(side=args.side, threads=torch.get_num_threads(), peak_rss_mb=peak_memory() / 2**20)
     print(json.dumps(result), flush=True)
 
@@ -105,13 +115,15 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"workload: {args.prompts} prompts x {args.n} samples x {args.max_turns} turns, "
              f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, {args.threads} thread(s)", "",
              "| side | dtype | wall s | CPU s | prefill tokens | generated tokens | generated tok/s (wall) "
-             "| generated tok/s (CPU) | prefill / generated | solved | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| generated tok/s (CPU) | prefill / generated | decode steps | rows / step | solved | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        steps = r.get("decode_steps")
+        decode = f"{steps} | {r['decode_rows'] / max(steps, 1):.1f}" if steps is not None else "– | –"
         lines.append(f"| {r['side'].split(':')[0]} | {r['dtype']} | {r['wall_seconds']:.1f} | {r['cpu_seconds']:.1f} | "
                      f"{r['prefill']:,} | {r['generated']:,} | {r['generated'] / r['wall_seconds']:.0f} | "
                      f"{r['generated'] / r['cpu_seconds']:.0f} | {r['prefill'] / max(r['generated'], 1):.2f} | "
-                     f"{r['solved']}/{r['conversations']} | {r['peak_rss_mb']:.0f} |")
+                     f"{decode} | {r['solved']}/{r['conversations']} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

@@ -6,8 +6,11 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
+from drift.records import read_trajectories
+from drift.rollout import RolloutConfig, run_rollout
 from drift.rollout.hf import HFBackend
 from drift.rollout.protocol import GenRequest, PromptTooLong, SamplingParams
+from drift.tasks import Problem
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=10, seed=0)
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
@@ -18,8 +21,9 @@ def opening(i: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + {i * 7}?" * (1 + i % 3)}]
 
 
-def save_model(path, family: str = "chatml", arch: str = "llama", context: int = 2048) -> str:
-    """A random model that only ever emits lower-case letters, spaces and end-of-turn tokens.
+def save_model(path, family: str = "chatml", arch: str = "llama", context: int = 2048,
+               alphabet: str = "abcdefghijklmnopqrstuvwxyz") -> str:
+    """A random model that only ever emits the letters of `alphabet`, spaces and end-of-turn tokens.
 
     Its text re-tokenizes to the same ids, so kept caches are exact prefixes of the next render.
     The weights are scaled up so that greedy decoding does not collapse to one repeated token.
@@ -28,7 +32,7 @@ def save_model(path, family: str = "chatml", arch: str = "llama", context: int =
     model = make_model(tok, arch=arch)
     model.config.tie_word_embeddings = False
     model.config.max_position_embeddings = context
-    allowed = tok.convert_tokens_to_ids(list("abcdefghijklmnopqrstuvwxyz") + ["Ġ", tok.eos_token])
+    allowed = tok.convert_tokens_to_ids(list(alphabet) + ["Ġ", tok.eos_token])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -74,6 +78,25 @@ def run_turns(backend: HFBackend, convs: dict[str, list], turns: int, params: Sa
     return texts
 
 
+def stream_turns(backend: HFBackend, convs: dict[str, list], turns: int, params: SamplingParams, check=None):
+    """`run_turns` through one stream: each conversation's next turn is submitted as soon as its
+    answer comes back, while the others are still decoding. Returns (texts, answers per poll)."""
+    texts = {k: [] for k in convs}
+    stream = backend.stream(params)
+    stream.submit([GenRequest([(k, 0)], list(m), 1) for k, m in convs.items()])
+    per_poll = []
+    while answers := stream.poll():
+        per_poll.append(len(answers))
+        for (k, _), out in answers:
+            if check:
+                check(convs[k], out)
+            texts[k].append(out.text)
+            convs[k] += [{"role": "assistant", "content": out.text}, FEEDBACK]
+            if len(texts[k]) < turns:
+                stream.submit([GenRequest([(k, 0)], list(convs[k]), len(texts[k]) + 1)])
+    return texts, per_poll
+
+
 @pytest.mark.parametrize("arch,family", [("llama", "chatml"), ("qwen2", "llama3")])
 def test_cached_greedy_equals_full_prefill_over_three_turns(tmp_path, arch, family):
     backend = HFBackend(save_model(tmp_path, family, arch), batch_size=2)  # 4 rows in 2 slots: rows join mid-decode
@@ -84,6 +107,72 @@ def test_cached_greedy_equals_full_prefill_over_three_turns(tmp_path, arch, fami
     texts = run_turns(backend, {f"p{i}": opening(i) for i in range(4)}, 3, GREEDY, check)
     assert len({t for ts in texts.values() for t in ts}) > 3  # the model does say different things
     assert backend.reused_tokens > 0
+
+
+def test_streamed_turns_equal_turn_by_turn_generation(model_dir):
+    """A turn submitted into the running stream samples what a generate call per turn samples,
+    reuses the same kept caches, and prefills no more."""
+    convs = lambda: {f"p{i}": opening(i) for i in range(5)}  # noqa: E731
+    by_turn, streamed = HFBackend(model_dir, batch_size=2), HFBackend(model_dir, batch_size=2)
+    expected = run_turns(by_turn, convs(), 3, SAMPLED)
+    texts, per_poll = stream_turns(streamed, convs(), 3, SAMPLED)
+    assert texts == expected and len({t for ts in texts.values() for t in ts}) > 5
+    assert sum(per_poll) == 15 and len(per_poll) > 3  # answers come back as they finish, not per turn
+    assert streamed.reused_tokens == by_turn.reused_tokens > 0 and streamed.cache_mismatches == 0
+    assert streamed.stats == by_turn.stats
+
+
+def test_streamed_greedy_equals_full_prefill(model_dir):
+    backend = HFBackend(model_dir, batch_size=3)  # rows of turns 1-3 share the batch, joining mid-decode
+
+    def check(messages, out):
+        assert out.text == reference_greedy(backend, messages, GREEDY.max_new_tokens)
+
+    stream_turns(backend, {f"p{i}": opening(i) for i in range(5)}, 3, GREEDY, check)
+    assert backend.reused_tokens > 0
+
+
+def test_stream_refuses_a_long_history_without_touching_state(tmp_path):
+    backend = HFBackend(save_model(tmp_path, context=128))
+    msgs = [{"role": "user", "content": "hi"}]
+    out = backend.generate([GenRequest([("short", 0)], msgs, 1)], GREEDY)[0][0]
+    stream = backend.stream(GREEDY)
+    msgs = msgs + [{"role": "assistant", "content": out.text}, FEEDBACK]
+    with pytest.raises(PromptTooLong) as e:
+        stream.submit([GenRequest([("short", 0)], msgs, 2),
+                       GenRequest([("long", 0)], [{"role": "user", "content": "x" * 150}], 1)])
+    assert e.value.conv_ids == [("long", 0)] and ("short", 0) in backend._convs  # its kept cache is still there
+    stream.submit([GenRequest([("short", 0)], msgs, 2)])
+    assert [conv for conv, _ in stream.poll()] == [("short", 0)] and stream.poll() == []
+    assert backend.reused_tokens > 0
+
+
+def test_streamed_rollout_equals_the_turn_by_turn_rollout(tmp_path):
+    """float32, per-(prompt, sample, turn) seeds: streaming turns changes which rows share a
+    decode step, never what is sampled, reused or counted; the batch is fuller."""
+    model_dir = save_model(tmp_path / "model", alphabet="ABCDabcd")  # a lone capital is read as a choice
+    probs = [Problem(id=f"q{j}", question=f"What is {j} + {j * 7}?" * (1 + j % 3), answer="ABCD"[j % 4],
+                     checker="choice", extract="letter") for j in range(6)]
+
+    def rollout(name: str, stream_turns: bool):
+        backend = HFBackend(model_dir, batch_size=4, dtype="float32")
+        cfg = RolloutConfig(model=model_dir, output=str(tmp_path / name), n=3, max_turns=4, max_new_tokens=10,
+                            temperature=1.0, top_p=0.9, seed=5, batch_size=4, max_live=9, stream_turns=stream_turns,
+                            system_prompt="Be brief.")
+        manifest = run_rollout(cfg, probs, backend)
+        assert not backend._convs  # every finished conversation's cache was released
+        trajs = sorted(read_trajectories(tmp_path / name / "trajectories"), key=lambda t: t.key)
+        return trajs, manifest, backend
+
+    trajs, manifest, backend = rollout("streamed", True)
+    ref_trajs, ref_manifest, ref = rollout("by-turn", False)
+    assert [t.to_json() for t in trajs] == [t.to_json() for t in ref_trajs]
+    assert {t.success_turn for t in trajs} >= {None, 1} and max(len(t.turns) for t in trajs) == 4
+    assert manifest["summary"] == ref_manifest["summary"] and manifest["counts"] == ref_manifest["counts"]
+    for key in ("generated_tokens", "prefill_tokens"):
+        assert manifest["cost"][key] == ref_manifest["cost"][key] == getattr(backend.stats, key)
+    assert backend.reused_tokens == ref.reused_tokens > 0
+    assert backend.decode_rows == ref.decode_rows and backend.decode_steps < ref.decode_steps  # fewer, fuller steps
 
 
 def test_turn_two_prefills_only_the_new_tokens(model_dir):

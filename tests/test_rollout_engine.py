@@ -44,26 +44,63 @@ class ScriptedBackend:
         self.stats = BackendStats()
 
     def generate(self, requests, params):
-        bad = [c for r in requests for c in r.conv_ids if self.too_long.get(c[0]) == r.turn]
-        if bad:
-            raise PromptTooLong(bad, "scripted")
+        self.refuse_too_long(requests)
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("backend crashed")
         self.calls.append([(list(r.conv_ids), r.turn, len(r.messages)) for r in requests])
-        outs = []
-        for r in requests:
-            outs.append([])
-            for pid, i in r.conv_ids:
-                text = self.gold[pid] if i + 1 == r.turn else str(100 + r.turn)
-                outs[-1].append(GenOutput(text=text, tokens=3, finish_reason="stop"))
-                self.stats.generated_tokens += 3
-        return outs
+        return [[self.answer(conv, r.turn) for conv in r.conv_ids] for r in requests]
+
+    def refuse_too_long(self, requests):
+        bad = [c for r in requests for c in r.conv_ids if self.too_long.get(c[0]) == r.turn]
+        if bad:
+            raise PromptTooLong(bad, "scripted")
+
+    def answer(self, conv, turn):
+        self.stats.generated_tokens += 3
+        return GenOutput(text=self.gold[conv[0]] if conv[1] + 1 == turn else str(100 + turn), tokens=3,
+                         finish_reason="stop")
 
     def release(self, conv_ids):
         self.released += conv_ids
 
     def close(self):
         pass
+
+
+class StreamingScriptedBackend(ScriptedBackend):
+    """The scripted answers through a stream: each poll answers the `per_poll` conversations
+    submitted first. `calls` records the submits; `fail_after` counts polls."""
+
+    def __init__(self, problems: list[Problem], per_poll: int = 2, **kw):
+        super().__init__(problems, **kw)
+        self.per_poll = per_poll
+        self.polls: list[list] = []  # per poll: the conversations answered
+        self.most_in_flight = 0
+
+    def stream(self, params):
+        return ScriptedStream(self)
+
+
+class ScriptedStream:
+    def __init__(self, backend: StreamingScriptedBackend):
+        self.b, self.queue = backend, []
+
+    def submit(self, requests):
+        self.b.refuse_too_long(requests)
+        self.b.calls.append([(list(r.conv_ids), r.turn, len(r.messages)) for r in requests])
+        self.queue += [(conv, r.turn) for r in requests for conv in r.conv_ids]
+        self.b.most_in_flight = max(self.b.most_in_flight, len(self.queue))
+
+    def poll(self):
+        if self.b.fail_after is not None and len(self.b.polls) >= self.b.fail_after:
+            raise RuntimeError("backend crashed")
+        answered, self.queue = self.queue[: self.b.per_poll], self.queue[self.b.per_poll :]
+        if answered:
+            self.b.polls.append([conv for conv, _ in answered])
+        return [(conv, self.b.answer(conv, turn)) for conv, turn in answered]
+
+
+BACKENDS = [ScriptedBackend, StreamingScriptedBackend]
 
 
 def config(tmp_path: Path, **kw) -> RolloutConfig:
@@ -140,6 +177,82 @@ def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
     assert events == ["submit"] * 12 + ["wait"] * 12 + ["submit"] * 9 + ["wait"] * 9 + ["submit"] * 6 + ["wait"] * 6
 
 
+def test_streamed_loop_judges_each_answer_as_it_comes(tmp_path, monkeypatch):
+    events = []
+    submit = Checker.submit
+
+    def logged_submit(self, response, gold):
+        pending = submit(self, response, gold)
+        result = pending.result
+        pending.result = lambda: events.append("wait") or result()
+        events.append("submit")
+        return pending
+
+    monkeypatch.setattr(Checker, "submit", logged_submit)
+    probs = problems(3)
+    by_turn, streamed = ScriptedBackend(probs), StreamingScriptedBackend(probs, per_poll=2)
+    run_rollout(config(tmp_path, output=str(tmp_path / "by-turn")), probs, by_turn)
+    events.clear()
+    manifest = run_rollout(config(tmp_path), probs, streamed)
+    # 27 answers, two per poll, each poll's answers checked together
+    assert [len(p) for p in streamed.polls] == [2] * 13 + [1]
+    assert events == ["submit", "submit", "wait", "wait"] * 13 + ["submit", "wait"]
+    # a turn-2 request goes into the stream before the last turn-1 answer is out
+    turns = [turn for call in streamed.calls for _, turn, _ in call]
+    assert turns.index(2) < len(streamed.calls) - 1 and sum(t == 1 for t in turns) == 3
+    assert sorted(streamed.released) == sorted(by_turn.released)
+    canon = lambda rs: sorted(json.dumps(r, sort_keys=True) for r in rs)  # noqa: E731
+    assert canon(shard_rows(tmp_path / "run")) == canon(shard_rows(tmp_path / "by-turn"))
+    assert manifest["counts"]["written"] == 12 and manifest["cost"]["generated_tokens"] == 3 * 27
+
+
+def test_streamed_loop_admits_groups_under_max_live(tmp_path):
+    probs = problems(5)
+    backend = StreamingScriptedBackend(probs, per_poll=1)
+    run_rollout(config(tmp_path, max_live=8), probs, backend)
+    assert backend.most_in_flight <= 8
+    turns = [turn for call in backend.calls for _, turn, _ in call]
+    assert turns[:2] == [1, 1] and turns.index(2) < max(i for i, t in enumerate(turns) if t == 1)  # groups join later
+    assert len(shard_rows(tmp_path / "run")) == 20 and len(backend.released) == 20
+
+
+def test_stream_turns_false_keeps_one_call_per_turn(tmp_path):
+    probs = problems(3)
+    backend = StreamingScriptedBackend(probs)
+    run_rollout(config(tmp_path, stream_turns=False), probs, backend)
+    assert backend.polls == [] and len(backend.calls) == 3  # generate(), once per turn
+
+
+@pytest.mark.parametrize("backend_class", BACKENDS)
+def test_progress_counts_every_prompt_once(tmp_path, monkeypatch, backend_class):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            self.postfix = kw
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    probs = problems(4)
+    run_rollout(config(tmp_path), probs, backend_class(probs, too_long={"p1": 1, "p2": 2}))
+    (bar,) = bars
+    assert bar.total == bar.n == 4 and bar.postfix["skipped"] == 7 and bar.postfix["live"] == 0
+
+
 def test_unreadable_gold_stops_the_rollout_before_sampling(tmp_path):
     probs = problems(2) + [Problem(id="odd", question="?", answer="???", checker="math")]
     backend = ScriptedBackend(probs)
@@ -148,9 +261,10 @@ def test_unreadable_gold_stops_the_rollout_before_sampling(tmp_path):
     assert backend.calls == [] and not (tmp_path / "run").exists()
 
 
-def test_prompt_too_long_is_a_counted_skip(tmp_path, caplog):
+@pytest.mark.parametrize("backend_class", BACKENDS)
+def test_prompt_too_long_is_a_counted_skip(tmp_path, caplog, backend_class):
     probs = problems(3)
-    backend = ScriptedBackend(probs, too_long={"p1": 1, "p2": 2})
+    backend = backend_class(probs, too_long={"p1": 1, "p2": 2})
     manifest = run_rollout(config(tmp_path), probs, backend)
     keys = {(r["prompt_id"], r["sample_idx"]) for r in shard_rows(tmp_path / "run")}
     # p1 never starts; p2 sample 0 finished at turn 1, its other samples are dropped at turn 2
@@ -168,14 +282,15 @@ def test_all_skipped_is_an_error(tmp_path):
     assert not is_complete(tmp_path / "run")
 
 
-def test_crash_then_resume_gives_every_trajectory_once(tmp_path):
+@pytest.mark.parametrize("backend_class", BACKENDS)
+def test_crash_then_resume_gives_every_trajectory_once(tmp_path, backend_class):
     probs = problems(4)
     reference = tmp_path / "reference"
     run_rollout(config(tmp_path, output=str(reference), max_live=4), probs, ScriptedBackend(probs))
 
     cfg = config(tmp_path, max_live=4)
     with pytest.raises(RuntimeError, match="crashed"):
-        run_rollout(cfg, probs, ScriptedBackend(probs, fail_after=4))
+        run_rollout(cfg, probs, backend_class(probs, fail_after=4))
     out = Path(cfg.output)
     partial = shard_rows(out)
     assert 0 < len(partial) < 16 and not is_complete(out)
@@ -186,7 +301,7 @@ def test_crash_then_resume_gives_every_trajectory_once(tmp_path):
 
     with pytest.raises(DriftError, match="not empty: pass --resume"):
         run_rollout(cfg, probs, ScriptedBackend(probs))
-    backend = ScriptedBackend(probs)
+    backend = backend_class(probs)
     manifest = run_rollout(config(tmp_path, max_live=4, resume=True), probs, backend)
     rows = shard_rows(out)
     keys = [(r["prompt_id"], r["sample_idx"]) for r in rows]
@@ -284,11 +399,13 @@ KILL_SCRIPT = textwrap.dedent(f"""
     from drift.rollout import RolloutConfig, make_backend, run_rollout
     cfg = RolloutConfig(model=sys.argv[1], output=sys.argv[2], resume=sys.argv[3] == "1", **{KILL_CONFIG!r})
     backend = make_backend(cfg)
-    generate = backend.generate
-    def slow_generate(requests, params):  # slow enough to be killed mid-run
-        time.sleep(float(sys.argv[4]))
-        return generate(requests, params)
-    backend.generate = slow_generate
+    open_stream = backend.stream
+    def slow_stream(params):  # slow enough to be killed mid-run
+        stream = open_stream(params)
+        poll = stream.poll
+        stream.poll = lambda: time.sleep(float(sys.argv[4])) or poll()
+        return stream
+    backend.stream = slow_stream
     run_rollout(cfg, backend=backend)
 """)
 
@@ -298,7 +415,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_model_dir):
     script = tmp_path / "rollout_script.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(out), "0", "0.3"], env=env,
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(out), "0", "0.1"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

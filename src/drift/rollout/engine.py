@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from drift import DriftError, __version__
 from drift.config import option, settings, to_dict
@@ -37,13 +37,15 @@ from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
-from drift.rollout.protocol import Backend, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
+from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
+                                   StreamingBackend)
 from drift.rundir import Lock, RolloutDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
 from drift.tasks import Problem, TaskSpec, load_tasks
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EVERY = 30.0  # seconds between manifest refreshes while running
+R = TypeVar("R")
 
 
 @dataclass
@@ -60,6 +62,9 @@ class RolloutConfig(TaskSpec, EnvConfig):
     shard_size: int = option(256, "trajectories per shard file", result=False)
     max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish (none: max(n, 4 x batch_size))", result=False)
     batch_size: int = option(16, "hf: sequences per forward pass", result=False)
+    stream_turns: bool = option(True, "hf: send a conversation's next turn into the running decode batch as soon as "
+                                "its answer is judged (false: one generate call per turn for all live conversations)",
+                                result=False)
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "hf, vllm: model dtype; auto: bfloat16 where the device computes it fast, else float32")
     device: str | None = option(None, "hf: torch device (none: the GPU when there is one, else the CPU)", result=False)
@@ -291,80 +296,133 @@ def _sample(cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: 
             on_written: Callable[[int], None]) -> list[dict[str, Any]]:
     """Run the conversations of `todo` (problem, sample indices) to their end; return the skipped ones.
 
-    Up to `max_live` conversations are in flight. Each backend call carries one request per live
-    conversation (its next turn) and one turn-1 request per newly admitted prompt group.
+    Up to `max_live` conversations are in flight; a new prompt group joins when it fits. With a
+    streaming backend (and `stream_turns`), each answer is judged as soon as the backend returns
+    it and the conversation's next turn goes into the same generation session; otherwise each
+    `generate` call carries one request per live conversation (its next turn) and one turn-1
+    request per newly admitted prompt group, and its answers are judged when it returns.
     """
     from tqdm.auto import tqdm
 
-    env, params = env_config(cfg), sampling_params(cfg)
-    max_live = cfg.max_live or max(cfg.n, 4 * cfg.batch_size)
-    queue = deque(todo)
-    open_samples = {p.id: len(idx) for p, idx in todo}  # per prompt: conversations not yet ended
-    live: dict[ConvId, Episode] = {}
-    skipped: list[dict[str, Any]] = []
-    t0, tokens0 = time.monotonic(), backend.stats.generated_tokens
+    params = sampling_params(cfg)
     with tqdm(total=len(todo), unit="prompt", desc="rollout", disable=False) as bar:
-        while queue or live:
-            requests = [GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1) for key, ep in live.items()]
-            while queue and (not live or len(live) + len(queue[0][1]) <= max_live):
-                problem, indices = queue.popleft()
-                group = {(problem.id, i): Episode(problem, i, env) for i in indices}
-                requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
-                live.update(group)
-            requests, outputs, too_long = _generate(backend, requests, params)
-            for key in too_long:
-                ep = live.pop(key)
-                skipped.append({"prompt_id": key[0], "sample_idx": key[1], "turn": len(ep.trajectory.turns) + 1})
-            finished = _step(requests, outputs, live)
-            writer.write(finished)
-            backend.release([t.key for t in finished] + too_long)
-            for key in [t.key for t in finished] + too_long:
-                open_samples[key[0]] -= 1
-                bar.update(open_samples[key[0]] == 0)
-            on_written(len(finished))
-            rate = (backend.stats.generated_tokens - tokens0) / max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix(live=len(live), tok_s=f"{rate:.0f}", skipped=len(skipped))
-    return skipped
+        convs = _Conversations(cfg, todo, backend, writer, on_written, bar)
+        if cfg.stream_turns and isinstance(backend, StreamingBackend):
+            _streamed(convs, backend.stream(params), backend.name)
+        else:
+            _turn_by_turn(convs, backend, params)
+    return convs.skipped
 
 
-def _step(requests: list[GenRequest], outputs: list[list[GenOutput]], live: dict[ConvId, Episode]) -> list[Trajectory]:
-    """Let the environment judge every response (all checks of the call at once); remove and return
-    the trajectories that ended."""
+def _turn_by_turn(convs: _Conversations, backend: Backend, params: SamplingParams) -> None:
+    """One `generate` call per turn for every live conversation, plus the groups admitted."""
+    requests: list[GenRequest] = []
+    while convs.queue or convs.live:
+        requests, outputs, too_long = _fitting(lambda rs: backend.generate(rs, params), requests + convs.admit(),
+                                               backend.name)
+        convs.skip(too_long)
+        requests = convs.judge(_per_conversation(requests, outputs or []))
+
+
+def _streamed(convs: _Conversations, stream: GenStream, name: str) -> None:
+    """Judge the answers as the stream returns them; send next turns and new groups straight into it."""
+    requests: list[GenRequest] = []
+    while convs.queue or convs.live:
+        _, _, too_long = _fitting(stream.submit, requests + convs.admit(), name)
+        convs.skip(too_long)
+        answers = stream.poll()
+        if not answers and convs.live:
+            raise RuntimeError(f"backend {name}: the stream went idle with {len(convs.live)} conversations unanswered")
+        requests = convs.judge(answers)
+
+
+class _Conversations:
+    """The live conversations and their bookkeeping: admission under `max_live`, answer checks,
+    finished trajectories to the shards, released backend state, skips and progress."""
+
+    def __init__(self, cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: Backend,
+                 writer: ShardWriter, on_written: Callable[[int], None], bar: Any):
+        self.env, self.backend, self.writer = env_config(cfg), backend, writer
+        self.on_written, self.bar = on_written, bar
+        self.max_live = cfg.max_live or max(cfg.n, 4 * cfg.batch_size)
+        self.queue = deque(todo)
+        self.open_samples = {p.id: len(idx) for p, idx in todo}  # per prompt: conversations not yet ended
+        self.live: dict[ConvId, Episode] = {}
+        self.skipped: list[dict[str, Any]] = []
+        self.t0, self.tokens0 = time.monotonic(), backend.stats.generated_tokens
+
+    def admit(self) -> list[GenRequest]:
+        """The turn-1 requests of the prompt groups that fit under `max_live` now (at least one if none is live)."""
+        requests = []
+        while self.queue and (not self.live or len(self.live) + len(self.queue[0][1]) <= self.max_live):
+            problem, indices = self.queue.popleft()
+            group = {(problem.id, i): Episode(problem, i, self.env) for i in indices}
+            requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
+            self.live.update(group)
+        return requests
+
+    def skip(self, keys: list[ConvId]) -> None:
+        """These conversations' histories do not fit the model context: end them unwritten."""
+        for key in keys:
+            ep = self.live.pop(key)
+            self.skipped.append({"prompt_id": key[0], "sample_idx": key[1], "turn": len(ep.trajectory.turns) + 1})
+        self._end(keys)
+
+    def judge(self, answers: list[tuple[ConvId, GenOutput]]) -> list[GenRequest]:
+        """Check the answers (all at once), step their episodes, write the trajectories that ended;
+        return the next-turn requests of the others."""
+        results = check_responses([self.live[key] for key, _ in answers], [out.text for _, out in answers])
+        finished, requests = [], []
+        for (key, out), result in zip(answers, results):
+            ep = self.live[key]
+            ep.step(out.text, out.tokens, out.finish_reason, result)
+            if ep.done:
+                finished.append(self.live.pop(key).trajectory)
+            else:
+                requests.append(GenRequest([key], list(ep.messages), len(ep.trajectory.turns) + 1))
+        self.writer.write(finished)
+        self._end([t.key for t in finished])
+        self.on_written(len(finished))
+        rate = (self.backend.stats.generated_tokens - self.tokens0) / max(time.monotonic() - self.t0, 1e-9)
+        self.bar.set_postfix(live=len(self.live), tok_s=f"{rate:.0f}", skipped=len(self.skipped))
+        return requests
+
+    def _end(self, keys: list[ConvId]) -> None:
+        self.backend.release(keys)
+        for key in keys:
+            self.open_samples[key[0]] -= 1
+            self.bar.update(self.open_samples[key[0]] == 0)
+
+
+def _per_conversation(requests: list[GenRequest], outputs: list[list[GenOutput]]) -> list[tuple[ConvId, GenOutput]]:
+    """A `generate` call's outputs as (conversation, output) pairs, checked against its requests."""
     if len(outputs) != len(requests):
         raise RuntimeError(f"backend returned {len(outputs)} output lists for {len(requests)} requests")
     for req, outs in zip(requests, outputs):
         if len(outs) != len(req.conv_ids):
             raise RuntimeError(f"backend returned {len(outs)} outputs for {len(req.conv_ids)} conversations")
-    steps = [(key, out) for req, outs in zip(requests, outputs) for key, out in zip(req.conv_ids, outs)]
-    results = check_responses([live[key] for key, _ in steps], [out.text for _, out in steps])
-    finished = []
-    for (key, out), result in zip(steps, results):
-        ep = live[key]
-        ep.step(out.text, out.tokens, out.finish_reason, result)
-        if ep.done:
-            finished.append(live.pop(key).trajectory)
-    return finished
+    return [(key, out) for req, outs in zip(requests, outputs) for key, out in zip(req.conv_ids, outs)]
 
 
-def _generate(backend: Backend, requests: list[GenRequest], params: SamplingParams
-              ) -> tuple[list[GenRequest], list[list[GenOutput]], list[ConvId]]:
-    """backend.generate, minus requests whose history does not fit the context: (requests kept, outputs, skipped)."""
+def _fitting(call: Callable[[list[GenRequest]], R], requests: list[GenRequest], name: str
+             ) -> tuple[list[GenRequest], R | None, list[ConvId]]:
+    """call(requests), minus requests whose history does not fit the context: (requests kept, result, skipped)."""
     too_long: list[ConvId] = []
     while requests:
         try:
-            return requests, backend.generate(requests, params), too_long
+            return requests, call(requests), too_long
         except PromptTooLong as e:
             bad = set(e.conv_ids)
             dropped = [r for r in requests if bad.intersection(r.conv_ids)]
             if not dropped:
-                raise RuntimeError(f"backend {backend.name} reported unknown conversations as too long") from e
+                raise RuntimeError(f"backend {name} reported unknown conversations as too long") from e
             keys = [c for r in dropped for c in r.conv_ids]
             log.warning("skipping %d conversation(s) whose history exceeds the model context (%s): %s%s", len(keys),
                         e.detail or "prompt too long", ", ".join(f"{p}#{i}" for p, i in keys[:5]),
                         " ..." if len(keys) > 5 else "")
             too_long += keys
             requests = [r for r in requests if not bad.intersection(r.conv_ids)]
-    return [], [], too_long
+    return [], None, too_long
 
 
 class ShardWriter:

@@ -9,7 +9,11 @@ of its time is prefill. This backend instead
   render; only their longest common prefix is reused, so a template that rewrites history costs
   a longer prefill, never a wrong answer;
 - decodes with continuous batching: a finished row's slot is given to a waiting row at the next
-  step (or the batch is repacked), so the batch stays full until the work runs out.
+  step (or the batch is repacked), so the batch stays full until the work runs out;
+- streams (`stream`): requests join the running decode session, and each conversation's message
+  comes back as soon as it ends, so the engine can judge it and send the next turn into the same
+  batch instead of waiting for the slowest conversation of the turn. `generate` is one such
+  session, given every request at once and drained.
 Sampling runs on the logits' device with noise hashed from (seed of the (prompt, sample, turn),
 token index, vocabulary index), so a conversation's text does not depend on which others share
 its batch (up to float rounding), and nothing of vocabulary size crosses between devices.
@@ -20,6 +24,7 @@ tokens occupy columns `start[r]..T-1` and have positions `0..T-1-start[r]`.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -90,7 +95,6 @@ class _Row:
     """One conversation being generated."""
 
     conv: ConvId
-    out: tuple[int, int]  # (request index, index within its conv_ids)
     prefix: _KV  # what the row's cache held when it was admitted
     seed: int  # of its (prompt, sample, turn): the sampling noise is hashed from it
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
@@ -167,6 +171,8 @@ class HFBackend:
         self.reused_tokens = 0  # prompt tokens served from a kept cache instead of prefilled
         self.cache_mismatches = 0  # kept caches that were not a prefix of the new render
         self.cache_evictions = 0
+        self.decode_steps = 0  # decode forwards, and the live rows they carried (how full the batch ran)
+        self.decode_rows = 0
         self._convs: OrderedDict[ConvId, _KV] = OrderedDict()
         self._conv_bytes = 0
         text_config = self.model.config.get_text_config()
@@ -214,37 +220,18 @@ class HFBackend:
         """Token ids of the conversation followed by the assistant generation prompt."""
         return render_ids(self.tokenizer, messages)
 
-    @torch.inference_mode()
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
-        outputs: list[list[GenOutput | None]] = [[None] * len(r.conv_ids) for r in requests]
-        # step 1: render; refuse histories that fill the context (before touching any state)
-        rendered = [(i, self.render(req.messages)) for i, req in enumerate(requests) if req.conv_ids]
-        too_long = [(i, len(ids)) for i, ids in rendered if len(ids) >= self.context]
-        if too_long:
-            raise PromptTooLong([c for i, _ in too_long for c in requests[i].conv_ids],
-                                f"longest history {max(n for _, n in too_long)} tokens, context {self.context}")
-        # step 2: find each request's reusable cache; order the prefill work by new-token count
-        work = []
-        for i, ids in rendered:
-            past = self._reusable(requests[i].conv_ids, ids)
-            work.append((len(ids) - len(past.ids), i, ids, past))
-        work.sort(key=lambda w: w[0])
-        # step 3: prefill lazily, decode with continuous batching
-        pending: list[_Row] = []
-        batch = _Decoding(self, params)
-        while work or pending or batch.live:
-            while work and len(pending) < batch.free:
-                chunk, work = self._prefill_chunk(work)
-                pending += self._rows(chunk, requests, params, outputs)
-            pending = batch.fill_slots(pending)
-            if pending and batch.free >= max(1, min(self.batch_size // 4, len(pending))):
-                admitted, pending = pending[: batch.free], pending[batch.free :]
-                batch.rebuild(admitted)
-            elif not pending and batch.dead and batch.dead >= len(batch.live):
-                batch.rebuild([])
-            for row, out in batch.step():
-                outputs[row.out[0]][row.out[1]] = out
-        return outputs  # type: ignore[return-value]
+        """One list of outputs per request: a decode session given every request at once, drained."""
+        stream = _Stream(self, params, open_ended=False)
+        stream.submit(requests)
+        done: dict[ConvId, GenOutput] = {}
+        while finished := stream.poll():
+            done.update(finished)
+        return [[done[conv] for conv in req.conv_ids] for req in requests]
+
+    def stream(self, params: SamplingParams) -> _Stream:
+        """A decode session that takes requests while it runs (`drift.rollout.protocol.GenStream`)."""
+        return _Stream(self, params, open_ended=True)
 
     def _reusable(self, conv_ids: list[ConvId], ids: list[int]) -> _KV:
         """The longest kept prefix of `ids` among these conversations' caches (dropping the caches)."""
@@ -264,31 +251,32 @@ class HFBackend:
         self.reused_tokens += len(best.ids)
         return best
 
-    def _prefill_chunk(self, work: list) -> tuple[list, list]:
-        """Take requests off the work list while they fit one prefill forward."""
+    def _prefill_chunk(self, work: list[_Work]) -> tuple[list[_Work], list[_Work]]:
+        """Take requests off the work list (fewest new tokens first) while they fit one prefill forward."""
         n = 0
-        while n < len(work) and n < self.batch_size and (n + 1) * work[n][0] <= max(self.max_prefill_tokens, work[0][0]):
+        budget = max(self.max_prefill_tokens, work[0].new)
+        while n < len(work) and n < self.batch_size and (n + 1) * work[n].new <= budget:
             n += 1
         return work[:n], work[n:]
 
-    def _rows(self, chunk: list, requests: list[GenRequest], params: SamplingParams, outputs) -> list[_Row]:
-        """Prefill a chunk of requests (one forward) and make one row per conversation."""
-        prefixes = self._prefill([(ids, past) for _, _, ids, past in chunk])
-        rows = []
-        for (_, i, _, _), (kv, logits) in zip(chunk, prefixes):
-            req = requests[i]
-            seeds = [sample_seed(params.seed, conv, req.turn) for conv in req.conv_ids]
+    def _rows(self, chunk: list[_Work], params: SamplingParams) -> tuple[list[_Row], list[tuple[_Row, GenOutput]]]:
+        """Prefill a chunk of requests (one forward): one row per conversation, and the rows that
+        ended on their first token (with their outputs)."""
+        prefixes = self._prefill([(w.ids, w.past) for w in chunk])
+        rows, done = [], []
+        for w, (kv, logits) in zip(chunk, prefixes):
+            seeds = [sample_seed(params.seed, conv, w.request.turn) for conv in w.request.conv_ids]
             firsts = _sample(logits.expand(len(seeds), -1), params, torch.tensor(seeds, device=self.device),
                              torch.zeros(len(seeds), dtype=torch.long, device=self.device)).tolist()
-            for j, (conv, seed, first) in enumerate(zip(req.conv_ids, seeds, firsts)):
-                row = _Row(conv, (i, j), kv, seed, [first])
-                done = self._finish(row, params)
-                if done is not None:  # finished on its first token: its cache is the prefix
+            for conv, seed, first in zip(w.request.conv_ids, seeds, firsts):
+                row = _Row(conv, kv, seed, [first])
+                out = self._finish(row, params)
+                if out is not None:  # finished on its first token: its cache is the prefix
                     self._keep(conv, kv)
-                    outputs[i][j] = done
+                    done.append((row, out))
                 else:
                     rows.append(row)
-        return rows
+        return rows, done
 
     def _finish(self, row: _Row, params: SamplingParams) -> GenOutput | None:
         """The row's output if its last token ends it (end-of-turn token, length limit, or context end)."""
@@ -333,6 +321,72 @@ def _columns(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
     return torch.cat([x[:, a:b] for a, b in spans if b > a], 1)
 
 
+@dataclass
+class _Work:
+    """A request waiting for its prefill: its render and the kept cache it continues."""
+
+    new: int  # tokens to prefill: len(ids) - len(past.ids)
+    request: GenRequest
+    ids: list[int]
+    past: _KV
+
+
+class _Stream:
+    """A decode session: requests join while it runs; every conversation's output comes back when
+    it ends (`poll`).
+
+    Requests wait on the work list (fewest new tokens first) until the batch has room, are
+    prefilled in chunks into rows, and rows take free slots. An `open_ended` session (requests
+    keep arriving, a few at a time) differs in two ways from one `generate` call's (all requests
+    at once): while the batch decodes, it prefills only once a quarter of the slots are free
+    beyond the rows already prefilled, since a prefill forward of a few rows costs about a decode
+    step; and its batch trims the cache columns no live row uses (`_Decoding.trim`), since its T
+    would otherwise grow for the whole rollout. A `generate` call keeps the schedule it always
+    had, so its samples are the same to the last bit.
+    """
+
+    def __init__(self, backend: HFBackend, params: SamplingParams, open_ended: bool):
+        self.b, self.params = backend, params
+        self.gather = max(1, backend.batch_size // 4) if open_ended else 1
+        self.work: list[_Work] = []
+        self.pending: list[_Row] = []  # prefilled, waiting for a slot
+        self.batch = _Decoding(backend, params, trim=open_ended)
+        self.done: list[tuple[_Row, GenOutput]] = []
+
+    @torch.inference_mode()
+    def submit(self, requests: list[GenRequest]) -> None:
+        """Queue the requests; raise PromptTooLong, queuing none of them, if some histories fill the context."""
+        rendered = [(req, self.b.render(req.messages)) for req in requests if req.conv_ids]
+        too_long = [(req, len(ids)) for req, ids in rendered if len(ids) >= self.b.context]
+        if too_long:
+            raise PromptTooLong([c for req, _ in too_long for c in req.conv_ids],
+                                f"longest history {max(n for _, n in too_long)} tokens, context {self.b.context}")
+        for req, ids in rendered:
+            past = self.b._reusable(req.conv_ids, ids)
+            bisect.insort(self.work, _Work(len(ids) - len(past.ids), req, ids, past), key=lambda w: w.new)
+
+    @torch.inference_mode()
+    def poll(self) -> list[tuple[ConvId, GenOutput]]:
+        """Decode until some conversations' messages are done; return them (empty: nothing queued)."""
+        b, batch = self.b, self.batch
+        while not self.done and (self.work or self.pending or batch.live):
+            while self.work and len(self.pending) < batch.free and (
+                    not batch.live or batch.free - len(self.pending) >= self.gather):
+                chunk, self.work = b._prefill_chunk(self.work)
+                rows, done = b._rows(chunk, self.params)
+                self.pending += rows
+                self.done += done
+            self.pending = batch.fill_slots(self.pending)
+            if self.pending and batch.free >= max(1, min(b.batch_size // 4, len(self.pending))):
+                admitted, self.pending = self.pending[: batch.free], self.pending[batch.free :]
+                batch.rebuild(admitted)
+            elif not self.pending and batch.dead and batch.dead >= len(batch.live):
+                batch.rebuild([])
+            self.done += batch.step()
+        done, self.done = self.done, []
+        return [(row.conv, out) for row, out in done]
+
+
 class _Decoding:
     """The running decode batch: up to `batch_size` rows sharing one left-padded cache.
 
@@ -341,8 +395,8 @@ class _Decoding:
     tokens back.
     """
 
-    def __init__(self, backend: HFBackend, params: SamplingParams):
-        self.b, self.params = backend, params
+    def __init__(self, backend: HFBackend, params: SamplingParams, trim: bool = False):
+        self.b, self.params, self.trims = backend, params, trim
         self.rows: list[_Row | None] = []
         self.cache: Cache | None = None
         self.start = torch.zeros(0, dtype=torch.long)  # [B] on the CPU, for cache bookkeeping
@@ -408,14 +462,36 @@ class _Decoding:
             self.cache, self.start, self.T = _pack(parts, spare, self.b.n_layers)
         self._slots(self.start, self.rows)
 
+    def trim(self) -> None:
+        """Drop the cache columns left of every live row (views, no copy).
+
+        A row that takes a free slot starts at T - its length, and T grows with every step, so a
+        long session would otherwise attend ever more padding. (It changes the columns attention
+        sums over, so in bf16 it can change a near-tied sample.)
+        """
+        m = min(int(self.start[r]) for r, row in enumerate(self.rows) if row is not None)
+        if m == 0:
+            return
+        for layer in self.cache.layers:
+            layer.kbuf, layer.vbuf, layer.length = layer.kbuf[:, :, m:], layer.vbuf[:, :, m:], layer.length - m
+            layer._views()
+        self.T -= m
+        self.start = (self.start - m).clamp(min=0)  # finished rows' slots may start further left
+        self.start_dev = (self.start_dev - m).clamp(min=0)
+
     def step(self) -> list[tuple[_Row, GenOutput]]:
         """Feed every slot's last token, sample the next; return the rows that finished.
 
         Finished rows' slots are fed and sampled too (their results are ignored): selecting the
         live rows would cost more than the few rows it saves, which rebuild() bounds.
         """
-        if not self.live:
+        live = len(self.live)
+        if not live:
             return []
+        self.b.decode_steps += 1
+        self.b.decode_rows += live
+        if self.trims:
+            self.trim()
         dev = self.b.device
         mask = torch.arange(self.T + 1, device=dev)[None] >= self.start_dev[:, None]
         out = self.b.model(input_ids=self.last[:, None], attention_mask=mask.long(),

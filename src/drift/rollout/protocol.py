@@ -4,13 +4,17 @@ The rollout engine owns the multi-turn loop; a backend only turns conversations 
 assistant messages. Conversation identity (`ConvId`) is passed so a backend may keep
 per-conversation state between turns (the hf backend keeps KV caches) and must be told
 when a conversation ends (`release`).
+
+A backend that can take requests while it generates (the hf backend) also implements
+`StreamingBackend`: the engine then sends a conversation's next turn as soon as its answer is
+judged, instead of one `generate` call per turn for every live conversation.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 ConvId = tuple[str, int]  # (prompt_id, sample_idx)
 
@@ -78,6 +82,26 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class GenStream(Protocol):
+    """A generation session that takes requests while it runs (`StreamingBackend.stream`)."""
+
+    def submit(self, requests: list[GenRequest]) -> None:
+        """Queue the requests; raise PromptTooLong, as `generate` does, queuing none of them."""
+        ...
+
+    def poll(self) -> list[tuple[ConvId, GenOutput]]:
+        """Generate until some queued conversations' messages are done; return those (empty:
+        nothing is queued). Every queued conversation comes back exactly once."""
+        ...
+
+
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    def stream(self, params: SamplingParams) -> GenStream:
+        """A new session sampling with `params`, each (conversation, turn) with the seed `generate` gives it."""
+        ...
 
 
 def sample_seed(seed: int, conv: ConvId, turn: int) -> int:
