@@ -159,7 +159,8 @@ def test_max_live_admits_groups_as_others_finish(tmp_path):
     assert len(shard_rows(tmp_path / "run")) == 20
 
 
-def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
+def log_checks(monkeypatch) -> list[str]:
+    """Record each answer check's submission ("submit") and wait ("wait"), in order."""
     events = []
     submit = Checker.submit
 
@@ -171,6 +172,11 @@ def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
         return pending
 
     monkeypatch.setattr(Checker, "submit", logged_submit)
+    return events
+
+
+def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
+    events = log_checks(monkeypatch)
     probs = problems(3)
     run_rollout(config(tmp_path), probs, ScriptedBackend(probs))
     # the calls carry 12, 9 and 6 responses: all checks of a call are under way before the first is awaited
@@ -178,17 +184,7 @@ def test_each_call_is_checked_in_one_batch(tmp_path, monkeypatch):
 
 
 def test_streamed_loop_judges_each_answer_as_it_comes(tmp_path, monkeypatch):
-    events = []
-    submit = Checker.submit
-
-    def logged_submit(self, response, gold):
-        pending = submit(self, response, gold)
-        result = pending.result
-        pending.result = lambda: events.append("wait") or result()
-        events.append("submit")
-        return pending
-
-    monkeypatch.setattr(Checker, "submit", logged_submit)
+    events = log_checks(monkeypatch)
     probs = problems(3)
     by_turn, streamed = ScriptedBackend(probs), StreamingScriptedBackend(probs, per_poll=2)
     run_rollout(config(tmp_path, output=str(tmp_path / "by-turn")), probs, by_turn)
