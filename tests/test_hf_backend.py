@@ -363,5 +363,9 @@ def test_packed_weights_generate_what_plain_ones_do(model_dir, monkeypatch):
     packed = HFBackend(model_dir, dtype="bfloat16", batch_size=3)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     assert sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == 2 * 7 + 1  # 2 layers, lm_head
+    copy, _ = load_model_and_tokenizer(model_dir, dtype="bfloat16", device="cpu")
+    handed = HFBackend.from_model(copy, tok, batch_size=3, pack=True)  # the online arm's own sampling copy
+    assert sum(isinstance(m, PackedLinear) for m in handed.model.modules()) == 2 * 7 + 1
     convs = lambda: {f"p{i}": opening(i) for i in range(4)}  # noqa: E731
     assert run_turns(packed, convs(), 3, SAMPLED) == run_turns(plain, convs(), 3, SAMPLED)
+    assert run_turns(handed, convs(), 3, SAMPLED) == run_turns(plain, convs(), 3, SAMPLED)

@@ -228,7 +228,9 @@ class _Loop:
         from drift.rollout.hf import HFBackend
 
         if self.vllm is None:
-            return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size)
+            # a fresh copy per iteration, used only to sample: its weights may be laid out once
+            return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size,
+                                        pack=True)
         if k > 0:
             path = self.out.path / "adapters" / f"{k:05d}"
             if self.acc.is_main_process:

@@ -148,10 +148,14 @@ class HFBackend:
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: object, batch_size: int = 16,
                    max_cache_conversations: int | None = None, max_cache_gb: float = 4.0,
-                   max_prefill_tokens: int = 4096) -> HFBackend:
-        """A backend over a model already in memory (the online arm's policy): nothing is loaded."""
+                   max_prefill_tokens: int = 4096, pack: bool = False) -> HFBackend:
+        """A backend over a model already in memory (the online arm's copy of its policy): nothing is
+        loaded. `pack`: the model is the backend's alone and never changes, so its bf16 weights may
+        be laid out for generation (`drift.rollout.packed`)."""
         backend = cls.__new__(cls)
         backend._setup(model, tokenizer, batch_size, max_cache_conversations, max_cache_gb, max_prefill_tokens)
+        if pack and can_pack(model):
+            pack_linears(model)
         return backend
 
     def _setup(self, model: torch.nn.Module, tokenizer: object, batch_size: int, max_cache_conversations: int | None,

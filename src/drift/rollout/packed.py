@@ -8,8 +8,8 @@ with the weight laid out once against 9.4 ms, and a decode step of the demo's ro
 time (docs/benchmarks.md). The kernel is the same, so the numbers are too: every output checked
 equal bit for bit (row counts 1 to 4096, with and without bias, strided inputs).
 
-Only for weights that do not change: the rollout and eval backends' own models, never the online
-arm's policy, which trains between generations. Not for float32, where the plain product is MKL's
+Only for weights that do not change: the rollout and eval backends' own models and the online
+arm's per-iteration generation copy of its policy, never the policy itself, which trains. Not for float32, where the plain product is MKL's
 and the laid-out one oneDNN's, so their roundings differ.
 """
 
