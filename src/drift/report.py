@@ -78,25 +78,23 @@ def result_rows(cfg: Any, recs: dict[str, dict[str, Any]]) -> list[tuple[str, st
 
 def rounds_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
     """Each iterated arm's held-out succ@k after every round, with the cumulative cost of the rounds."""
+    rows = result_rows(cfg, recs)
     parts = []
     for arm, a in cfg.arms.items():
-        if a.offline and a.rounds > 1:
-            evals = [(k, recs.get(f"eval/{arm}" if k == a.rounds else f"eval/{arm}/round-{k}"))
-                     for k in range(1, a.rounds + 1)]
-            evals = [(k, e) for k, e in evals if e]
-            if not evals:
-                continue
-            turns = len(evals[0][1]["succ_at_k"])
-            lines = [f"| {arm}: round | training FLOPs (cumulative) | training wall s (cumulative) | "
-                     + " | ".join(f"succ@{j}" for j in range(1, turns + 1)) + " | unique (≥2 turns) |",
-                     "|---:|---:|---:|" + "---:|" * (turns + 1)]
-            for k, e in evals:
-                c = arm_cost(recs, arm, k)
-                u = e.get("unique_ratio_multi_turn")
-                lines.append(f"| {k} | {c.flops:.3g} | {c.wall_seconds:.0f} | "
-                             + " | ".join(f"{100 * v:.1f}" for v in e["succ_at_k"])
-                             + f" | {'–' if u is None else f'{u:.2f}'} |")
-            parts.append("\n".join(lines) + "\n")
+        evals = [(k, recs[step]) for _, r_arm, step, k in rows if r_arm == arm]
+        if not (a.offline and a.rounds > 1 and evals):
+            continue
+        turns = len(evals[0][1]["succ_at_k"])
+        lines = [f"| {arm}: round | training FLOPs (cumulative) | training wall s (cumulative) | "
+                 + " | ".join(f"succ@{j}" for j in range(1, turns + 1)) + " | unique (≥2 turns) |",
+                 "|---:|---:|---:|" + "---:|" * (turns + 1)]
+        for k, e in evals:
+            c = arm_cost(recs, arm, k)
+            u = e.get("unique_ratio_multi_turn")
+            lines.append(f"| {k} | {c.flops:.3g} | {c.wall_seconds:.0f} | "
+                         + " | ".join(f"{100 * v:.1f}" for v in e["succ_at_k"])
+                         + f" | {'–' if u is None else f'{u:.2f}'} |")
+        parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
@@ -185,12 +183,13 @@ def plot_cost(cfg: Any, recs: dict[str, dict[str, Any]], output_png: Path) -> bo
     from matplotlib.figure import Figure
 
     series = []
+    rows = result_rows(cfg, recs)
     for arm in _arms(cfg):
         curve = (recs.get(f"online/{arm}") or {}).get("curve") or []
         points = [(Cost.from_json(p["cost"]), 100 * p["succ_at_k"][-1]) for p in curve]
         if not points:
             points = [(arm_cost(recs, arm, k), 100 * recs[step]["succ_at_k"][-1])
-                      for _, a, step, k in result_rows(cfg, recs) if a == arm]
+                      for _, a, step, k in rows if a == arm]
         if points:
             series.append((_label(cfg, arm), points))
     if not series:
