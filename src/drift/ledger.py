@@ -4,7 +4,8 @@ Every stage (rollout, weights, train, each online iteration, eval) records the s
 its summary file under "cost", so arms can be compared in one unit whatever they did:
 
     wall_seconds        elapsed time of the stage
-    cpu_seconds         CPU time of this process (user + system; all its threads)
+    cpu_seconds         CPU time of this process (user + system; all its threads) and of the
+                        rollout's worker processes (`workers > 1`)
     generated_tokens    tokens sampled by the policy
     prefill_tokens      prompt tokens actually run through the model (after any cache reuse)
     trained_tokens      every token through a forward and backward pass, context included
@@ -13,7 +14,8 @@ its summary file under "cost", so arms can be compared in one unit whatever they
     optimizer_steps     parameter updates
     peak_memory_bytes   peak resident memory of the process during the stage (CPU: VmHWM, reset
                         at the start of the stage after freed memory is returned to the OS;
-                        CUDA: peak allocated device memory)
+                        CUDA: peak allocated device memory); with rollout workers, plus the
+                        sum of their peaks
     parameters          N, the model's parameter count (0: unknown, e.g. a remote server)
 
 FLOPs are estimated with the usual dense-transformer rule (attention's sequence-length term

@@ -81,6 +81,9 @@ class RunConfig:
     eval_base: bool = option(True, "also evaluate the reference model itself as arm 'base'")
     start_from: str | None = option(None, "redo this stage and every later one: rollout, weights, train, eval, report",
                                     flag="--from", result=False)
+    jobs: int = option(1, "stages run at once, each in a worker process of its own with cores/jobs torch threads "
+                       "and its own log file in the run directory's logs/ (1: one after another in this process)",
+                       result=False)
     title: str = option("drift run", "title of report.md", result=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,8 @@ class RunConfig:
             raise DriftError(f"config key 'start_from' must be one of {list(STAGES)}, got {self.start_from!r}")
         if not self.arms:
             raise DriftError("config key 'arms' needs at least one arm")
+        if self.jobs < 1:
+            raise DriftError(f"config key 'jobs' must be >= 1, got {self.jobs}")
         self.arms = {name: arm if isinstance(arm, ArmConfig) else build(ArmConfig, arm, f"arms.{name}.")
                      for name, arm in self.arms.items()}
         if "base" in self.arms:
@@ -156,7 +161,8 @@ class RunConfig:
         a = self.arms[arm]
         ret = {k: v for k, v in {**self.weights, **a.weights}.items() if k in ReturnConfig.__dataclass_fields__
                or (k == "beta" and v != "auto")}  # an auto beta is chosen from DRIFT's rollouts: set it here
-        return build(OnlineConfig, {**self.rollout, **ret, **a.online, "model": self.model, "eval": self.eval,
+        shared = {k: v for k, v in self.rollout.items() if k != "workers"}  # it samples in memory, in one process
+        return build(OnlineConfig, {**shared, **ret, **a.online, "model": self.model, "eval": self.eval,
                                     "output": str(self.dir.online(arm).path), "resume": True}, f"arms.{arm}.online.")
 
 
@@ -184,6 +190,7 @@ class Step:
     record_path: Path
     expected: dict[str, Any]
     run: Callable[[], Any]
+    after: tuple[str, ...] = ()  # the steps whose outputs it reads
 
     @property
     def stage(self) -> str:
@@ -203,11 +210,12 @@ def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step
     rollout = engine.stage_record(rc, train_problems, None)
     steps = [Step("rollout", d.rollout.manifest, rollout, lambda: engine.run_rollout(rc, train_problems))]
 
-    def evaluate_arm(arm: str, model_record: dict[str, Any] | None, k: int | None = None) -> Step:
+    def evaluate_arm(arm: str, model_record: dict[str, Any] | None, k: int | None = None,
+                     after: tuple[str, ...] = ()) -> Step:
         ec = cfg.eval_config(arm, k)
         name = f"eval/{arm}" if k is None else f"eval/{arm}/round-{k}"
-        return Step(name, EvalDir(Path(ec.output)).metrics,
-                    evaluate.stage_record(ec, test_problems, model_record), lambda: evaluate.run_eval(ec, test_problems))
+        return Step(name, EvalDir(Path(ec.output)).metrics, evaluate.stage_record(ec, test_problems, model_record),
+                    lambda: evaluate.run_eval(ec, test_problems), after)
 
     if cfg.eval_base:
         steps.append(evaluate_arm("base", None))
@@ -216,7 +224,7 @@ def plan(cfg: RunConfig, train_problems: list, test_problems: list) -> list[Step
             oc = cfg.online_config(arm)
             o_rec = online.stage_record(oc, train_problems, None)
             steps += [Step(f"online/{arm}", d.online(arm).summary, o_rec, lambda oc=oc: online.run_online(oc)),
-                      evaluate_arm(arm, o_rec)]
+                      evaluate_arm(arm, o_rec, after=(f"online/{arm}",))]
             continue
         steps += _offline_steps(cfg, arm, rollout, train_problems, evaluate_arm)
     if all(not a.offline for a in cfg.arms.values()):
@@ -234,26 +242,34 @@ def _offline_steps(cfg: RunConfig, arm: str, rollout: dict[str, Any], train_prob
 
     a, steps = cfg.arms[arm], []
     w_recs: list[dict[str, Any]] = []
-    t_rec = None
+    w_steps: list[str] = []
+    t_rec, sampled, trained = None, "rollout", ""
     for k in range(1, a.rounds + 1):
         rc, w, t = cfg.stage_configs(arm, k)
         rd, tag = cfg.dir.round(arm, k), "" if k == 1 else f"/round-{k}"
         if k > 1:
             rollout = engine.stage_record(rc, train_problems, t_rec)
-            steps.append(Step(f"rollout/{arm}{tag}", rd.rollout.manifest, rollout,
-                              lambda rc=rc: engine.run_rollout(rc, train_problems)))
+            sampled = f"rollout/{arm}{tag}"
+            steps.append(Step(sampled, rd.rollout.manifest, rollout,
+                              lambda rc=rc: engine.run_rollout(rc, train_problems), (trained,)))
         w_recs.append(weights.stage_record(w, rollout))
         steps.append(Step(f"weights/{arm}{tag}", weights.weights_record(w.output), w_recs[-1],
-                          lambda w=w: weights.run_weights(w)))
-        data_rec = w_recs[-1]
+                          lambda w=w: weights.run_weights(w), (sampled,)))
+        data_rec, data = w_recs[-1], steps[-1].name
+        w_steps.append(data)
         if k > 1 and a.round_data == "union":
             parts = [cfg.dir.round(arm, j).weights for j in range(1, k + 1)]
             data_rec = weights.union_record(w_recs, rd.union)
             steps.append(Step(f"weights/{arm}{tag}/union", weights.weights_record(rd.union), data_rec,
-                              lambda parts=parts, rd=rd: weights.union(parts, rd.union)))
-        t_rec = trainer.stage_record(t, data_rec, t_rec if k > 1 and a.round_data == "continue" else None)
-        steps.append(Step(f"train/{arm}{tag}", rd.train.summary, t_rec, lambda t=t: trainer.run_train(_resumed(t))))
-        steps.append(evaluate_arm(arm, t_rec, None if k == a.rounds else k))
+                              lambda parts=parts, rd=rd: weights.union(parts, rd.union),
+                              tuple(w_steps)))
+            data = steps[-1].name
+        continued = k > 1 and a.round_data == "continue"
+        t_rec = trainer.stage_record(t, data_rec, t_rec if continued else None)
+        steps.append(Step(f"train/{arm}{tag}", rd.train.summary, t_rec, lambda t=t: trainer.run_train(_resumed(t)),
+                          (data, trained) if continued else (data,)))
+        trained = steps[-1].name
+        steps.append(evaluate_arm(arm, t_rec, None if k == a.rounds else k, after=(trained,)))
     return steps
 
 
@@ -320,11 +336,23 @@ def run_pipeline(cfg: RunConfig) -> str:
         log.info("run %s: %d training problems, %d held-out problems, arms %s; %d of %d stages to run",
                  cfg.dir.root, len(train_problems), len(test_problems), list(cfg.arms), len(todo), len(steps))
         for step in steps:
-            if step in todo:
-                _run_step(step)
-            else:
+            if step not in todo:
                 log.info("stage %s: complete, skipped", step.name)
+            elif cfg.jobs == 1:
+                _run_step(step)
+        if cfg.jobs > 1 and todo:
+            from drift import jobs
+
+            graph = [jobs.Job(s.name, s.after, run_step, (cfg, s.name), cfg.dir.log(s.name)) for s in todo]
+            jobs.run_jobs(graph, cfg.jobs, {s.name for s in steps if s not in todo})
         return report.write_report(cfg, [(s.name, s.record_path) for s in steps])
+
+
+def run_step(cfg: RunConfig, name: str) -> None:
+    """One step of the run by name (what a worker process of `jobs > 1` runs); the run directory's
+    lock is held by the process that plans the run."""
+    steps = {s.name: s for s in plan(cfg, *check_disjoint(cfg))}
+    _run_step(steps[name])
 
 
 def _run_step(step: Step) -> None:
@@ -358,6 +386,7 @@ class DemoConfig:
     quick: bool = option(False, "smoke preset: a few minutes on 2 CPU cores")
     model: str = option("smollm2-135m", "reference model (default: the embedded SmolLM2-135M-Instruct)")
     start_from: str | None = option(None, "redo this stage and every later one", flag="--from")
+    jobs: int | None = option(None, "stages run at once, in worker processes (none: the preset's)")
 
 
 def demo_config(demo: DemoConfig) -> RunConfig:
@@ -367,6 +396,8 @@ def demo_config(demo: DemoConfig) -> RunConfig:
     name = "demo-quick" if demo.quick else "demo"
     data = read_config_file(files("drift") / "configs" / f"{name}.toml")
     data.update(model=demo.model, output=demo.output or f"runs/{name}", start_from=demo.start_from)
+    if demo.jobs is not None:
+        data["jobs"] = demo.jobs
     return build(RunConfig, data)
 
 

@@ -10,6 +10,7 @@ One owner of the layout: the folder and file names below are spelled here and no
       train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
       online/<arm>/             the online arm: live state, checkpoints, its eval curve
       eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
+      logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
       report.md, succ_at_k.png, cost.png
 
 The stage record. Every stage writes, inside its summary file (manifest.json, <stem>.weights.json,
@@ -177,6 +178,10 @@ class RunDir:
         """The arms that have an eval directory, by name."""
         folder = self.root / "eval"
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def log(self, step: str) -> Path:
+        """The log file of a step run in a worker process (`jobs > 1`): "train/drift" -> logs/train-drift.log."""
+        return self.root / "logs" / f"{step.replace('/', '-')}.log"
 
     @property
     def report(self) -> Path:

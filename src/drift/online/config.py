@@ -72,6 +72,9 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
             if not (math.isfinite(v) and v >= 0) or (key in ("lr", "beta") and v == 0):
                 raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'beta') else '>= 0'}"
                                  f", got {v}")
+        if self.workers > 1:
+            raise DriftError("config key 'workers' applies to rollout and eval stages: the online arm samples "
+                             "from its policy in memory, in this process")
         if not 0 < self.keep_top <= 1:
             raise DriftError(f"config key 'keep_top' must be in (0, 1], got {self.keep_top}")
         if self.eval_every < 0:

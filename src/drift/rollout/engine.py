@@ -68,7 +68,10 @@ class RolloutConfig(TaskSpec, EnvConfig):
     dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "hf, vllm: model dtype; auto: bfloat16 where the device computes it fast, else float32")
     device: str | None = option(None, "hf: torch device (none: the GPU when there is one, else the CPU)", result=False)
-    threads: int | None = option(None, "hf: CPU threads for torch (none: torch's default)", result=False)
+    threads: int | None = option(None, "hf: CPU threads for torch, per worker process (none: torch's default; "
+                                 "with workers > 1, cores / workers)", result=False)
+    workers: int = option(1, "hf on a CPU: processes sampling side by side, each holding the model and taking "
+                          "whole prompt groups (`drift.rollout.workers`)", result=False)
     adapter: str | None = option(None, "vllm: a LoRA adapter directory served on top of the model")
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
@@ -85,7 +88,7 @@ class RolloutConfig(TaskSpec, EnvConfig):
         checks = [("n", self.n >= 1), ("temperature", self.temperature >= 0), ("top_p", 0 < self.top_p <= 1),
                   ("max_new_tokens", self.max_new_tokens >= 1), ("shard_size", self.shard_size >= 1),
                   ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
-                  ("threads", self.threads is None or self.threads >= 1),
+                  ("threads", self.threads is None or self.threads >= 1), ("workers", self.workers >= 1),
                   ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
                   ("max_retries", self.max_retries >= 0)]
         for key, ok in checks:
@@ -124,6 +127,11 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                            dtype=cfg.dtype)
+    if cfg.workers > 1:
+        from drift.rollout.workers import HFWorkers
+
+        return HFWorkers(path, cfg.workers, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
+                         threads=cfg.threads)
     from drift.rollout.hf import HFBackend
 
     return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
@@ -254,10 +262,12 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
             skipped = _sample(cfg, todo, backend, writer, refresh)
     finally:
         writer.close()
-        manifest["cost"] = (before + cost).to_json()
-        write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
         if own_backend:
             backend.close()
+        cost.cpu_seconds += backend.stats.cpu_seconds  # the backend's worker processes, if it has any
+        cost.peak_memory_bytes += backend.stats.peak_memory_bytes
+        manifest["cost"] = (before + cost).to_json()
+        write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
     # step 4
     trajectories = read_trajectories(out.shards) if any(out.shards.glob("shard-*.jsonl")) else []
     _check_complete(trajectories, problems, cfg.n, skipped)

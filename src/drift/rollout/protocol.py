@@ -54,6 +54,8 @@ class BackendStats:
     prefill_tokens: int = 0  # prompt tokens actually run through the model (after any cache reuse)
     generated_tokens: int = 0
     parameters: int = 0  # N of the model generating, for the cost ledger (0: unknown, e.g. a remote server)
+    cpu_seconds: float = 0.0  # CPU time of the backend's own worker processes (`HFWorkers`), once closed
+    peak_memory_bytes: int = 0  # their peak resident memory, summed, once closed
 
 
 class PromptTooLong(Exception):
