@@ -254,3 +254,23 @@ def test_the_curve_is_held_out_problems_of_the_training_task(tmp_path, tiny_mode
     cfg = build(OnlineConfig, {"tasks": "mul", "output": str(tmp_path), "system_prompt": "Be brief.", "max_turns": 2})
     ev = eval_config(cfg, "m", tmp_path / "e")
     assert (ev.tasks, ev.split, ev.system_prompt, ev.max_turns) == ("mul", "test", "Be brief.", 2)
+
+
+def test_a_conversation_that_does_not_re_render_is_left_out_of_the_update(tmp_path, tiny_model_dir, monkeypatch):
+    """A sampled message starting with spaces re-tokenizes merged with the template's newline: that
+    conversation keeps its return in the group baseline but is not trained; the run goes on."""
+    from drift.online import run as online
+    from drift.train.data import RowError
+
+    def tokenize(row, tokenizer, turns):
+        if row["sample_idx"] == 0:
+            raise RowError("assistant message 2: the chat template is not append-only", "template_not_prefix")
+        return real(row, tokenizer, turns)
+
+    real = online.tokenize_row
+    monkeypatch.setattr(online, "tokenize_row", tokenize)
+    summary = run_online(config(tmp_path, tiny_model_dir, iterations=1))
+    it = summary["iterations"][0]
+    assert summary["status"] == "complete" and len(it["unrenderable"]) == 2  # sample 0 of each of the 2 prompts
+    assert all(c.endswith("#0") for c in it["unrenderable"])
+    assert len(read_trajs(tmp_path / "online/iterations/00001/rollout/trajectories")) == 8

@@ -272,12 +272,20 @@ class _Loop:
         returns = [trajectory_return(return_inputs(t.to_json(), f"{t.prompt_id}#{t.sample_idx}"), cfg.returns)
                    for t in trajs]
         examples = [self._example(t) for t in trajs]
+        unrenderable = [f"{t.prompt_id}#{t.sample_idx}" for t, e in zip(trajs, examples) if e is None]
+        if unrenderable:
+            log.warning("online iteration %d: %d conversation(s) left out of the update, their text does not "
+                        "re-render to a token prefix (%s); their returns stay in the group baselines", it + 1,
+                        len(unrenderable), ", ".join(unrenderable[:5]))
         kl_k1 = None
         if cfg.kl == "ufo":
-            now, n1 = self._logprobs(examples)
-            ref, n2 = self._logprobs(examples, reference=True)
+            present = [i for i, e in enumerate(examples) if e is not None]
+            now, n1 = self._logprobs([examples[i] for i in present])
+            ref, n2 = self._logprobs([examples[i] for i in present], reference=True)
             cost.aux_forward_tokens += n1 + n2
-            kl_k1 = [sum(a - b for a, b, m in zip(x, y, e.mask) if m) for x, y, e in zip(now, ref, examples)]
+            kl_k1 = [0.0] * len(examples)
+            for i, x, y in zip(present, now, ref):
+                kl_k1[i] = sum(a - b for a, b, m in zip(x, y, examples[i].mask) if m)
             returns = [r - cfg.kl_coefficient * k for r, k in zip(returns, kl_k1)]
         groups: dict[str, list[int]] = {}
         for i, t in enumerate(trajs):
@@ -288,11 +296,14 @@ class _Loop:
             idx = groups[pid]
             for i, a in zip(idx, group_advantages([returns[i] for i in idx], cfg.scale_by_std)):
                 e = examples[i]
+                if e is None:
+                    continue
                 scale = sum(e.mask) if cfg.normalize == "tokens" else 1  # collate divides by the row's tokens
                 train.append(Example(e.input_ids, e.mask, a * scale, e.line))
         entry = {"iteration": it + 1, "conversations": len(trajs), "groups": len(groups),
                  "groups_trained": len(sel.kept), "groups_zero_spread": len(sel.zero_spread),
-                 "groups_filtered": len(sel.filtered), "return_mean": sum(returns) / len(returns),
+                 "groups_filtered": len(sel.filtered), "unrenderable": unrenderable,
+                 "return_mean": sum(returns) / len(returns),
                  "solved_share": sum(t.success_turn is not None for t in trajs) / len(trajs),
                  "kl_k1_mean": sum(kl_k1) / len(kl_k1) if kl_k1 else None, "loss": None, "steps": 0}
         if not train:  # no group carries a signal: the weights stay exactly as they are
@@ -314,11 +325,16 @@ class _Loop:
                      kl_k3_mean=stats.kl_sum / stats.loss_tokens if cfg.kl == "matched" and stats.loss_tokens else None)
         return entry
 
-    def _example(self, t: Trajectory) -> Example:
+    def _example(self, t: Trajectory) -> Example | None:
+        """The conversation as a training row; None when its text does not re-render to a token prefix
+        (a message starting with spaces after SmolLM2's "assistant\n", which the tokenizer then merges
+        with the newline): it cannot be trained on the tokens it was sampled as."""
         try:
             ids, mask, _ = tokenize_row(t.to_json(), self.tokenizer, "all")  # a turn cut at the limit: no end-of-turn target
             ids, mask, _, _ = truncate(ids, mask, self.cfg.max_length)
         except RowError as e:
+            if e.reason == "template_not_prefix":
+                return None
             raise DriftError(f"conversation {t.prompt_id}#{t.sample_idx}: {e}") from None
         return Example(ids, mask, 0.0, t.sample_idx)
 
