@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
     "run": ("drift.pipeline", "RunConfig", "run_pipeline", "config_path",
             "the whole pipeline from one config file: rollout -> weights -> train -> eval -> report"),
     "demo": ("drift.pipeline", "DemoConfig", "run_demo", None,
-             "the pipeline on the embedded SmolLM2-135M and mul: base vs RFT vs one and two rounds of DRIFT"),
+             "the pipeline on the embedded SmolLM2-135M and mul: base, then one and two rounds of RFT and of DRIFT"),
     "inspect": ("drift.train.inspect", "InspectConfig", "run_inspect", "data",
                 "show a training row with its trained tokens marked"),
 }

@@ -5,7 +5,9 @@ thread adds little to a small model's matmuls (docs/benchmarks.md: 11% for a bf1
 matmul on this project's machine), while separate processes run at full speed each; so the
 arms' independent stages run in `jobs` worker processes with cores/jobs torch threads each.
 
-- A job starts once the jobs it reads from have finished; among the ready ones, in plan order.
+- A job starts once the jobs it reads from have finished; among the ready ones, those with the
+  most jobs waiting on them (directly or not) first, then in plan order: the longest chain
+  should not wait behind a side branch.
 - Workers are spawned (no lock or thread pool inherited half-taken) and kept for the whole
   run, so the libraries are imported once per worker. A job's output, its log lines and
   progress bars, goes to its own log file; the console shows which jobs run and finish.
@@ -67,7 +69,7 @@ def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
     unknown = [(j.name, a) for j in graph for a in j.after if a not in done | {j.name for j in graph}]
     if unknown:
         raise ValueError(f"jobs read from work that is neither finished nor in the graph: {unknown}")
-    waiting = list(graph)
+    waiting = sorted(graph, key=lambda j: -len(_downstream(graph, j.name)))  # stable: plan order among equals
     running: dict[concurrent.futures.Future, tuple[Job, float]] = {}
     threads = threads_per_job(jobs)
     log.info("%d jobs on %d worker processes, %d torch thread(s) each; each job logs to its own file in %s",
@@ -97,6 +99,18 @@ def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
             future.cancel()  # pebble stops the worker running it
         pool.stop()
         pool.join()
+
+
+def _downstream(graph: list[Job], name: str) -> set[str]:
+    """The jobs that read from `name`, directly or through others."""
+    found, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        for j in graph:
+            if current in j.after and j.name not in found:
+                found.add(j.name)
+                todo.append(j.name)
+    return found
 
 
 def _result(future: concurrent.futures.Future, job: Job) -> None:
