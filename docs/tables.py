@@ -97,10 +97,11 @@ def curve_table(runs: list[dict[str, dict]]) -> str:
         curves = [r[n]["curve"] for r in runs if n in r and r[n]["curve"]]
         if not curves:
             continue
-        out += [f"| {n}: iteration | succ@T per seed | training FLOPs (seed 1) |", "|---:|---:|---:|"]
+        out += [f"| {n}: iteration | succ@T per seed | training FLOPs per seed |", "|---:|---:|---:|"]
         for i, point in enumerate(curves[0]):
             succ = " / ".join(pct(c[i]["succ_at_k"][-1]) for c in curves if i < len(c))
-            out.append(f"| {point['iteration']} | {succ} | {Cost.from_json(point['cost']).flops:.3g} |")
+            flops = " / ".join(f"{Cost.from_json(c[i]['cost']).flops:.3g}" for c in curves if i < len(c))
+            out.append(f"| {point['iteration']} | {succ} | {flops} |")
         out.append("")
     return "\n".join(out)
 
