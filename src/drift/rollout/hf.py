@@ -320,6 +320,17 @@ class HFBackend:
         return result
 
 
+def fitting(requests: list[GenRequest], tokenizer: object, context: int) -> list[tuple[GenRequest, list[int]]]:
+    """(request, rendered ids) of the requests that carry conversations; PromptTooLong, naming every
+    conversation whose history fills the context, if there are any."""
+    rendered = [(req, render_ids(tokenizer, req.messages)) for req in requests if req.conv_ids]
+    too_long = [(req, len(ids)) for req, ids in rendered if len(ids) >= context]
+    if too_long:
+        raise PromptTooLong([c for req, _ in too_long for c in req.conv_ids],
+                            f"longest history {max(n for _, n in too_long)} tokens, context {context}")
+    return rendered
+
+
 def _columns(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
     """A copy of the column ranges `spans` of x [H, T, D], joined: [H, sum of lengths, D]."""
     return torch.cat([x[:, a:b] for a, b in spans if b > a], 1)
@@ -360,12 +371,7 @@ class _Stream:
     @torch.inference_mode()
     def submit(self, requests: list[GenRequest]) -> None:
         """Queue the requests; raise PromptTooLong, queuing none of them, if some histories fill the context."""
-        rendered = [(req, self.b.render(req.messages)) for req in requests if req.conv_ids]
-        too_long = [(req, len(ids)) for req, ids in rendered if len(ids) >= self.b.context]
-        if too_long:
-            raise PromptTooLong([c for req, _ in too_long for c in req.conv_ids],
-                                f"longest history {max(n for _, n in too_long)} tokens, context {self.b.context}")
-        for req, ids in rendered:
+        for req, ids in fitting(requests, self.b.tokenizer, self.b.context):
             past = self.b._reusable(req.conv_ids, ids)
             bisect.insort(self.work, _Work(len(ids) - len(past.ids), req, ids, past), key=lambda w: w.new)
 

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from drift import DriftError
-from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams
+from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, SamplingParams
 
 
 class HFWorkers:
@@ -68,13 +68,9 @@ class HFWorkers:
 
     def _route(self, requests: list[GenRequest]) -> list[list[GenRequest]]:
         """Requests per worker; a new prompt group goes to the least busy worker."""
-        from drift.chat import render_ids
+        from drift.rollout.hf import fitting
 
-        too_long = [(r, n) for r in requests if r.conv_ids
-                    if (n := len(render_ids(self.tokenizer, r.messages))) >= self.context]
-        if too_long:
-            raise PromptTooLong([c for r, _ in too_long for c in r.conv_ids],
-                                f"longest history {max(n for _, n in too_long)} tokens, context {self.context}")
+        fitting(requests, self.tokenizer, self.context)  # raises before anything is sent
         shares: list[list[GenRequest]] = [[] for _ in self.conns]
         for r in requests:
             pid = r.conv_ids[0][0]
