@@ -87,8 +87,8 @@ def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
                 if not running:
                     raise ValueError(f"jobs wait on each other: {[j.name for j in waiting]}")
                 bar.set_postfix_str(", ".join(j.name for j, _ in running.values()))
-                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
+                ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in ended:
                     job, t0 = running.pop(future)
                     _result(future, job)
                     log.info("stage %s: done in %.0f s", job.name, time.monotonic() - t0)

@@ -34,8 +34,6 @@ class HFWorkers:
 
     def __init__(self, model_path: str, workers: int, batch_size: int = 16, dtype: str = "auto",
                  device: str | None = None, threads: int | None = None):
-        from transformers import AutoConfig
-
         from drift.hardware import resolve
         from drift.jobs import threads_per_job
         from drift.models import load_tokenizer
@@ -44,8 +42,6 @@ class HFWorkers:
         if device != "cpu":
             raise DriftError(f"rollout workers > 1 are for CPUs (device {device}): one process batches a GPU better")
         self.tokenizer = load_tokenizer(model_path, model_path)
-        text_config = AutoConfig.from_pretrained(model_path).get_text_config()
-        self.context = getattr(text_config, "max_position_embeddings", None) or 1 << 30
         ctx = multiprocessing.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs = []
@@ -58,7 +54,7 @@ class HFWorkers:
             self.conns.append(mine)
             self.procs.append(p)
         hello = [self._recv(i) for i in range(workers)]
-        self.hardware = hello[0]["hardware"]
+        self.hardware, self.context = hello[0]["hardware"], hello[0]["context"]
         self.stats = BackendStats(parameters=hello[0]["parameters"])
         self._worker_stats = [BackendStats() for _ in range(workers)]
         self.owner: dict[str, int] = {}  # prompt_id -> worker
@@ -168,7 +164,8 @@ def _serve(conn: Connection, model_path: str, batch_size: int, dtype: str, devic
     try:
         with measure(cost):
             backend = HFBackend(model_path, batch_size=batch_size, dtype=dtype, device=device)
-            conn.send(("hello", {"hardware": backend.hardware, "parameters": backend.stats.parameters}))
+            conn.send(("hello", {"hardware": backend.hardware, "parameters": backend.stats.parameters,
+                                 "context": backend.context}))
             _loop(conn, backend)
         conn.send(("closed", {"cpu_seconds": cost.cpu_seconds, "peak_memory_bytes": cost.peak_memory_bytes}))
     except Exception:
