@@ -11,7 +11,7 @@ from drift import DriftError
 from drift.config import build
 from drift.jobs import Job, run_jobs
 from drift.pipeline import RunConfig, plan, check_disjoint, run_pipeline
-from test_pipeline import config, run_and_kill
+from test_pipeline import config, processes_of, run_and_kill
 
 
 def stamp(path, text, seconds=0.0):
@@ -111,12 +111,15 @@ def test_a_run_on_two_worker_processes_equals_the_serial_run(tmp_path, tiny_mode
 
 def test_sigkill_of_the_run_ends_its_workers_and_the_rerun_finishes(tmp_path, tiny_model_dir):
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}}, jobs=2)
-    data["train"] = {**data["train"], "epochs": 20, "save_steps": 2, "logging_steps": 1}
+    data["train"] = {**data["train"], "epochs": 6, "save_steps": 2, "logging_steps": 1}
     summary = tmp_path / "run/train/drift/train_summary.json"
     rerun = run_and_kill(tmp_path, data, lambda: any(summary.parent.glob("checkpoint-*/drift_checkpoint.json")))
-    time.sleep(3)  # an orphaned worker would go on training and finish in this time
+    deadline = time.monotonic() + 30
+    while processes_of(tmp_path) and time.monotonic() < deadline:  # the workers notice their parent is gone
+        time.sleep(0.05)
+    assert not processes_of(tmp_path), "worker processes outlived the killed run"
     assert json.loads(summary.read_text())["status"] == "running"
     done = rerun()
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads(summary.read_text())
-    assert final["status"] == "complete" and final["resumed_from"] is not None and final["steps"] == 20 * 3
+    assert final["status"] == "complete" and final["resumed_from"] is not None and final["steps"] == 6 * 3

@@ -310,6 +310,24 @@ def test_sigkill_in_a_later_round_resumes_there(tmp_path, tiny_model_dir):
     assert (tmp_path / "run/eval/drift/metrics.json").is_file()
 
 
+RUN_MARK = "DRIFT_TEST_RUN"  # in the environment of `run_and_kill`'s run and every process it starts
+
+
+def processes_of(tmp_path) -> list[int]:
+    """The live processes (worker processes included) of a `run_and_kill` run in tmp_path."""
+    from pathlib import Path
+
+    mark = f"{RUN_MARK}={tmp_path}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            pass
+    return found
+
+
 def run_and_kill(tmp_path, data, started):
     """`drift run` on `data` in a subprocess, SIGKILLed once `started()` holds; returns the rerun command."""
     import os
@@ -322,7 +340,7 @@ def run_and_kill(tmp_path, data, started):
     root = Path(__file__).resolve().parents[1]
     path = tmp_path / "run.json"
     path.write_text(json.dumps(data))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", RUN_MARK: str(tmp_path),
            "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "drift.cli", "run", str(path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
