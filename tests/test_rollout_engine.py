@@ -212,6 +212,15 @@ def test_streamed_loop_admits_groups_under_max_live(tmp_path):
     assert len(shard_rows(tmp_path / "run")) == 20 and len(backend.released) == 20
 
 
+@pytest.mark.parametrize("workers,most", [(1, 8), (2, 16)])
+def test_default_max_live_grows_with_the_workers(tmp_path, workers, most):
+    """max(n, 4 x batch_size x workers): each worker keeps as many conversations as one process."""
+    probs = problems(6)  # 24 conversations of n = 4
+    backend = StreamingScriptedBackend(probs, per_poll=1)
+    run_rollout(config(tmp_path, batch_size=2, workers=workers), probs, backend)
+    assert backend.most_in_flight == most
+
+
 def test_stream_turns_false_keeps_one_call_per_turn(tmp_path):
     probs = problems(3)
     backend = StreamingScriptedBackend(probs)

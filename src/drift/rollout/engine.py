@@ -60,7 +60,8 @@ class RolloutConfig(TaskSpec, EnvConfig):
     seed: int = option(0, "run seed; every (prompt, sample, turn) samples with its own seed derived from it")
     resume: bool = option(False, "complete an interrupted run in --output (same sampling, task and env settings)", result=False)
     shard_size: int = option(256, "trajectories per shard file", result=False)
-    max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish (none: max(n, 4 x batch_size))", result=False)
+    max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish "
+                                  "(none: max(n, 4 x batch_size x workers))", result=False)
     batch_size: int = option(16, "hf: sequences per forward pass", result=False)
     stream_turns: bool = option(True, "hf: send a conversation's next turn into the running decode batch as soon as "
                                 "its answer is judged (false: one generate call per turn for all live conversations)",
@@ -354,7 +355,9 @@ class _Conversations:
                  writer: ShardWriter, on_written: Callable[[int], None], bar: Any):
         self.env, self.backend, self.writer = env_config(cfg), backend, writer
         self.on_written, self.bar = on_written, bar
-        self.max_live = cfg.max_live or max(cfg.n, 4 * cfg.batch_size)
+        # each worker process keeps as many conversations in flight as one process would: with half
+        # as many, its slots empty faster than the next turns arrive (docs/benchmarks.md)
+        self.max_live = cfg.max_live or max(cfg.n, 4 * cfg.batch_size * cfg.workers)
         self.queue = deque(todo)
         self.open_samples = {p.id: len(idx) for p, idx in todo}  # per prompt: conversations not yet ended
         self.live: dict[ConvId, Episode] = {}
