@@ -28,14 +28,25 @@ from drift.ledger import Cost
 from drift.metrics import mean_and_se
 from drift.pipeline import load_run
 from drift.report import arm_cost, result_rows
+from drift.rundir import RunDir, read_record
 
 
 def rows_of(path: Path) -> dict[str, dict[str, Any]]:
-    """Row name -> {"metrics", "cost", "curve"} for one run directory."""
+    """Row name -> {"metrics", "cost", "curve"} for one run directory. An online arm stopped before
+    its end gives one row per held-out evaluation of its curve (`online@30`: after iteration 30),
+    with the cost up to that evaluation."""
     cfg, recs = load_run(path)
-    return {name: {"metrics": recs[step], "cost": arm_cost(recs, arm, k),
+    rows = {name: {"metrics": recs[step], "cost": arm_cost(recs, arm, k),
                    "curve": (recs.get(f"online/{arm}") or {}).get("curve")}
             for name, arm, step, k in result_rows(cfg, recs)}
+    for arm in cfg.arms:
+        online = recs.get(f"online/{arm}")
+        if online and arm not in rows and online.get("curve"):
+            for point in online["curve"]:
+                metrics = read_record(RunDir(path).online(arm).path / point["metrics"] / "metrics.json")
+                rows[f"{arm}@{point['iteration']}"] = {"metrics": metrics, "cost": Cost.from_json(point["cost"]),
+                                                       "curve": online["curve"][:online["curve"].index(point) + 1]}
+    return rows
 
 
 def pct(x: float) -> str:
@@ -93,10 +104,11 @@ def paired_table(runs: list[dict[str, dict]], against: str) -> str:
 
 def curve_table(runs: list[dict[str, dict]]) -> str:
     out = []
-    for n in runs[0]:
+    names = list(runs[0])
+    for i, n in enumerate(names):
         curves = [r[n]["curve"] for r in runs if n in r and r[n]["curve"]]
-        if not curves:
-            continue
+        if not curves or any(m.split("@")[0] == n.split("@")[0] for m in names[i + 1:]):
+            continue  # a stopped arm's curve is printed once, with its last row
         out += [f"| {n}: iteration | succ@T per seed | training FLOPs per seed |", "|---:|---:|---:|"]
         for i, point in enumerate(curves[0]):
             succ = " / ".join(pct(c[i]["succ_at_k"][-1]) for c in curves if i < len(c))
