@@ -111,7 +111,7 @@ def test_a_run_on_two_worker_processes_equals_the_serial_run(tmp_path, tiny_mode
 
 def test_sigkill_of_the_run_ends_its_workers_and_the_rerun_finishes(tmp_path, tiny_model_dir):
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift"}}, jobs=2)
-    data["train"] = {**data["train"], "epochs": 6, "save_steps": 2, "logging_steps": 1}
+    data["train"] = {**data["train"], "epochs": 20, "save_steps": 2, "logging_steps": 1}
     summary = tmp_path / "run/train/drift/train_summary.json"
     rerun = run_and_kill(tmp_path, data, lambda: any(summary.parent.glob("checkpoint-*/drift_checkpoint.json")))
     deadline = time.monotonic() + 30
@@ -122,4 +122,4 @@ def test_sigkill_of_the_run_ends_its_workers_and_the_rerun_finishes(tmp_path, ti
     done = rerun()
     assert done.returncode == 0, done.stderr[-2000:]
     final = json.loads(summary.read_text())
-    assert final["status"] == "complete" and final["resumed_from"] is not None and final["steps"] == 6 * 3
+    assert final["status"] == "complete" and final["resumed_from"] is not None and final["steps"] == 20 * 3
