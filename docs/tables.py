@@ -42,10 +42,11 @@ def rows_of(path: Path) -> dict[str, dict[str, Any]]:
     for arm in cfg.arms:
         online = recs.get(f"online/{arm}")
         if online and arm not in rows and online.get("curve"):
-            for point in online["curve"]:
-                metrics = read_record(RunDir(path).online(arm).path / point["metrics"] / "metrics.json")
-                rows[f"{arm}@{point['iteration']}"] = {"metrics": metrics, "cost": Cost.from_json(point["cost"]),
-                                                       "curve": online["curve"][:online["curve"].index(point) + 1]}
+            root = RunDir(path).online(arm).path
+            for i, point in enumerate(online["curve"]):
+                rows[f"{arm}@{point['iteration']}"] = {"metrics": read_record(root / point["metrics"] / "metrics.json"),
+                                                       "cost": Cost.from_json(point["cost"]),
+                                                       "curve": online["curve"][:i + 1]}
     return rows
 
 
