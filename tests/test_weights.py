@@ -321,3 +321,23 @@ def test_auto_beta_through_the_weights_stage(tmp_path):
     assert build(WeightsConfig, {"beta": "auto"}).beta == "auto" and build(WeightsConfig, {"beta": "0.3"}).beta == 0.3
     with pytest.raises(DriftError, match="config key 'beta' expects"):
         build(WeightsConfig, {"beta": "hot"})
+
+
+def test_weight_share_by_success_turn(tmp_path):
+    # one group: solved at turn 1 (R = 1), solved at turn 3 after two distinct wrong answers
+    # (R = 0.9^2 = 0.81), unsolved (R = 0); drift at beta 0.1 weighs them exp(10) : exp(8.1) : 1
+    rows = [drift_row("g", 0, [turn("correct", "c")], 1),
+            drift_row("g", 1, [turn("wrong", "a"), turn("wrong", "b"), turn("correct", "c")], 3),
+            drift_row("g", 2, [turn("wrong", "a")])]
+    inp = write(tmp_path / "in.jsonl", rows)
+    z = math.exp(10) + math.exp(8.1) + 1
+    _, diag = compute(WeightsConfig(input=inp, output="o", beta=0.1, gamma=0.9))
+    assert list(diag["weight_share_by_success_turn"]) == ["1", "3", "unsolved"]
+    assert diag["weight_share_by_success_turn"] == pytest.approx(
+        {"1": math.exp(10) / z, "3": math.exp(8.1) / z, "unsolved": 1 / z}, rel=1e-9)
+    _, diag = compute(WeightsConfig(input=inp, output="o", method="rft"))  # the two successes alike
+    assert diag["weight_share_by_success_turn"] == {"1": 0.5, "3": 0.5, "unsolved": 0.0}
+    # the reference format: t_star, else the first turn with a reward
+    ref = [ref_row("h", [0, 1], ["a", "c"], t_star=2), ref_row("h", [0, 0, 1], ["a", "b", "c"]), ref_row("h", [0], ["a"])]
+    _, diag = compute(WeightsConfig(input=write(tmp_path / "ref.jsonl", ref), output="o", method="sft"))
+    assert diag["weight_share_by_success_turn"] == pytest.approx({"2": 1 / 3, "3": 1 / 3, "unsolved": 1 / 3})

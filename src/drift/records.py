@@ -152,11 +152,19 @@ def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
     raise DriftError(f"{where}: row has neither 'turns' (drift format) nor 'turn_rewards' (reference format)")
 
 
+def success_turn(row: dict[str, Any]) -> int | None:
+    """The turn (from 1) at which this trajectory was solved, or None (either format)."""
+    if "turns" in row:
+        return row.get("success_turn")
+    if row.get("t_star") is not None:
+        return int(row["t_star"])
+    solved = [int(k[1:]) for k, v in (row.get("turn_rewards") or {}).items() if float(v) > 0]
+    return min(solved) if solved else None
+
+
 def is_success(row: dict[str, Any]) -> bool:
     """Was this trajectory solved at some turn (either format)?"""
-    if "turns" in row:
-        return row.get("success_turn") is not None
-    return row.get("t_star") is not None or any(float(v) > 0 for v in (row.get("turn_rewards") or {}).values())
+    return success_turn(row) is not None
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any] | None]]:

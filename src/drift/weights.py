@@ -50,8 +50,8 @@ from drift import DriftError
 from drift.checkers import normalize_answer
 from drift.config import option, settings
 from drift.ledger import Cost, measure
-from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, trajectory_files,
-                           write_json, write_jsonl)
+from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, success_turn,
+                           trajectory_files, write_json, write_jsonl)
 from drift.rundir import Lock, ensure_writable, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
@@ -282,8 +282,23 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
         "weight_quantiles": {"p10": qs[0], "p50": qs[4], "p90": qs[8]},
         "rows_weight_below_1e-3": sum(abs(w) < 1e-3 for w in weights),
         "ess_mean": statistics.fmean(ess), "ess_min": min(ess), "ess_median": statistics.median(ess),
+        "weight_share_by_success_turn": weight_share_by_success_turn(rows),
         "per_group": per_group,
     }
+
+
+def weight_share_by_success_turn(rows: list[dict]) -> dict[str, float]:
+    """The share of the total weight on trajectories solved at each turn ("1", "2", ...) and on
+    unsolved ones ("unsolved"): what the training data teaches at each turn. gamma < 1 moves
+    weight to early successes, and a turn with little weight is a turn the model hardly learns."""
+    by: dict[str, float] = {}
+    for r in rows:
+        t = success_turn(r)
+        key = "unsolved" if t is None else str(t)
+        by[key] = by.get(key, 0.0) + r["weight"]
+    total = sum(by.values())
+    order = sorted((k for k in by if k != "unsolved"), key=int) + (["unsolved"] if "unsolved" in by else [])
+    return {k: by[k] / total if total else 0.0 for k in order}
 
 
 def run_weights(cfg: WeightsConfig) -> dict:
@@ -350,4 +365,6 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
         ("ESS per group", f"mean {diag['ess_mean']:.2f}, min {diag['ess_min']:.2f}, median {diag['ess_median']:.2f}"),
         ("weight min / p10 / p50 / p90 / max", f"{diag['weight_min']:.4g} / {q['p10']:.4g} / {q['p50']:.4g} / {q['p90']:.4g} / {diag['weight_max']:.4g}"),
         ("rows with |weight| < 1e-3", str(diag["rows_weight_below_1e-3"])),
+        ("weight share by success turn", ", ".join(
+            f"{'unsolved' if k == 'unsolved' else 'turn ' + k} {v:.1%}" for k, v in diag["weight_share_by_success_turn"].items())),
     ]
