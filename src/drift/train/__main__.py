@@ -18,13 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    distributed = torch.distributed.is_available()
     try:
         run_train(from_cli(TrainConfig, args, args.config, args.set))
+        if distributed and torch.distributed.is_initialized():
+            # every rank reaches the teardown together: a rank that tore its group down while a
+            # peer's gloo threads still served it made that peer abort at exit (about 1 launch in 20
+            # on two loaded cores)
+            torch.distributed.barrier()
     except DriftError as e:
         print(f"drift train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 
