@@ -337,6 +337,11 @@ def test_weight_share_by_success_turn(tmp_path):
         {"1": math.exp(10) / z, "3": math.exp(8.1) / z, "unsolved": 1 / z}, rel=1e-9)
     _, diag = compute(WeightsConfig(input=inp, output="o", method="rft"))  # the two successes alike
     assert diag["weight_share_by_success_turn"] == {"1": 0.5, "3": 0.5, "unsolved": 0.0}
+    # swift's weights sum to zero in the group: shares of the absolute weight
+    out, diag = compute(WeightsConfig(input=inp, output="o", method="swift", gamma=0.9))
+    w = [abs(r["weight"]) for r in out]
+    assert diag["weight_share_by_success_turn"] == pytest.approx(
+        {"1": w[0] / sum(w), "3": w[1] / sum(w), "unsolved": w[2] / sum(w)}, rel=1e-9)
     # the reference format: t_star, else the first turn with a reward
     ref = [ref_row("h", [0, 1], ["a", "c"], t_star=2), ref_row("h", [0, 0, 1], ["a", "b", "c"]), ref_row("h", [0], ["a"])]
     _, diag = compute(WeightsConfig(input=write(tmp_path / "ref.jsonl", ref), output="o", method="sft"))

@@ -288,14 +288,15 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
 
 
 def weight_share_by_success_turn(rows: list[dict]) -> dict[str, float]:
-    """The share of the total weight on trajectories solved at each turn ("1", "2", ...) and on
-    unsolved ones ("unsolved"): what the training data teaches at each turn. gamma < 1 moves
-    weight to early successes, and a turn with little weight is a turn the model hardly learns."""
+    """The share of the total absolute weight on trajectories solved at each turn ("1", "2", ...)
+    and on unsolved ones ("unsolved"): what the training data teaches at each turn (absolute,
+    because Swift's weights sum to zero per group). gamma < 1 moves weight to early successes,
+    and a turn with little weight is a turn the model hardly learns."""
     by: dict[str, float] = {}
     for r in rows:
         t = success_turn(r)
         key = "unsolved" if t is None else str(t)
-        by[key] = by.get(key, 0.0) + r["weight"]
+        by[key] = by.get(key, 0.0) + abs(r["weight"])
     total = sum(by.values())
     order = sorted((k for k in by if k != "unsolved"), key=int) + (["unsolved"] if "unsolved" in by else [])
     return {k: by[k] / total if total else 0.0 for k in order}
