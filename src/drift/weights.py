@@ -155,6 +155,23 @@ def group_weights(method: str, returns: Sequence[float], solved: Sequence[bool],
     raise DriftError(f"unknown weighting method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+def prune_group(weights: Sequence[float], eps: float) -> list[bool]:
+    """Which rows of one group to prune: the smallest rows whose weights sum to at most eps of the
+    group's total (ties in input order; weights >= 0). An all-zero group is pruned whole. The
+    pruned rows stay in the training loss's normalizer (`drift.train`), so the loss changes by
+    their terms only: at most eps x the group's weight x the largest per-row loss."""
+    if min(weights, default=0.0) < 0:
+        raise ValueError("prune")
+    budget = eps * sum(weights)
+    pruned, spent = [False] * len(weights), 0.0
+    for i in sorted(range(len(weights)), key=lambda i: weights[i]):
+        if spent + weights[i] > budget:
+            break
+        spent += weights[i]
+        pruned[i] = True
+    return pruned
+
+
 def effective_sample_size(weights: Sequence[float]) -> float:
     """(sum w)^2 / sum w^2; 0 for an all-zero group."""
     sq = sum(w * w for w in weights)
