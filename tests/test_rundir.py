@@ -4,8 +4,12 @@ what lands on disk (and every digest a later stage compares) cannot."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from drift.rollout.engine import RolloutConfig, stage_record
+from drift.config import option
+from drift.rollout.config import RolloutConfig
+from drift.rollout.engine import stage_record
+from drift.rundir import config_record, record
 from drift.tasks import Problem
 
 PROBLEMS = [Problem(id="p0", question="What is 1 + 7?", answer="8", checker="numeric", extract="number")]
@@ -26,3 +30,21 @@ def test_rollout_record_is_unchanged():
         '{"stage": "rollout", "status": "running", "schema_version": 1, "settings": '
         + settings.replace('"model": "smollm2-135m"', '"model": "trained:abc"')
         + ', "input": {"path": "smollm2-135m", "digest": "abc"}, "digest": "3dc36e8090ddae77"}')
+
+
+@dataclass
+class Small:
+    model: str = option("m", "a model")
+    dtype: str = option("auto", "a dtype")
+    threads: int = option(2, "does not shape the output", result=False)
+
+
+def test_config_record_is_the_records_written_by_hand_before_it():
+    """The helper against the recipe it replaced (`record` over `with_model` over settings), and literally."""
+    assert config_record("weights", Small(), None, None) == record("weights", {"model": "m", "dtype": "auto"})
+    trained = config_record("train", Small(), {"digest": "in"}, "data.jsonl", {"digest": "abc"}, dtype="float32",
+                            problems="ff")
+    assert json.dumps(trained) == (
+        '{"stage": "train", "status": "running", "schema_version": 1, "settings": {"model": "trained:abc", '
+        '"dtype": "float32", "problems": "ff"}, "input": {"path": "data.jsonl", "digest": "in"}, '
+        '"digest": "baee4f343792a7f5"}')
