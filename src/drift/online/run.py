@@ -25,6 +25,7 @@ them seeded from (seed, iteration)), so the result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -100,7 +101,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
     lock = Lock(out.path) if accelerator.is_main_process else None
-    with lock or _Nothing():
+    with lock or contextlib.nullcontext():
         previous = read_record(out.summary)
         if previous is not None:
             differ = mismatch(previous, expected)
@@ -130,14 +131,6 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         loop = _Loop(cfg, out, policy, accelerator, problems, held_out, progress, expected)
         loop.run()
         return loop.finish()
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
