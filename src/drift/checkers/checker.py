@@ -100,7 +100,6 @@ class Checker:
         raise NotImplementedError
 
 
-
 class NumericChecker(Checker):
     """Numbers equal within relative 1e-6 or absolute 1e-9; the answer's last number is read."""
 
@@ -295,4 +294,3 @@ def get_checker(name: str, extract: str = "auto", timeout: float = 5.0, workers:
             else:
                 raise DriftError(f"unknown checker {name!r} (valid: {', '.join(BUILTIN_CHECKERS)}, or module:function)")
         return _CHECKERS[key]
-

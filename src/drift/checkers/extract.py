@@ -146,7 +146,6 @@ def extract_answer(text: str, mode: str) -> str | None:
     return answer or None
 
 
-
 def number_text(s: str) -> str | None:
     """`s` as plain number text ("1,234." -> "1234", "\\frac{3}{4}" -> "3/4") if it is one number."""
     s = _clean_math(s).strip().strip("$").strip().rstrip(".").lstrip("+")

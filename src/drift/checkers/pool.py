@@ -121,4 +121,3 @@ def resolve_function(spec: str) -> Any:
     if not callable(fn):
         raise DriftError(f"custom checker {spec}: module {module_name!r} has no function {func_name!r}")
     return fn
-

@@ -115,14 +115,11 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
     return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
 
 
-
-
 def resolved_dtype(cfg: RolloutConfig) -> str:
     """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
     if cfg.backend == "openai":
         return cfg.dtype
     return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
-
 
 
 def tasks_fingerprint(problems: list[Problem]) -> str:
@@ -131,7 +128,6 @@ def tasks_fingerprint(problems: list[Problem]) -> str:
     for p in problems:
         h.update(json.dumps([p.id, p.question, p.answer, p.messages], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
-
 
 
 def sampling_record(stage: str, cfg: RolloutConfig, problems: list[Problem],

@@ -62,7 +62,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-
 def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Sample `cfg.n` conversations per problem into `cfg.output`; return the final manifest.
 
@@ -325,7 +324,6 @@ def _fitting(call: Callable[[list[GenRequest]], R], requests: list[GenRequest], 
             too_long += keys
             requests = [r for r in requests if not bad.intersection(r.conv_ids)]
     return [], None, too_long
-
 
 
 def summarize(trajectories: list[Trajectory], max_turns: int) -> dict[str, Any]:

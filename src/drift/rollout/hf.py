@@ -51,7 +51,6 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
 
 
-
 class HFBackend:
     """Generation with a transformers causal LM on CPU or one GPU (see the module docstring).
 
@@ -245,7 +244,6 @@ def fitting(requests: list[GenRequest], tokenizer: object, context: int) -> list
         raise PromptTooLong([c for req, _ in too_long for c in req.conv_ids],
                             f"longest history {max(n for _, n in too_long)} tokens, context {context}")
     return rendered
-
 
 
 @dataclass

@@ -86,6 +86,7 @@ def pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare:
         layers.append(BufferLayer(kbuf, vbuf, T, spare))
     return Cache(layers=layers), start, T
 
+
 def columns(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
     """A copy of the column ranges `spans` of x [H, T, D], joined: [H, sum of lengths, D]."""
     return torch.cat([x[:, a:b] for a, b in spans if b > a], 1)

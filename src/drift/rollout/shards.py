@@ -29,7 +29,6 @@ def is_complete(directory: str | Path) -> bool:
     return manifest is not None and manifest.get("stage") == "rollout" and manifest.get("status") == "complete"
 
 
-
 class ShardWriter:
     """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
 
@@ -122,4 +121,3 @@ def check_complete(trajectories: list[Trajectory], problems: list[Problem], n: i
     extra = seen - expected
     if missing or extra:
         raise RuntimeError(f"shards do not match the run: {len(missing)} missing, {len(extra)} unexpected")
-
