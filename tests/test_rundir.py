@@ -42,8 +42,8 @@ class Small:
 def test_config_record_is_the_records_written_by_hand_before_it():
     """The helper against the recipe it replaced (`record` over `with_model` over settings), and literally."""
     assert config_record("weights", Small(), None, None) == record("weights", {"model": "m", "dtype": "auto"})
-    trained = config_record("train", Small(), {"digest": "in"}, "data.jsonl", {"digest": "abc"}, dtype="float32",
-                            problems="ff")
+    trained = config_record("train", Small(), {"digest": "in"}, "data.jsonl", model_record={"digest": "abc"},
+                            dtype="float32", problems="ff")
     assert json.dumps(trained) == (
         '{"stage": "train", "status": "running", "schema_version": 1, "settings": {"model": "trained:abc", '
         '"dtype": "float32", "problems": "ff"}, "input": {"path": "data.jsonl", "digest": "in"}, '

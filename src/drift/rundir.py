@@ -215,7 +215,7 @@ def record(stage: str, settings: dict[str, Any], input_record: dict[str, Any] | 
             "input": source, "digest": digest({"settings": settings, "input": source and source["digest"]})}
 
 
-def config_record(stage: str, cfg: Any, input_record: dict[str, Any] | None, input_path: str | Path | None,
+def config_record(stage: str, cfg: Any, input_record: dict[str, Any] | None, input_path: str | Path | None, *,
                   model_record: dict[str, Any] | None = None, **resolved: Any) -> dict[str, Any]:
     """The record of a stage run with config `cfg`: its settings (`drift.config.settings`) with the
     values resolved at run time (`resolved`: what dtype `auto` became, the problems' fingerprint),

@@ -134,5 +134,5 @@ def sampling_record(stage: str, cfg: RolloutConfig, problems: list[Problem],
                     model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The record of a stage that samples `problems` with `cfg.model` (`drift.rundir`): its settings
     with the problems' fingerprint and the resolved dtype; a model drift trained is its input."""
-    return config_record(stage, cfg, model_record, cfg.model, model_record,
+    return config_record(stage, cfg, model_record, cfg.model, model_record=model_record,
                          problems=tasks_fingerprint(problems), dtype=resolved_dtype(cfg))

@@ -364,5 +364,5 @@ def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None,
                  model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The train stage's record (`drift.rundir`): its settings (the dtype resolved; a starting model
     that drift trained named by its record), and the weighted rows it trained on."""
-    return config_record("train", cfg, weights_record, cfg.data, model_record,
+    return config_record("train", cfg, weights_record, cfg.data, model_record=model_record,
                          dtype=resolve_dtype(cfg.dtype, default_device()))
