@@ -1,11 +1,13 @@
 """Exact pruning of negligible weights (`drift.weights.prune_group`): which rows go, and the bound
 on what the loss loses, on hand-made groups."""
 
+import json
 import math
 
 import pytest
 
-from drift.weights import drift_weights, prune_group
+from drift import DriftError
+from drift.weights import WeightsConfig, compute, drift_weights, prune_group
 
 
 def test_smallest_rows_up_to_eps_of_the_group_total():
@@ -55,3 +57,48 @@ def test_pruned_loss_equals_the_full_loss_within_the_bound(normalize):
     bound = eps * sum(w_all) * max(l_all) / denom
     assert 0 <= full - kept <= bound
     assert full - kept > 0  # something was dropped: the test is not vacuous
+
+
+# --- the weights stage marks them, the trainer keeps them in the normalizer ------------------
+
+def drift_row(pid, idx, statuses):
+    turns = [{"response": "x", "answer": str(idx), "answer_norm": str(idx), "status": s, "tokens": 3,
+              "finish_reason": "stop"} for s in statuses]
+    return {"prompt_id": pid, "sample_idx": idx, "messages": [{"role": "user", "content": "q"}], "turns": turns,
+            "success": "correct" in statuses}
+
+
+def test_weights_stage_marks_pruned_rows_and_records_the_mass(tmp_path):
+    # group a: one success at turn 1 among four: the failures get 4 e^-10 / (1 + 3 e^-10) = 1.8e-4 each,
+    # 5.4e-4 together <= 1e-3 x 4: pruned. group b: all fail, equal returns: weight 1 each, nothing pruned.
+    rows = [drift_row("a", 0, ["correct"])] + [drift_row("a", i, ["wrong"] * 3) for i in range(1, 4)]
+    rows += [drift_row("b", i, ["wrong"]) for i in range(4)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, diag = compute(WeightsConfig(input=str(inp), output="o", beta=0.1, gamma=0.9, repeat_penalty=0.0, prune=1e-3))
+    assert [r.get("pruned", False) for r in out] == [False, True, True, True] + [False] * 4
+    failure = 4 * math.exp(-10) / (1 + 3 * math.exp(-10))
+    assert diag["pruned_rows"] == 3 and diag["pruned_weight"] == pytest.approx(3 * failure, rel=1e-9)
+    assert diag["pruned_weight_share"] == pytest.approx(3 * failure / 8, rel=1e-9)  # of the total weight, 8
+    out, diag = compute(WeightsConfig(input=str(inp), output="o", repeat_penalty=0.0))  # the default: off
+    assert not any("pruned" in r for r in out) and diag["pruned_rows"] == 0
+    out, _ = compute(WeightsConfig(input=str(inp), output="o", method="rft", prune=1e-3))
+    assert not any("pruned" in r for r in out)  # rft's zeros are min_weight's, as before
+
+
+def test_prune_must_be_a_share():
+    from drift.config import build
+
+    with pytest.raises(DriftError, match="prune must be in"):
+        build(WeightsConfig, {"prune": 1.0})
+
+
+def test_a_pruned_flag_that_is_not_a_bool_is_a_clear_error(tmp_path, tiny_tokenizer):
+    from drift.train.data import load_examples
+
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "weight": 1.0,
+           "pruned": "yes"}
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DriftError, match=r"w.jsonl:1: 'pruned' is not true or false: 'yes'"):
+        load_examples(path, tiny_tokenizer)

@@ -296,3 +296,40 @@ def test_training_runs_in_both_dtypes_with_float32_master_weights(tmp_path, tiny
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert next(saved.parameters()).dtype == torch.float32  # autocast computes in bf16; the weights stay float32
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in summary["history"])
+
+
+@pytest.mark.parametrize("normalize", ["mean", "weight_sum"])
+def test_pruned_rows_stay_in_the_normalizer(tmp_path, tiny_model_dir, normalize):
+    """One global batch of 6 rows, two marked pruned: the step's loss is the unpruned formula less
+    their terms, over the unpruned normalizer (6 rows, or the sum of all 6 weights)."""
+    weights = [1.0, 2.0, 3e-4, 0.5, 1e-4, 1.5]
+    rows = make_rows(6, seed=7, weights=weights)
+    marked = [dict(r, pruned=True) if r["weight"] < 1e-3 else r for r in rows]
+    full = train(tmp_path, tiny_model_dir, write_data(tmp_path / "full.jsonl", rows), "full", batch_size=6,
+                 normalize=normalize, max_steps=1)
+    pruned = train(tmp_path, tiny_model_dir, write_data(tmp_path / "pruned.jsonl", marked), "pruned", batch_size=6,
+                   normalize=normalize, max_steps=1, min_weight=1e-3)  # min_weight does not touch pruned rows
+    terms = hand_terms(tiny_model_dir, rows, "last")
+    denom = 6 if normalize == "mean" else sum(weights)
+    assert full["history"][0]["loss"] == pytest.approx(sum(terms) / denom, rel=1e-5)
+    assert pruned["history"][0]["loss"] == pytest.approx((sum(terms) - terms[2] - terms[4]) / denom, rel=1e-5)
+    assert pruned["data"]["pruned"] == 2 and pruned["data"]["rows_used"] == 4 and pruned["data"]["weight_scale"] == 1
+    lengths = [len(tokenize_conversation(r["messages"], AutoTokenizer.from_pretrained(tiny_model_dir), "last")[0])
+               for r in rows]
+    assert pruned["tokens"] == full["tokens"] - lengths[2] - lengths[4]
+
+
+def test_a_step_of_pruned_rows_only_still_steps(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Batches of 2 out of 4 rows; every row of the first batch pruned: the run takes the unpruned run's
+    2 steps, the first with loss 0 and a zero gradient (Adam's first step is then 0), so the second
+    step's loss is its batch's hand-computed loss at the initial weights."""
+    rows = make_rows(4, seed=8)
+    lengths = [len(tokenize_conversation(r["messages"], tiny_tokenizer, "last")[0]) for r in rows]
+    first, second = GlobalBatchSampler(lengths, 2, order="random", seed=0).global_batches()
+    marked = [dict(r, pruned=True) if i in first else r for i, r in enumerate(rows)]
+    summary = train(tmp_path, tiny_model_dir, write_data(tmp_path / "w.jsonl", marked), batch_size=2,
+                    batching="random", max_grad_norm=0)
+    assert summary["steps"] == 2 and summary["history"][0]["loss"] == 0
+    expected = sum(hand_terms(tiny_model_dir, [rows[i] for i in second], "last")) / 2
+    assert summary["history"][1]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert summary["tokens"] == sum(lengths[i] for i in second) + 1  # + the one padding token of step 1

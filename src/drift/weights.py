@@ -32,6 +32,14 @@ The `degenerate` rule picks which groups get weight 0:
     drop_unsolved  groups with no success;
     drop_equal     groups whose returns are all equal (all-success groups included).
 The diagnostics count both kinds of groups whatever the rule.
+
+`prune = eps` (drift and refit, whose weights are >= 0 and can be negligible without being zero by
+design): in each group, the smallest rows whose weights sum to at most eps of the group's total
+are marked `"pruned": true` (`prune_group`). `drift train` does not compute them but keeps them
+in the loss's normalizer and in the global batches, so a step's loss loses their terms only: at
+most eps x the group's weight x the largest per-row loss. The diagnostics record `pruned_rows`,
+`pruned_weight` and `pruned_weight_share`. Off by default: on mul, `train.min_weight` already
+drops the same rows (docs/results.md, section 6).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from drift.records import (ReturnInputs, is_success, read_jsonl, require_complet
 from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
+PRUNABLE = ("drift", "refit")  # weights >= 0 that can be negligible without being zero by design
 SWIFT_EPS = 1e-6
 
 
@@ -189,10 +198,13 @@ class WeightsConfig(ReturnConfig):
     degenerate: Literal["keep", "drop_unsolved", "drop_equal"] = option(
         "keep", "which groups get weight 0: keep (none, the reference), drop_unsolved (groups with no success), "
         "drop_equal (groups whose returns are all equal, all-success groups included)")
+    prune: float = option(0.0, "drift, refit: mark the smallest rows of each group whose weights sum to at most "
+                          "this share of the group's total (e.g. 1e-3) as pruned: not trained, still in the "
+                          "loss's normalizer; 0: none")
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
-        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target"):
+        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target", "prune"):
             if not math.isfinite(getattr(self, key)):
                 raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
         if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
@@ -201,6 +213,8 @@ class WeightsConfig(ReturnConfig):
             raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0 < self.ess_target < 1:
             raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
+        if not 0 <= self.prune < 1:
+            raise DriftError(f"prune must be in [0, 1), got {self.prune}")
 
     @property
     def returns(self) -> ReturnConfig:
@@ -244,7 +258,7 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
                     raise DriftError(f"{loc}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]!r}), "
                                      f"also at {first_seen[key]}")
                 first_seen[key] = loc
-            rows.append({**row, "return": ret})
+            rows.append({**{k: v for k, v in row.items() if k != "pruned"}, "return": ret})
             where.append(loc)
     if not rows:
         raise DriftError(f"{cfg.input}: no rows to weight (empty input)")
@@ -270,17 +284,22 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
         dropped = is_dropped(cfg.degenerate, degenerate, solved)
         if dropped:
             ws = [0.0] * len(ws)
-        for i, w in zip(idx, ws):
+        pruned = prune_group(ws, cfg.prune) if cfg.prune > 0 and cfg.method in PRUNABLE else [False] * len(ws)
+        for i, w, p in zip(idx, ws, pruned):
             rows[i]["weight"] = w
+            if p:
+                rows[i]["pruned"] = True
         per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate, "unsolved": not any(solved),
                           "dropped": dropped, "ess": effective_sample_size(ws), "max_weight": max(ws),
-                          "solved": sum(solved)})
+                          "solved": sum(solved), "pruned": sum(pruned),
+                          "pruned_weight": sum(w for w, p in zip(ws, pruned) if p)})
     return rows, diagnostics(cfg, rows, per_group, skipped, beta, reached)
 
 
 def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int, beta: float,
                 reached: float | None) -> dict:
     weights = [r["weight"] for r in rows]
+    total_weight = sum(abs(w) for w in weights)
     ess = [g["ess"] for g in per_group]
     qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
     return {
@@ -298,6 +317,9 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
         "weight_sum": sum(weights), "weight_min": min(weights), "weight_max": max(weights),
         "weight_quantiles": {"p10": qs[0], "p50": qs[4], "p90": qs[8]},
         "rows_weight_below_1e-3": sum(abs(w) < 1e-3 for w in weights),
+        "prune": cfg.prune, "pruned_rows": sum(g["pruned"] for g in per_group),
+        "pruned_weight": sum(g["pruned_weight"] for g in per_group),
+        "pruned_weight_share": (sum(g["pruned_weight"] for g in per_group) / total_weight) if total_weight else 0.0,
         "ess_mean": statistics.fmean(ess), "ess_min": min(ess), "ess_median": statistics.median(ess),
         "weight_share_by_success_turn": weight_share_by_success_turn(rows),
         "per_group": per_group,
@@ -383,6 +405,8 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
         ("ESS per group", f"mean {diag['ess_mean']:.2f}, min {diag['ess_min']:.2f}, median {diag['ess_median']:.2f}"),
         ("weight min / p10 / p50 / p90 / max", f"{diag['weight_min']:.4g} / {q['p10']:.4g} / {q['p50']:.4g} / {q['p90']:.4g} / {diag['weight_max']:.4g}"),
         ("rows with |weight| < 1e-3", str(diag["rows_weight_below_1e-3"])),
+        ("rows pruned (not trained, in the normalizer)", f"{diag['pruned_rows']} ({diag['pruned_weight_share']:.3g} of "
+                                                         f"the weight; prune {diag['prune']:g})"),
         ("weight share by success turn", ", ".join(
             f"{'unsolved' if k == 'unsolved' else 'turn ' + k} {v:.1%}" for k, v in diag["weight_share_by_success_turn"].items())),
     ]

@@ -21,6 +21,13 @@ would predict it, and padded it would be counted without being trained.
 The loss needs, per token, the weight of its example divided by the example's number of
 trained tokens (`token_weight`), so that summing token_weight * NLL over any batch layout,
 padded or packed, gives sum_i w_i * mean-token-NLL_i.
+
+A row that `drift weights` marked pruned (`"pruned": true`: its weight is negligible within its
+group) is read, tokenized and placed in the global batches like any other, so the batches, and
+the number of optimizer steps, are those of the unpruned run; `collate` leaves it out of the
+tensors but counts it in the batch's `rows` and `weight_total`, the normalizer's inputs. A
+micro-batch whose rows are all pruned becomes one padding token without a target: the optimizer
+step still happens, with a zero gradient from it.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ class Example:
     mask: list[int]  # [L], 1 = train this token (the token is a target of the loss)
     weight: float  # the row's importance weight, times DataStats.weight_scale
     line: int  # line of the row in its file
+    pruned: bool = False  # in the normalizer, not trained (see the module docstring)
 
 
 @dataclass
@@ -75,6 +83,9 @@ class DataStats:
     weight_total: float = 0.0  # sum of |weight| over all valid rows
     weight_dropped: float = 0.0  # sum of |weight| over the rows dropped by min_weight
     weight_scale: float = 1.0  # kept weights are multiplied by rows kept / rows valid (see `rescale`)
+    pruned: int = 0  # rows marked pruned: in the normalizer, not trained
+    pruned_tokens: int = 0  # their tokens
+    weight_pruned: float = 0.0  # sum of |weight| over them
     turns_cut_at_length: int = 0  # trained turns that hit max_new_tokens: end-of-turn token not trained
     prompt_truncated: int = 0  # rows cut from the left to fit max_length (prompt, earlier turns)
     completion_truncated: int = 0  # rows whose last trained turn was cut at the end
@@ -188,6 +199,13 @@ def check_weight(row: dict[str, Any], allow_negative: bool) -> float:
     return float(w)
 
 
+def check_pruned(row: dict[str, Any]) -> bool:
+    pruned = row.get("pruned", False)
+    if not isinstance(pruned, bool):
+        raise RowError(f"'pruned' is not true or false: {pruned!r}", "pruned_invalid")
+    return pruned
+
+
 def check_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     msgs = row.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -226,7 +244,8 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
 
     Bad rows raise DriftError naming file and line, or with `skip_bad_rows` are counted in
     `stats.skipped`. Rows with |weight| < min_weight are dropped and counted, and the kept
-    weights rescaled (`rescale`).
+    weights rescaled (`rescale`); rows marked pruned are kept as such (the module docstring),
+    whatever their weight.
     """
     if max_length < 2:
         raise DriftError(f"max_length must be at least 2, got {max_length}")
@@ -238,6 +257,7 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
             check_row_schema(row, f"{f}:{line}")
             try:
                 weight = check_weight(row, allow_negative_weights)
+                pruned = check_pruned(row)
                 ids, mask, cut = tokenize_row(row, tokenizer, turns)
                 ids, mask, left, right = truncate(ids, mask, max_length)
             except RowError as e:
@@ -246,6 +266,12 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
                 skipped[e.reason] += 1
                 continue
             stats.weight_total += abs(weight)
+            if pruned:
+                stats.pruned += 1
+                stats.pruned_tokens += len(ids)
+                stats.weight_pruned += abs(weight)
+                out.append(Example(ids, mask, weight, line, pruned=True))
+                continue
             if abs(weight) < min_weight:
                 stats.dropped_min_weight += 1
                 stats.dropped_min_weight_tokens += len(ids)
@@ -258,17 +284,17 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
             stats.trained_tokens += sum(mask)
             out.append(Example(ids, mask, weight, line))
     stats.skipped = dict(skipped)
-    stats.rows_used = len(out)
-    if not out:
+    stats.rows_used = len(out) - stats.pruned
+    if not stats.rows_used:
         raise DriftError(f"{p}: no rows left to train on (read {stats.rows_read}, skipped {sum(skipped.values())}, "
-                         f"dropped below min_weight {stats.dropped_min_weight})")
+                         f"dropped below min_weight {stats.dropped_min_weight}, pruned {stats.pruned})")
     rescale(out, stats)
     return out, stats
 
 
 def rescale(examples: list[Example], stats: DataStats) -> None:
-    """Multiply the kept weights by rows kept / rows valid, so that dropping rows below
-    min_weight keeps the reference objective.
+    """Multiply the kept weights by rows kept / rows valid (pruned rows count as kept: they stay
+    in the normalizer), so that dropping rows below min_weight keeps the reference objective.
 
     The reference's batch loss mean_i(w_i * loss_i) over batches drawn from all N valid rows
     has the expectation (1/N) sum_i w_i loss_i. Drawn from the K kept rows it would be
@@ -277,7 +303,8 @@ def rescale(examples: list[Example], stats: DataStats) -> None:
     the dropped rows' terms. Normalizers built from the weights (weight_sum, constant) divide
     the scale out again.
     """
-    stats.weight_scale = stats.rows_used / (stats.rows_used + stats.dropped_min_weight)
+    kept = stats.rows_used + stats.pruned
+    stats.weight_scale = kept / (kept + stats.dropped_min_weight)
     for e in examples:
         e.weight *= stats.weight_scale
 
@@ -287,8 +314,14 @@ def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dic
 
     Packed rows carry `position_ids` restarting at 0 for each sequence and no attention mask;
     transformers then builds a block-diagonal causal mask so sequences never see each other.
+    Pruned examples are left out of the tensors and counted in `rows` and `weight_total`.
     """
-    scales = [e.weight / sum(e.mask) for e in examples]
+    norm = {"rows": torch.tensor(float(len(examples))),  # [] every row of the micro-batch, pruned ones too
+            "weight_total": torch.tensor(sum(e.weight for e in examples), dtype=torch.float32)}  # []
+    examples = [e for e in examples if not e.pruned]
+    if not examples:  # one padding token, no target: a zero gradient, and the step still happens
+        examples = [Example([pad_id], [0], 0.0, 0)]
+    scales = [e.weight / max(sum(e.mask), 1) for e in examples]
     rows = []
     for e, s in zip(examples, scales):
         labels = [t if m else -100 for t, m in zip(e.input_ids, e.mask)]
@@ -307,7 +340,7 @@ def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dic
         batch["labels"] = torch.tensor([r[1] + [-100] * n for r, n in zip(rows, pad)])  # [B, L]
         batch["token_weight"] = torch.tensor([r[2] + [0.0] * n for r, n in zip(rows, pad)])  # [B, L]
     batch["weight"] = torch.tensor([e.weight for e in examples], dtype=torch.float32)  # [B examples]
-    return batch
+    return {**batch, **norm}
 
 
 class GlobalBatchSampler:

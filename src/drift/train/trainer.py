@@ -23,6 +23,13 @@ then the reference's, less the dropped rows' terms (without it, |B| would count 
 and the effective learning rate would grow by 1 / share kept); under weight_sum and constant the
 scale cancels.
 
+Rows that `drift weights` marked pruned (`prune`: the smallest rows of a group, summing to at
+most that share of the group's weight) are not trained but stay in every normalizer: |B| counts
+them, sum w includes their weights, the mean |w| of constant runs over them, and the global
+batches (so the number of steps and the learning-rate schedule) are those of the unpruned run.
+A step's loss therefore differs from the unpruned run's by the pruned rows' terms alone,
+sum_{pruned i in B} w_i * loss_i / normalizer. Unlike min_weight, nothing is rescaled.
+
 Negative weights (swift) push the probability of a token down without bound. With
 negative_nll_cap a negative-weight token whose NLL is already past the cap gets no more gradient
 (train_summary.json: capped_tokens counts them over the run).
@@ -155,8 +162,8 @@ class WeightedTrainer(Trainer):
         """The global batch's normalizer (see the module docstring); a collective unless constant."""
         if self.normalize == "constant":
             return torch.tensor(self.constant, device=device)
-        weights = torch.cat([b["weight"] for b in batches]).to(device)
-        local = weights.sum() if self.normalize == "weight_sum" else torch.tensor(float(weights.numel()), device=device)
+        key = "weight_total" if self.normalize == "weight_sum" else "rows"  # pruned rows included (module docstring)
+        local = torch.stack([b[key] for b in batches]).sum().to(device)
         total = self.accelerator.reduce(local.float(), reduction="sum")
         return torch.where(total > 0, total, torch.ones_like(total))  # all-zero weights: loss 0, not NaN
 
@@ -165,14 +172,15 @@ class WeightedTrainer(Trainer):
         if "weight" not in inputs or "token_weight" not in inputs:
             raise RuntimeError("batch without the weight column: training would silently be unweighted")
         inputs = dict(inputs)
-        labels, token_weight, weight = inputs.pop("labels"), inputs.pop("token_weight"), inputs.pop("weight")
+        labels, token_weight = inputs.pop("labels"), inputs.pop("token_weight")
+        rows, weight_total = inputs.pop("rows"), inputs.pop("weight_total")
+        inputs.pop("weight")
         keep, targets, weights = loss_targets(labels, token_weight)
         outputs = model(**inputs, logits_to_keep=keep)
         total, stats = weighted_nll_sum(outputs.logits, targets, weights, self.nll_cap)
         self.counts[3] += stats.capped
         if num_items_in_batch is None:  # outside the training loop: normalize over this batch
-            num_items_in_batch = {"weight_sum": weight.sum(), "constant": self.constant}.get(self.normalize,
-                                                                                           weight.numel())
+            num_items_in_batch = {"weight_sum": weight_total, "constant": self.constant}.get(self.normalize, rows)
         loss = total / num_items_in_batch
         return (loss, outputs) if return_outputs else loss
 
@@ -308,10 +316,12 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
             raise DriftError(f"model {cfg.model!r} has no chat template: masks are built from it")
         examples, stats = load_examples(cfg.data, tokenizer, cfg.turns, cfg.max_length, cfg.min_weight,
                                         cfg.skip_bad_rows, cfg.allow_negative_weights)
-        log.info("train: %d rows used of %d; %d dropped below min_weight %g (%.3g%% of the weight, kept weights "
-                 "x %.4g); skipped %s", stats.rows_used, stats.rows_read, stats.dropped_min_weight, cfg.min_weight,
-                 100 * stats.weight_share_dropped, stats.weight_scale, stats.skipped or "none")
-        if stats.weight_total - stats.weight_dropped <= 0:
+        log.info("train: %d rows used of %d; %d pruned (%.3g%% of the weight, in the normalizer); %d dropped below "
+                 "min_weight %g (%.3g%% of the weight, kept weights x %.4g); skipped %s", stats.rows_used,
+                 stats.rows_read, stats.pruned, 100 * stats.weight_pruned / stats.weight_total if stats.weight_total
+                 else 0.0, stats.dropped_min_weight, cfg.min_weight, 100 * stats.weight_share_dropped,
+                 stats.weight_scale, stats.skipped or "none")
+        if stats.weight_total - stats.weight_dropped - stats.weight_pruned <= 0:
             raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
         # step 4 (after the arguments: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
         model = _load_model(path, cfg)
