@@ -53,14 +53,14 @@ def test_good_arm_names_and_kinds():
 
 
 def test_arm_cost_counts_its_own_steps_and_the_shared_rollout():
-    recs = {"rollout": {"cost": {"flops": 1.0}}, "weights/d": {"cost": {"flops": 2.0}},
-            "train/d": {"cost": {"flops": 4.0}}, "eval/d/round-1": {"cost": {"flops": 100.0}},
-            "rollout/d/round-2": {"cost": {"flops": 8.0}}, "train/d/round-2": {"cost": {"flops": 16.0}},
-            "eval/d": {"cost": {"flops": 100.0}}, "online/o": {"cost": {"flops": 32.0}},
-            "eval/o": {"cost": {"flops": 100.0}}}
+    recs = {"rollout": {"cost": {"generated_tokens": 1}}, "weights/d": {"cost": {"generated_tokens": 2}},
+            "train/d": {"cost": {"generated_tokens": 4}}, "eval/d/round-1": {"cost": {"generated_tokens": 100}},
+            "rollout/d/round-2": {"cost": {"generated_tokens": 8}}, "train/d/round-2": {"cost": {"generated_tokens": 16}},
+            "eval/d": {"cost": {"generated_tokens": 100}}, "online/o": {"cost": {"generated_tokens": 32}},
+            "eval/o": {"cost": {"generated_tokens": 100}}}
     d = make_arm("d", ArmConfig(method="drift", rounds=2))
-    assert d.cost(recs).flops == 1 + 2 + 4 + 8 + 16 and d.cost(recs, 1).flops == 1 + 2 + 4
-    assert make_arm("o", ArmConfig(method="online")).cost(recs).flops == 32  # not the shared rollout
+    assert d.cost(recs).generated_tokens == 1 + 2 + 4 + 8 + 16 and d.cost(recs, 1).generated_tokens == 1 + 2 + 4
+    assert make_arm("o", ArmConfig(method="online")).cost(recs).generated_tokens == 32  # not the shared rollout
     assert [(r.label, r.step, r.round) for r in d.rows(recs)] == [("d@1", "eval/d/round-1", 1), ("d@2", "eval/d", 2)]
 
 
