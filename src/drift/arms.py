@@ -41,7 +41,7 @@ from drift.ledger import Cost
 from drift.online import run as online
 from drift.online.config import OnlineConfig
 from drift.rollout import engine
-from drift.rollout.engine import RolloutConfig
+from drift.rollout.config import RolloutConfig
 from drift.rundir import EvalDir, RunDir, TrainDir, read_record
 from drift.tasks import Problem
 from drift.train import trainer

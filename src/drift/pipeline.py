@@ -32,7 +32,7 @@ from drift.env import ENVIRONMENT_KEYS
 from drift.evaluate import EvalConfig
 from drift.records import write_json
 from drift.rollout import engine
-from drift.rollout.engine import RolloutConfig, task_spec
+from drift.rollout.config import RolloutConfig, task_spec
 from drift.rundir import Lock, RunDir, ensure_writable, is_complete, mismatches, read_record
 from drift.tasks import Problem, load_tasks
 
