@@ -20,9 +20,9 @@ from pathlib import Path
 
 from drift.config import build
 from drift.models import load_tokenizer, resolve_model
+from drift.records import write_jsonl
 from drift.train.data import GlobalBatchSampler, collate, load_examples
 from drift.weights import WeightsConfig, compute
-from drift.records import write_jsonl
 
 PARAMETERS = 134_515_008  # SmolLM2-135M-Instruct (the ledger's N)
 
@@ -32,7 +32,7 @@ def arm_cost(rollout: str, spec: dict, tokenizer, work: Path, epochs: int, batch
     min_weight = spec.pop("min_weight", 1e-3)
     cfg = build(WeightsConfig, {"beta": 0.1, "gamma": 0.9, **spec, "input": rollout, "output": str(work / "w.jsonl")})
     rows, diag = compute(cfg)
-    write_jsonl(work / "w.jsonl", rows)
+    write_jsonl(work / "w.jsonl", (r.to_json() for r in rows))
     examples, stats = load_examples(work / "w.jsonl", tokenizer, "last", 1024, min_weight)
     sampler = GlobalBatchSampler([len(e.input_ids) for e in examples], batch_size, order="group", seed=0)
     tokens = steps = empty = 0

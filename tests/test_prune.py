@@ -76,14 +76,15 @@ def test_weights_stage_marks_pruned_rows_and_records_the_mass(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out, diag = compute(WeightsConfig(input=str(inp), output="o", beta=0.1, gamma=0.9, repeat_penalty=0.0, prune=1e-3))
-    assert [r.get("pruned", False) for r in out] == [False, True, True, True] + [False] * 4
+    assert [r.pruned for r in out] == [False, True, True, True] + [False] * 4
+    assert [r.to_json().get("pruned", False) for r in out] == [False, True, True, True] + [False] * 4
     failure = 4 * math.exp(-10) / (1 + 3 * math.exp(-10))
     assert diag["pruned_rows"] == 3 and diag["pruned_weight"] == pytest.approx(3 * failure, rel=1e-9)
     assert diag["pruned_weight_share"] == pytest.approx(3 * failure / 8, rel=1e-9)  # of the total weight, 8
     out, diag = compute(WeightsConfig(input=str(inp), output="o", repeat_penalty=0.0))  # the default: off
-    assert not any("pruned" in r for r in out) and diag["pruned_rows"] == 0
+    assert not any("pruned" in r.to_json() for r in out) and diag["pruned_rows"] == 0
     out, _ = compute(WeightsConfig(input=str(inp), output="o", method="rft", prune=1e-3))
-    assert not any("pruned" in r for r in out)  # rft's zeros are min_weight's, as before
+    assert not any(r.pruned for r in out)  # rft's zeros are min_weight's, as before
 
 
 def test_prune_must_be_a_share():
