@@ -6,7 +6,10 @@ The checker functions below are imported by name (`test_reliability:fn`) in chec
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +38,108 @@ def test_a_custom_checker_that_answers_yes_stops_the_rollout_with_one_line(tmp_p
     assert rc == 2
     assert error_lines(capsys)[-1] == ("drift rollout: error: custom checker test_reliability:says_yes returned 'yes' "
                                        "(str); it must return True (correct), False (wrong) or None (unparseable)")
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size mounted under tmp_path (needs root; skipped where mount is refused)."""
+    mounted = []
+
+    def mount(kib: int):
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def fill(disk) -> Path:
+    """Fill `disk` to the last byte with one file; removing it frees the space again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def weighted_rows(path, n=8):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"<answer>{2 * i}</answer>"}], "weight": 1.0 + i % 2}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", str(model), "--data", data, "--output", str(out), "--batch-size", "2", "--lr", "1e-3",
+            "--logging-steps", "1", "--warmup-ratio", "0", *extra]
+
+
+def test_train_refuses_a_disk_too_small_before_training(tmp_path, capsys, tiny_model_dir, small_disk):
+    disk = small_disk(128)  # the tiny model's float32 weights alone are ~360 KiB
+    out = disk / "t"
+    rc = main(train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "2"))
+    line = error_lines(capsys)[-1]
+    assert rc == 2 and line.startswith(f"drift train: error: not enough space for {out}: ")
+    assert "free, the run writes about" in line and "model " in line
+    assert not (out / "train_summary.json").exists()  # refused before the output was marked running
+
+
+def test_train_full_disk_at_save_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """The model's save meets a full disk (monkeypatched: the save raises ENOSPC as the OS would),
+    after checkpoints were saved: one line, the checkpoints kept, the rerun resumes from them."""
+    from drift.train import trainer
+
+    out = tmp_path / "t"
+
+    real = trainer.WeightedTrainer.save_model
+
+    def full(self, output_dir=None, *args, **kwargs):
+        if output_dir == str(out):  # the model's save; the checkpoints' go through
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+        return real(self, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.WeightedTrainer, "save_model", full)
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "3",
+                      "--save-steps", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift train: error: no space left on device writing {out} (")
+    assert line.endswith("rerun with --resume-from-checkpoint latest (drift run does so itself)")
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "running"
+    assert (out / "checkpoint-2" / "drift_checkpoint.json").is_file()
+    monkeypatch.setattr(trainer.WeightedTrainer, "save_model", real)  # space freed
+    assert main([*args, "--resume-from-checkpoint", "latest"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
+
+
+def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, capsys, tiny_model_dir, small_disk):
+    disk = small_disk(256)
+    filler = fill(disk)
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    rollout = ["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(disk / "r"), "--n", "2",
+               "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]
+    assert main(rollout) == 2
+    assert error_lines(capsys)[-1].startswith(f"drift rollout: error: no space left on device writing {disk / 'r'}")
+    weights = ["weights", str(tmp_path / "r0"), "--output", str(disk / "w.jsonl")]
+    assert main(["rollout", *rollout[1:-10], "--output", str(tmp_path / "r0"), *rollout[-8:]]) == 0
+    capsys.readouterr()
+    assert main(weights) == 2
+    assert error_lines(capsys)[-1].startswith(f"drift weights: error: no space left on device writing {disk}")
+    filler.unlink()
+    assert main(rollout) == 0 and main(weights) == 0
+    assert (disk / "w.jsonl").read_text()

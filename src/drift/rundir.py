@@ -32,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,8 +277,41 @@ def ensure_writable(path: str | Path, is_file: bool = False) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if is_space_error(e):
+            raise space_error(target) from None
         raise DriftError(f"cannot write to {target}: {e.strerror or e}") from None
     return p
+
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def space_error(path: str | Path, needed: int | None = None, rerun: str = "rerun the same command") -> DriftError:
+    """The one line for a full disk at `path`: what is free, what was needed (when known), and
+    that nothing written is lost, so the same command resumes once space is freed."""
+    want = f", about {mib(needed)} needed" if needed else ""
+    return DriftError(f"no space left on device writing {path} ({mib(free_bytes(path))} free{want}); what is "
+                      f"already written is kept: free space (or choose another output) and {rerun}")
+
+
+def is_space_error(e: BaseException) -> bool:
+    """A full disk or quota. safetensors' writer reports one as its own error type without an
+    errno, naming the OS error number in its message."""
+    if isinstance(e, OSError):
+        return e.errno in SPACE_ERRORS
+    return any(f"(os error {n})" in str(e) for n in SPACE_ERRORS)
 
 
 class Lock:
@@ -293,8 +327,12 @@ class Lock:
         self._fd: int | None = None
 
     def __enter__(self) -> Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path.parent}: {e.strerror or e}")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -304,8 +342,13 @@ class Lock:
                 raise DriftError(f"{self.path.parent} is being written by another drift process (pid {holder}); "
                                  "wait for it to finish or choose another output") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path}: {e.strerror or e}")) from None
         self._fd = fd
         return self
 

@@ -53,10 +53,11 @@ from drift.config import option
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import Lock, TrainDir, config_record, ensure_writable, read_record, trained_record, weights_record
+from drift.rundir import (Lock, TrainDir, config_record, ensure_writable, is_space_error, read_record, space_error,
+                          trained_record, weights_record)
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
-from drift.train.output import resume_checkpoint, start_output
+from drift.train.output import check_space, resume_checkpoint, space_needed, start_output
 from drift.train.progress import COUNTERS, Progress
 
 log = logging.getLogger(__name__)
@@ -315,6 +316,9 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
             raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
         # step 4 (after the arguments: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
         model = _load_model(path, cfg)
+        needed = space_needed(model, path, max(cfg.save_total_limit, 1) if cfg.save_steps > 0 else 0, cfg.lora,
+                              cfg.merge_lora)
+        check_space(out, needed, fresh=checkpoint is None)
         # step 5
         trainer = WeightedTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                                   normalize=cfg.normalize, batching=cfg.batching, nll_cap=cfg.negative_nll_cap)
@@ -322,14 +326,22 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
         trainer.add_callback(progress)
         if trainer.is_world_process_zero():
             start_output(out, {**rec, "config": asdict(cfg)}, fresh=checkpoint is None)
-        result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
-        counters = progress.counters()
-        # step 6
-        trainer.save_model(str(out))
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(out)
-            if cfg.merge_lora:
-                _save_merged(path, out, tokenizer)
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+            counters = progress.counters()
+            # step 6
+            trainer.save_model(str(out))
+            if trainer.is_world_process_zero():
+                tokenizer.save_pretrained(out)
+                if cfg.merge_lora:
+                    _save_merged(path, out, tokenizer)
+        except Exception as e:  # a checkpoint's or the model's save; safetensors has its own error type
+            if not is_space_error(e):
+                raise
+            saved = any(out.glob("checkpoint-*/drift_checkpoint.json"))
+            rerun = ("rerun with --resume-from-checkpoint latest (drift run does so itself)" if saved
+                     else "rerun the same command")
+            raise space_error(out, sum(needed.values()), rerun) from None
     summary = {**rec, "status": "complete", **_summary(cfg, stats, trainer, result, counters),
                "resumed_from": checkpoint and str(checkpoint), "cost": progress.cost(cost, counters).to_json()}
     if trainer.is_world_process_zero():
