@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -143,3 +144,61 @@ def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, caps
     filler.unlink()
     assert main(rollout) == 0 and main(weights) == 0
     assert (disk / "w.jsonl").read_text()
+
+
+# --- damaged outputs ---------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_model_is_refused_by_every_loader_and_retrained(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "t"
+    data = weighted_rows(tmp_path / "w.jsonl")
+    assert main(train_args(tiny_model_dir, data, out, "--max-steps", "1")) == 0
+    files = json.loads((out / "train_summary.json").read_text())["files"]
+    assert set(files) == {"model.safetensors"} and files["model.safetensors"]["bytes"] > 0
+    truncate(out / "model.safetensors")
+    capsys.readouterr()
+    # a command that loads the model refuses it: here, training on from it
+    assert main(train_args(out, data, tmp_path / "t2", "--max-steps", "1")) == 2
+    line = error_lines(capsys)[-1]
+    assert line.startswith(f"drift train: error: {out}: damaged model: model.safetensors has ")
+    assert "its record says" in line and "truncated" in line
+    assert main(train_args(tiny_model_dir, data, out, "--max-steps", "1")) == 0  # the same command mends it
+    assert main(train_args(out, data, tmp_path / "t2", "--max-steps", "1")) == 0
+
+
+def test_drift_train_refuses_damaged_weighted_rows(tmp_path, capsys, tiny_model_dir):
+    rollout = tmp_path / "r"
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    assert main(["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(rollout), "--n", "2",
+                 "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]) == 0
+    assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl"), "--method", "sft"]) == 0
+    (tmp_path / "w.jsonl").write_text((tmp_path / "w.jsonl").read_text().replace('"weight": 1.0', '"weight": 9.0', 1))
+    capsys.readouterr()
+    assert main(train_args(tiny_model_dir, str(tmp_path / "w.jsonl"), tmp_path / "t")) == 2
+    assert error_lines(capsys)[-1] == (f"drift train: error: {tmp_path / 'w.jsonl'}: damaged weighted rows: w.jsonl "
+                                       "differs from the file its record vouches for (sha256); write them again with "
+                                       "drift weights")
+
+
+def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, tiny_model_dir):
+    from test_pipeline import config
+
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(data))
+    assert main(["run", str(cfg)]) == 0
+    model = tmp_path / "run/train/drift/model.safetensors"
+    whole = model.read_bytes()
+    truncate(model)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="drift")
+    assert main(["run", str(cfg)]) == 0
+    said = caplog.text
+    assert "stage train/drift: complete, but its files are damaged (model.safetensors has" in said
+    assert "stage train/drift: complete, skipped" not in said and "stage rollout: complete, skipped" in said
+    assert model.stat().st_size == len(whole)

@@ -29,7 +29,8 @@ from drift import DriftError
 from drift.config import build, derive_seed, option, read_config_file
 from drift.evaluate import ENVIRONMENT_KEYS, EvalConfig, inherit_environment
 from drift.records import write_json
-from drift.rundir import EvalDir, Lock, RunDir, checkpoint_record, ensure_writable, is_complete, mismatch, read_record
+from drift.rundir import (EvalDir, Lock, RunDir, checkpoint_record, damaged, ensure_writable, is_complete, mismatch,
+                          read_record)
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,9 @@ def check(steps: list[Step]) -> list[Step]:
         elif differ:
             built_on.append(step)
         elif not is_complete(rec):
+            todo.append(step)
+        elif harm := damaged(step.record_path.parent, rec):
+            log.warning("stage %s: complete, but its files are damaged (%s): redoing it", step.name, "; ".join(harm))
             todo.append(step)
     if not own and built_on:  # nothing changed its own settings: an input was redone under it
         own, built_on = [(built_on[0], ["made from another input: an earlier stage was redone"])], built_on[1:]

@@ -20,16 +20,21 @@ train_summary.json, metrics.json), the same fields:
     settings   the stage config's keys that shape the output (`drift.config.settings`),
     input      the path and digest of the record it consumed (None for a first stage),
     digest     a hash of settings and input digest: what a consumer records as its input,
-    cost       the cost ledger (`drift.ledger.Cost`).
+    cost       the cost ledger (`drift.ledger.Cost`),
+    files      (train, weights) the size and sha256 of each file the record vouches for, by its
+               path relative to the record's folder (`file_record`).
 
-A reader trusts an output only when its record says complete; `drift run` compares settings and
-input digest before reusing one.
+A reader trusts an output only when its record says complete and its files are as recorded
+(`damaged`): `drift run` redoes a stage whose files were truncated or changed, and loading a
+model that drift trained refuses one; `drift run` compares settings and input digest before
+reusing an output.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -244,6 +249,36 @@ def check_schema(version: Any, where: Any, supported: int = RECORD_SCHEMA) -> No
     if not isinstance(version, int) or version > supported:
         raise DriftError(f"{where}: written with schema_version {version!r}, but this drift reads up to "
                          f"{supported}: upgrade drift to read it")
+
+
+def file_record(folder: str | Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """{path relative to `folder`: {"bytes", "sha256"}} of `files`: what a record vouches for."""
+    root = Path(folder)
+    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(files)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damaged(folder: str | Path, rec: dict[str, Any] | None) -> list[str]:
+    """How the files a record vouches for (`files`, relative to `folder`) differ from what it
+    recorded: missing, another size (truncated), or another digest. Empty: all intact (or the
+    record vouches for no files)."""
+    out = []
+    for name, want in ((rec or {}).get("files") or {}).items():
+        f = Path(folder) / name
+        if not f.is_file():
+            out.append(f"{name} is missing")
+        elif (size := f.stat().st_size) != want["bytes"]:
+            out.append(f"{name} has {size} bytes, its record says {want['bytes']} (truncated or replaced)")
+        elif _sha256(f) != want["sha256"]:
+            out.append(f"{name} differs from the file its record vouches for (sha256)")
+    return out
 
 
 def is_complete(rec: dict[str, Any] | None) -> bool:

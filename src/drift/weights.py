@@ -52,7 +52,7 @@ from drift.config import option
 from drift.ledger import Cost, measure
 from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, success_turn,
                            trajectory_files, write_json, write_jsonl)
-from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
+from drift.rundir import Lock, config_record, ensure_writable, file_record, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -314,7 +314,8 @@ def run_weights(cfg: WeightsConfig) -> dict:
             rows, diag = compute(cfg)
             weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
             write_jsonl(out, rows)
-        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
+        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json(),
+                "files": file_record(out.parent, [out])}
         write_json(weights_record(out), diag)
     return diag
 

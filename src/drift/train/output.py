@@ -20,7 +20,7 @@ from typing import Any
 
 from drift import DriftError
 from drift.records import write_json
-from drift.rundir import TrainDir, checkpoint_record, free_bytes, mib, mismatch, read_record
+from drift.rundir import TrainDir, checkpoint_record, damaged, file_record, free_bytes, mib, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ CHECKPOINTS = ("checkpoint-*",)
 
 
 def require_trained(path: str | Path) -> None:
-    """Refuse a training output whose run did not finish (its summary says status running).
+    """Refuse a training output whose run did not finish (its summary says status running), or
+    whose model files are not the ones its summary vouches for (truncated, replaced, missing).
 
     A directory without train_summary.json is not drift's (a downloaded model): nothing to check.
     """
@@ -39,6 +40,17 @@ def require_trained(path: str | Path) -> None:
     if status != "complete":
         raise DriftError(f"{path}: training did not finish (status {status}); rerun drift train with --output "
                          f"{path} (add --resume-from-checkpoint latest if it saved checkpoints)")
+    harm = damaged(path, summary)
+    if harm:
+        raise DriftError(f"{path}: damaged model: {'; '.join(harm)}; train it again (drift train with --output "
+                         f"{path}, or drift run, which redoes a damaged stage)")
+
+
+def model_files(output: Path) -> dict[str, dict]:
+    """The record (`drift.rundir.file_record`) of the model files a finished run saved in `output`."""
+    files = [f for pattern in MODEL_FILES for p in output.glob(pattern)
+             for f in ([p] if p.is_file() else [x for x in p.rglob("*") if x.is_file()])]
+    return file_record(output, files)
 
 
 def start_output(output: Path, running: dict[str, Any], fresh: bool) -> None:

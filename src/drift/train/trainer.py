@@ -53,11 +53,11 @@ from drift.config import option
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import (Lock, TrainDir, config_record, ensure_writable, is_space_error, read_record, space_error,
-                          trained_record, weights_record)
+from drift.rundir import (Lock, TrainDir, config_record, damaged, ensure_writable, is_space_error, read_record,
+                          space_error, trained_record, weights_record)
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
-from drift.train.output import check_space, resume_checkpoint, space_needed, start_output
+from drift.train.output import check_space, model_files, resume_checkpoint, space_needed, start_output
 from drift.train.progress import COUNTERS, Progress
 
 log = logging.getLogger(__name__)
@@ -300,6 +300,8 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     with measure(cost, str(args.device)):
         # step 2
         rows = read_record(weights_record(cfg.data)) or rows_record(cfg.data)
+        if harm := damaged(Path(cfg.data).parent, rows):
+            raise DriftError(f"{cfg.data}: damaged weighted rows: {'; '.join(harm)}; write them again with drift weights")
         rec = stage_record(cfg, rows, trained_record(cfg.model))
         checkpoint, carried = resume_checkpoint(cfg.resume_from_checkpoint, out, rec)
         # step 3
@@ -345,7 +347,7 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     summary = {**rec, "status": "complete", **_summary(cfg, stats, trainer, result, counters),
                "resumed_from": checkpoint and str(checkpoint), "cost": progress.cost(cost, counters).to_json()}
     if trainer.is_world_process_zero():
-        write_json(TrainDir(out).summary, summary)
+        write_json(TrainDir(out).summary, {**summary, "files": model_files(out)})
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
     log.info("train: %d steps, final loss %s, %.0f tokens/s, saved to %s", summary["steps"], summary["final_loss"],
              summary["tokens_per_second"], out)
