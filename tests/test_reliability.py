@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import random
 import subprocess
 from pathlib import Path
 
@@ -202,3 +203,56 @@ def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, ti
     assert "stage train/drift: complete, but its files are damaged (model.safetensors has" in said
     assert "stage train/drift: complete, skipped" not in said and "stage rollout: complete, skipped" in said
     assert model.stat().st_size == len(whole)
+
+
+# --- exact resumes -----------------------------------------------------------------------
+
+
+def test_train_loss_after_a_resume_covers_the_whole_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "t"
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "4", "--save-steps", "1",
+                      "--save-total-limit", "4")
+    assert main(args) == 0
+    whole = json.loads((out / "train_summary.json").read_text())
+    losses = [h["loss"] for h in whole["history"]]
+    assert len(losses) == 4 and whole["train_loss"] == pytest.approx(sum(losses) / 4, rel=1e-4)
+    # killed after checkpoint 2 (3's record was never written), then resumed: steps 3 and 4 are redone
+    (out / "checkpoint-3" / "drift_checkpoint.json").unlink()
+    assert main([*args, "--resume-from-checkpoint", "latest"]) == 0
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+
+
+def reference_rows(groups: int, n: int) -> list[dict]:
+    return [{"prompt_id": f"p{g}", "sample_idx": i, "messages": [], "turn_rewards": {"t1": float((g + i) % 2)},
+             "answer_norms": [str(i)], "format_penalty": 0.0, "t_star": 1 if (g + i) % 2 else None}
+            for g in range(groups) for i in range(n)]
+
+
+def test_the_weighted_file_is_in_canonical_order_whatever_the_completion_order(tmp_path):
+    rows = reference_rows(3, 4)
+    written = []
+    shuffled = random.Random(1).sample(rows, len(rows))  # a resumed rollout's completion order
+    assert shuffled != rows
+    for name, order in [("in-order", rows), ("completed-otherwise", shuffled)]:
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in order))
+        assert main(["weights", str(src), "--output", str(tmp_path / f"{name}-w.jsonl")]) == 0
+        written.append((tmp_path / f"{name}-w.jsonl").read_bytes())
+    assert written[0] == written[1]
+    keys = [(r["prompt_id"], r["sample_idx"]) for r in map(json.loads, written[0].decode().splitlines())]
+    assert keys == sorted(keys)
+
+
+def test_beta_auto_that_cannot_reach_its_target_says_so(tmp_path, caplog):
+    src = tmp_path / "n2.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in reference_rows(3, 2)))  # n = 2: ESS/N >= 0.5
+    with caplog.at_level(logging.WARNING, logger="drift.weights"):
+        assert main(["weights", str(src), "--output", str(tmp_path / "w.jsonl"), "--beta", "auto"]) == 0
+    assert "beta auto cannot reach the ESS/N target 0.25 on these groups: it took beta 0.0001" in caplog.text
+    diag = json.loads((tmp_path / "w.weights.json").read_text())
+    assert diag["ess_target_met"] is False and diag["ess_share_reached"] == pytest.approx(0.5)
+    assert main(["weights", str(src), "--output", str(tmp_path / "w2.jsonl"), "--beta", "auto",
+                 "--ess-target", "0.75"]) == 0
+    assert json.loads((tmp_path / "w2.weights.json").read_text())["ess_target_met"] is True

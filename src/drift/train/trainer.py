@@ -124,9 +124,17 @@ class WeightedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.normalize, self.batching, self.nll_cap = normalize, batching, nll_cap
         self.counts = torch.zeros(len(COUNTERS), dtype=torch.float64)  # [COUNTERS] of this process, this run
+        self.loss_sum = torch.zeros((), dtype=torch.float64)  # sum of the step losses of this process, this run
         a = self.args
         rows = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         self.constant = rows * statistics.fmean(abs(e.weight) for e in self.train_dataset)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The step's loss, also added to `loss_sum` (the Trainer's own sum covers only the steps
+        since a resume; `Progress` carries this one across resumes)."""
+        loss = super().training_step(*args, **kwargs)
+        self.loss_sum = self.loss_sum.to(loss.device) + loss.detach().double()
+        return loss
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
@@ -365,7 +373,9 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
         "hardware": {"device": trainer.args.device.type, "dtype": "bfloat16" if trainer.args.bf16 else "float32"},
         "distributed_type": trainer.accelerator.distributed_type.value,
         "constant_normalizer": trainer.constant if cfg.normalize == "constant" else None,
-        "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
+        # the mean step loss over the whole run, resumed or not (the Trainer's covers this process's steps)
+        "train_loss": counters["loss_sum"] / max(trainer.state.global_step, 1),
+        "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
         "seconds": seconds, "trained_tokens": trained, "tokens": real, "capped_tokens": counters["capped_tokens"],
         "padding_share": 1 - real / slots if slots else 0.0,
