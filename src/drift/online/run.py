@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from drift.rollout.config import sampling_record
 from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, trained_record
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
+from drift.train.output import model_files
 from drift.weights import trajectory_return
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,25 @@ def eval_config(cfg: OnlineConfig, model: str, output: Path) -> Any:
                               "output": str(output), "resume": True}, "eval.")
 
 
+def evaluation_count(cfg: OnlineConfig) -> int:
+    """How many held-out evaluations the run makes: every eval_every iterations and after the last."""
+    if not cfg.eval_every:
+        return 1
+    return cfg.iterations // cfg.eval_every + (cfg.iterations % cfg.eval_every != 0)
+
+
+def announce_evaluations(cfg: OnlineConfig, ec: Any, problems: int) -> None:
+    """Say at start what the learning curve's evaluations cost (the whole held-out split unless
+    eval.num_problems bounds it: mc-arith's is 4,025 problems), and warn when they score the
+    problems the arm trains on."""
+    log.info("online: %d held-out evaluation(s), each of %d problems x %d sample(s), up to %d turns (%d "
+             "conversations)%s", evaluation_count(cfg), problems, ec.n, ec.max_turns, problems * ec.n,
+             "" if "num_problems" in cfg.eval else "; bound them with --eval '{\"num_problems\": N}'")
+    if "all" in (ec.split, cfg.split) or (ec.split == cfg.split and ec.tasks == cfg.tasks):
+        log.warning("online: the held-out evaluations (eval split %r) score problems the arm trains on (split %r): "
+                    "its learning curve is not held out", ec.split, cfg.split)
+
+
 def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     """Run (or resume) the online arm; return its summary (also written to train_summary.json)."""
     from accelerate import Accelerator
@@ -91,7 +112,9 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     out = OnlineDir(ensure_writable(cfg.output))
     problems = load_tasks(task_spec(cfg))
     prompt_batch(problems, cfg.batch_prompts, cfg.seed, 0)  # B fits the task, before any work
-    held_out = load_tasks(task_spec(eval_config(cfg, cfg.model, out.path)))
+    held_out_cfg = eval_config(cfg, cfg.model, out.path)
+    held_out = load_tasks(task_spec(held_out_cfg))
+    announce_evaluations(cfg, held_out_cfg, len(held_out))
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     # accelerate keeps process-wide state: a Trainer that ran earlier in this process (an offline
     # arm of the same `drift run`) would otherwise impose its mixed precision on this model. Reset it
@@ -192,7 +215,10 @@ class _Loop:
             acc.wait_for_everyone()
             cost = Cost(parameters=self.progress["cost"]["parameters"])
             with measure(cost, str(acc.device)):
+                began = time.perf_counter()
                 trajs, rollout_cost = self._sample(it, backend)
+                if it == self.progress["iterations_done"]:
+                    self._estimate(len(trajs), time.perf_counter() - began)
                 entry = self._learn(it, trajs, cost)
             cost = cost + dataclasses.replace(rollout_cost, wall_seconds=0.0, cpu_seconds=0.0, peak_memory_bytes=0)
             backend = self._sync(k)
@@ -210,6 +236,14 @@ class _Loop:
                 saved.save(self.out.path, self.policy.state(), self.progress)
                 write_json(self.out.summary, {**self.expected, **_summary_fields(self.progress)})
             acc.wait_for_everyone()
+
+    def _estimate(self, conversations: int, seconds: float) -> None:
+        """After the first iteration sampled: what one held-out evaluation will take at that pace."""
+        ec = eval_config(self.cfg, self.cfg.model, self.out.path)
+        todo = len(self.held_out) * ec.n
+        log.info("online: iteration sampled %d conversations in %.1f s; each held-out evaluation (%d conversations) "
+                 "will take about %.0f s at that pace", conversations, seconds, todo,
+                 todo * seconds / max(conversations, 1))
 
     # step 1
     def _sync(self, k: int) -> Any:
@@ -364,6 +398,6 @@ class _Loop:
         if acc.is_main_process:
             self.policy.generator(torch.float32).save_pretrained(self.out.path)
             self.tokenizer.save_pretrained(self.out.path)
-            write_json(self.out.summary, summary)
+            write_json(self.out.summary, {**summary, "files": model_files(self.out.path)})
         acc.wait_for_everyone()
         return summary
