@@ -256,3 +256,21 @@ def test_beta_auto_that_cannot_reach_its_target_says_so(tmp_path, caplog):
     assert main(["weights", str(src), "--output", str(tmp_path / "w2.jsonl"), "--beta", "auto",
                  "--ess-target", "0.75"]) == 0
     assert json.loads((tmp_path / "w2.weights.json").read_text())["ess_target_met"] is True
+
+
+# --- surprising defaults -----------------------------------------------------------------
+
+
+def test_online_says_what_its_evaluations_cost_and_warns_on_the_training_split(tmp_path, caplog, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    tasks = online_tasks(tmp_path / "tasks.jsonl", 4)
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={tasks}", f"--output={tmp_path / 'o'}", "--n=2",
+            "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=1", "--eval-every=0",
+            "--dtype=float32", '--eval={"split": "train", "max_new_tokens": 3}']
+    with caplog.at_level(logging.INFO, logger="drift.online"):
+        assert main(args) == 0
+    said = caplog.text
+    assert "online: the held-out evaluations (eval split 'train') score problems the arm trains on (split 'train')" in said
+    assert "online: 1 held-out evaluation(s), each of " in said and """bound them with --eval '{"num_problems": N}'""" in said
+    assert "each held-out evaluation (" in said and "will take about" in said
