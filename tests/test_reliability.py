@@ -274,3 +274,25 @@ def test_online_says_what_its_evaluations_cost_and_warns_on_the_training_split(t
     assert "online: the held-out evaluations (eval split 'train') score problems the arm trains on (split 'train')" in said
     assert "online: 1 held-out evaluation(s), each of " in said and """bound them with --eval '{"num_problems": N}'""" in said
     assert "each held-out evaluation (" in said and "will take about" in said
+
+
+# --- messages that name the key ----------------------------------------------------------
+
+
+def test_changing_an_arms_rounds_or_round_data_names_the_key(tmp_path, capsys, tiny_model_dir):
+    from test_pipeline import config
+
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(data))
+    assert main(["run", str(cfg)]) == 0
+    stamp = (tmp_path / "run/eval/drift/metrics.json").read_bytes()
+    for change, named in [({"rounds": 2}, "arms.drift.rounds: 1 -> 2"),
+                          ({"rounds": 2, "round_data": "union"}, "arms.drift.round_data: 'continue' -> 'union', "
+                                                                 "arms.drift.rounds: 1 -> 2")]:
+        cfg.write_text(json.dumps({**data, "arms": {"drift": {**data["arms"]["drift"], **change}}}))
+        capsys.readouterr()
+        assert main(["run", str(cfg)]) == 2
+        line = error_lines(capsys)[-1]
+        assert f"eval/drift ({named})" in line and "an earlier stage was redone" not in line, line
+    assert (tmp_path / "run/eval/drift/metrics.json").read_bytes() == stamp  # nothing touched

@@ -27,7 +27,7 @@ from typing import Any
 
 from drift import DriftError, jobs, report
 from drift.arms import BASE, Arm, ArmConfig, BaseArm, Plan, Step, StepId, check_arm_name, make_arm
-from drift.config import build, option, read_config_file
+from drift.config import build, differences, option, read_config_file
 from drift.env import ENVIRONMENT_KEYS
 from drift.evaluate import EvalConfig
 from drift.records import write_json
@@ -129,7 +129,23 @@ def plan(cfg: RunConfig, train_problems: list[Problem], test_problems: list[Prob
     return steps
 
 
-def check(steps: list[Step]) -> list[Step]:
+PLAN_KEYS = ("rounds", "round_data")  # arm keys that shape the plan (which steps, on which inputs), in no record
+
+
+def plan_changes(cfg: RunConfig) -> list[str]:
+    """'arms.X.rounds: 2 -> 3' for every plan key of an arm that differs from the config that last
+    ran in this directory (config.json): these keys are in no stage's settings, so a change shows
+    in the records only as other inputs."""
+    try:
+        before = json.loads(cfg.dir.config.read_text(encoding="utf-8")).get("arms") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    now = dataclasses.asdict(cfg)["arms"]
+    return [f"arms.{name}.{d}" for name in sorted(set(before) & set(now)) if isinstance(before[name], dict)
+            for d in differences({k: before[name].get(k) for k in PLAN_KEYS}, {k: now[name].get(k) for k in PLAN_KEYS})]
+
+
+def check(steps: list[Step], changed_plan: list[str] = ()) -> list[Step]:
     """The steps to run; raise one error if any output on disk was made otherwise.
 
     The error names each stage whose own settings differ, with the keys; stages that differ only
@@ -149,8 +165,9 @@ def check(steps: list[Step]) -> list[Step]:
         elif harm := damaged(step.record_path.parent, rec):
             log.warning("stage %s: complete, but its files are damaged (%s): redoing it", step.name, "; ".join(harm))
             todo.append(step)
-    if not own and built_on:  # nothing changed its own settings: an input was redone under it
-        own, built_on = [(built_on[0], ["made from another input: an earlier stage was redone"])], built_on[1:]
+    if not own and built_on:  # nothing changed its own settings: the plan changed, or an input was redone under it
+        why = list(changed_plan) or ["made from another input: an earlier stage was redone"]
+        own, built_on = [(built_on[0], why)], built_on[1:]
     if own:
         first = min(STAGES.index(s.stage) for s, _ in own)
         named = "; ".join(f"{s.name} ({', '.join(d)})" for s, d in own)
@@ -181,7 +198,7 @@ def run_pipeline(cfg: RunConfig) -> str:
         train_problems, test_problems = check_disjoint(cfg)
         _clear(cfg)
         steps = plan(cfg, train_problems, test_problems)
-        todo = check(steps)
+        todo = check(steps, plan_changes(cfg))
         write_json(cfg.dir.config, dataclasses.asdict(cfg))
         log.info("run %s: %d training problems, %d held-out problems, arms %s; %d of %d stages to run",
                  cfg.dir.root, len(train_problems), len(test_problems), list(cfg.arms), len(todo), len(steps))

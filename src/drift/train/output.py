@@ -20,10 +20,10 @@ from typing import Any
 
 from drift import DriftError
 from drift.records import write_json
-from drift.rundir import TrainDir, checkpoint_record, damaged, file_record, free_bytes, mib, mismatch, read_record
+from drift.rundir import (MODEL_FILES, TrainDir, checkpoint_record, damaged, file_record, free_bytes, mib, mismatch,
+                          read_record)
 
 log = logging.getLogger(__name__)
-
 
 
 def require_trained(path: str | Path) -> None:
@@ -45,7 +45,7 @@ def require_trained(path: str | Path) -> None:
 
 def model_files(output: Path) -> dict[str, dict]:
     """The record (`drift.rundir.file_record`) of the model files a finished run saved in `output`."""
-    files = [f for pattern in MODEL_FILES for p in output.glob(pattern)
+    files = [f for p in TrainDir(output).model_files()
              for f in ([p] if p.is_file() else [x for x in p.rglob("*") if x.is_file()])]
     return file_record(output, files)
 
@@ -118,7 +118,7 @@ def _is_weight_file(f: Path) -> bool:
 def check_space(output: Path, needed: dict[str, int], fresh: bool) -> None:
     """Refuse, before training, an output whose filesystem cannot hold what the run writes (the
     files of an earlier run that `start_output` removes count as free)."""
-    replaced = [p for pattern in MODEL_FILES + (CHECKPOINTS if fresh else ()) for p in output.glob(pattern)]
+    replaced = TrainDir(output).model_files(checkpoints=fresh)
     free = free_bytes(output) + sum(_size(p) for p in replaced)
     total = sum(needed.values())
     if total > free:
