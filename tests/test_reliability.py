@@ -296,3 +296,43 @@ def test_changing_an_arms_rounds_or_round_data_names_the_key(tmp_path, capsys, t
         line = error_lines(capsys)[-1]
         assert f"eval/drift ({named})" in line and "an earlier stage was redone" not in line, line
     assert (tmp_path / "run/eval/drift/metrics.json").read_bytes() == stamp  # nothing touched
+
+
+# --- one rule per shared setting ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--kl", "matched", "--kl-coef", "-1"], "config key 'kl_coef' must be a finite number >= 0 (or none), got -1.0"),
+    (["--kl", "ufo", "--kl-coef", "-1"], "config key 'kl_coef' must be a finite number >= 0 (or none), got -1.0"),
+    (["--gamma", "0"], "config key 'gamma' must be in (0, 1], got 0.0"),
+    (["--gamma", "2"], "config key 'gamma' must be in (0, 1], got 2.0"),
+    (["--gamma", "-1"], "config key 'gamma' must be in (0, 1], got -1.0"),
+    (["--negative-nll-cap", "-1"], "config key 'negative_nll_cap' must be a finite number >= 0 (or none), got -1.0"),
+    (["--max-length", "0"], "config key 'max_length' must be >= 1, got 0"),
+])
+def test_online_checks_every_shared_setting_by_the_other_stages_rule(tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    assert main(["online", "--tasks", "mc-arith", "--output", str(out), *flags]) == 2
+    assert error_lines(capsys) == [f"drift online: error: {message}"]
+    assert not out.exists()  # before anything was written (and before any model was loaded)
+    stage = {"--gamma": ["weights", "x.jsonl", "--output", str(tmp_path / "w.jsonl")]}.get(flags[0])
+    if stage is None and flags[0] in ("--negative-nll-cap", "--max-length"):
+        stage = ["train", "--data", "x.jsonl", "--output", str(tmp_path / "t")]
+    if stage:  # the stage that shares the setting says the same
+        assert main([*stage, *flags]) == 2
+        assert error_lines(capsys) == [f"drift {stage[0]}: error: {message}"]
+
+
+def test_a_failed_online_start_does_not_block_the_corrected_command(tmp_path, capsys, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    out = tmp_path / "o"
+    args = [f"--model={tiny_model_dir}", f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1",
+            "--max-new-tokens=3", "--iterations=1", "--eval-every=0", "--dtype=float32", "--resume",
+            '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    bad = online_tasks(tmp_path / "bad.jsonl", 4, checker="test_reliability:says_yes")
+    assert main(["online", f"--tasks={bad}", *args]) == 2  # fails in its first rollout
+    assert "returned 'yes' (str)" in error_lines(capsys)[-1]
+    good = online_tasks(tmp_path / "good.jsonl", 4)
+    assert main(["online", f"--tasks={good}", *args]) == 0
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "complete"

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Literal
 
 from drift import DriftError
+from drift.bounds import check_unit_interval
 from drift.checkers import normalize_answer
 from drift.config import option
 from drift.ledger import Cost, measure
@@ -71,6 +72,13 @@ class ReturnConfig:
     format_penalty: float = option(-0.1, "added to the return for every unparseable turn (drift format)")
     repeat_penalty: float = option(0.5, "lambda: subtract lambda * (1 - unique/answered) for repeated answers")
     timeout_penalty: float = option(0.0, "added to the return for every turn whose check timed out (drift format)")
+
+    def check_returns(self) -> None:
+        """The return keys' rules, for every stage that scores conversations (weights, online)."""
+        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise DriftError(f"config key '{key}' must be a finite number, got {getattr(self, key)}")
+        check_unit_interval(self, "gamma")
 
 
 def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
@@ -194,14 +202,10 @@ class WeightsConfig(ReturnConfig):
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
-        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target"):
-            if not math.isfinite(getattr(self, key)):
-                raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
+        self.check_returns()
         if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
             raise DriftError(f"beta must be a finite number > 0 or auto, got {self.beta}")
-        if not 0 < self.gamma <= 1:
-            raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 < self.ess_target < 1:
+        if not (math.isfinite(self.ess_target) and 0 < self.ess_target < 1):
             raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
 
     @property

@@ -126,6 +126,10 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     lock = Lock(out.path) if accelerator.is_main_process else None
     with lock or contextlib.nullcontext():
         previous = read_record(out.summary)
+        if previous is not None and not previous.get("iterations_done") and previous.get("status") != "complete":
+            # a start that failed before its first iteration finished: nothing to keep or to refuse
+            log.info("online %s: the run there stopped before its first iteration; starting afresh", out.path)
+            previous = None
         if previous is not None:
             differ = mismatch(previous, expected)
             if differ:

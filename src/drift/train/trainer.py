@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from transformers import SchedulerType, Trainer
 
 from drift import DriftError
+from drift.bounds import check_bounds, check_unit_interval
 from drift.config import option
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
@@ -204,27 +205,21 @@ def _check(cfg: TrainConfig) -> None:
         raise DriftError("merge_lora needs lora")
 
 
-# numeric keys: (name, lowest allowed value, whether the lowest value itself is allowed)
-_LOWER_BOUNDS = (("lr", 0.0, False), ("epochs", 0.0, True), ("weight_decay", 0.0, True),
-                 ("max_grad_norm", 0.0, True), ("min_weight", 0.0, True), ("negative_nll_cap", 0.0, True))
-
-
 def _check_numbers(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha"):
+    check_bounds(cfg, ("lr", "weight_decay", "max_grad_norm", "negative_nll_cap", "max_length", "lora_r", "lora_alpha"))
+    for name in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name, low, inclusive in _LOWER_BOUNDS:
+    for name in ("epochs", "min_weight"):
         value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            raise DriftError(f"config key '{name}' must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                             f"got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise DriftError(f"config key '{name}' must be a finite number >= 0, got {value}")
     if cfg.max_steps < 1 and cfg.max_steps != -1:
         raise DriftError(f"config key 'max_steps' must be -1 (run all epochs) or >= 1, got {cfg.max_steps}")
     if cfg.epochs == 0 and cfg.max_steps == -1:
         raise DriftError("config key 'epochs' must be > 0 (or set max_steps), got 0")
-    for name in ("warmup_ratio", "lora_dropout"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise DriftError(f"config key '{name}' must be in [0, 1), got {getattr(cfg, name)}")
+    check_unit_interval(cfg, "warmup_ratio", open_low=False)
+    check_unit_interval(cfg, "lora_dropout", open_low=False)
 
 
 def _load_model(path: str, cfg: TrainConfig) -> Any:
