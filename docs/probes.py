@@ -233,6 +233,10 @@ def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
               "--output", str(work / "seams-t2"))
         probe("rollout", "a model whose model.safetensors was truncated", "rollout", "--model", str(trained),
               "--tasks", str(work / "tasks.jsonl"), "--output", "r-damaged", *sample)
+    for flags in (["--kl", "matched", "--kl-coef", "-1"], ["--gamma", "0"], ["--gamma", "2"],
+                  ["--negative-nll-cap", "-1"], ["--max-length", "0"]):
+        probe("online", " ".join(flags), "online", "--model", str(model), "--tasks", "mc-arith", "--output", "o-bad",
+              *flags)
     pairs = work / "n2.jsonl"
     pairs.write_text("".join(json.dumps({"prompt_id": f"p{g}", "sample_idx": i, "turn_rewards": {"t1": float(i)}})
                              + "\n" for g in range(3) for i in range(2)))
