@@ -37,6 +37,7 @@ from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
+from drift.rollout.endpoints import endpoint_urls
 from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
                                    StreamingBackend)
 from drift.rundir import Lock, RolloutDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
@@ -44,6 +45,7 @@ from drift.tasks import Problem, TaskSpec, load_tasks
 
 log = logging.getLogger(__name__)
 
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
 MANIFEST_EVERY = 30.0  # seconds between manifest refreshes while running
 R = TypeVar("R")
 
@@ -77,9 +79,14 @@ class RolloutConfig(TaskSpec, EnvConfig):
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
-    base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server", result=False)
+    base_url: str | list[str] = option(DEFAULT_URL, "openai: base URL of the chat-completions server, or a list "
+                                       "of servers of the same model (comma-separated on the command line)",
+                                       result=False)
+    endpoints: list[str] = option([], "openai: the servers' base URLs, instead of base_url; a new conversation goes "
+                                  "to the one with the fewest requests in flight, its later turns to the same one",
+                                  result=False)
     api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)", result=False)
-    concurrency: int = option(8, "openai: requests in flight", result=False)
+    concurrency: int = option(8, "openai: requests in flight per server", result=False)
     request_timeout: float = option(120.0, "openai: seconds per request attempt", result=False)
     max_retries: int = option(3, "openai: retries after connection errors, timeouts, 429 and 5xx (exponential backoff)", result=False)
     extra_body: dict = option({}, "openai: extra JSON fields for every request, e.g. {\"top_k\": 20}")
@@ -95,6 +102,8 @@ class RolloutConfig(TaskSpec, EnvConfig):
         for key, ok in checks:
             if not ok:
                 raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
+        if self.backend == "openai":
+            endpoint_urls(self.base_url, self.endpoints, DEFAULT_URL)  # a malformed list fails now
         if self.adapter and self.backend != "vllm":
             raise DriftError(f"LoRA adapters are applied by the vllm backend; with {self.backend}, "
                              "merge the adapter or serve it under its own model name")
@@ -117,8 +126,15 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
     if cfg.backend == "openai":
         from drift.rollout.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                             timeout=cfg.request_timeout, max_retries=cfg.max_retries, extra_body=cfg.extra_body)
+        backend = OpenAIBackend(endpoint_urls(cfg.base_url, cfg.endpoints, DEFAULT_URL), cfg.model,
+                                api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
+                                max_retries=cfg.max_retries, extra_body=cfg.extra_body)
+        try:
+            backend.check()
+        except BaseException:
+            backend.close()
+            raise
+        return backend
     from drift.models import resolve_model
 
     path = model_path or resolve_model(cfg.model)
@@ -267,6 +283,8 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
             backend.close()
         cost.cpu_seconds += backend.stats.cpu_seconds  # the backend's worker processes, if it has any
         cost.peak_memory_bytes += backend.stats.peak_memory_bytes
+        if hasattr(backend, "report"):  # several servers: each one's requests, tokens and state
+            session["endpoints"] = backend.report()
         manifest["cost"] = (before + cost).to_json()
         write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
     # step 4
@@ -568,6 +586,10 @@ def summary_table(manifest: dict[str, Any]) -> Any:
     table.add_row("wall time", f"{timings['wall_seconds']:.1f} s")
     session = timings["sessions"][-1]
     table.add_row("this session", f"{session['trajectories']} trajectories, {session.get('tokens_per_second', 0)} tok/s")
+    servers = session.get("endpoints") or []
+    if len(servers) > 1:
+        lost = [e["url"] for e in servers if e["status"] == "lost"]
+        table.add_row("servers", f"{len(servers)}" + (f", lost during the run: {', '.join(lost)}" if lost else ""))
     return table
 
 
