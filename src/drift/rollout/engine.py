@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -90,6 +91,17 @@ class RolloutConfig(TaskSpec, EnvConfig):
     request_timeout: float = option(120.0, "openai: seconds per request attempt", result=False)
     max_retries: int = option(3, "openai: retries after connection errors, timeouts, 429 and 5xx (exponential backoff)", result=False)
     extra_body: dict = option({}, "openai: extra JSON fields for every request, e.g. {\"top_k\": 20}")
+    executor: Literal["local", "ray"] = option(
+        "local", "local: sample in this process (and its `workers`); ray: hand whole prompt groups to `num_actors` "
+        "Ray actors, each running this engine and the backend and writing shard files of its own "
+        "(`drift.rollout.ray_exec`)", result=False)
+    num_actors: int = option(2, "executor ray: actors sampling side by side", result=False)
+    num_cpus: float = option(1.0, "executor ray: CPUs per actor (its torch threads unless `threads` is set)",
+                             result=False)
+    num_gpus: float = option(0.0, "executor ray: GPUs per actor", result=False)
+    ray_address: str | None = option(None, "executor ray: the cluster to join (auto, host:port, ray://host:10001; "
+                                     "none: $RAY_ADDRESS, else a Ray started on this machine for the stage)",
+                                     result=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,12 +110,15 @@ class RolloutConfig(TaskSpec, EnvConfig):
                   ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
                   ("threads", self.threads is None or self.threads >= 1), ("workers", self.workers >= 1),
                   ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
-                  ("max_retries", self.max_retries >= 0)]
+                  ("max_retries", self.max_retries >= 0), ("num_actors", self.num_actors >= 1),
+                  ("num_cpus", self.num_cpus >= 0), ("num_gpus", self.num_gpus >= 0)]
         for key, ok in checks:
             if not ok:
                 raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
         if self.backend == "openai":
             endpoint_urls(self.base_url, self.endpoints, DEFAULT_URL)  # a malformed list fails now
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise DriftError("executor 'ray' needs Ray: pip install 'drift-rl[ray]'")
         if self.adapter and self.backend != "vllm":
             raise DriftError(f"LoRA adapters are applied by the vllm backend; with {self.backend}, "
                              "merge the adapter or serve it under its own model name")
@@ -238,14 +253,23 @@ def resolved_dtype(cfg: RolloutConfig) -> str:
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],
          previous: dict[str, Any] | None, backend: Backend | None) -> dict[str, Any]:
-    done = _scan_shards(out.shards)
+    own_backend = backend is None
+    if own_backend and cfg.executor == "ray":  # before the scan: it waits for an interrupted run's actors to be gone
+        from drift.rollout.ray_exec import RayActors
+
+        backend = RayActors(cfg, out.shards)
+    try:
+        done = _scan_shards(out.shards)
+    except BaseException:
+        if own_backend and backend is not None:
+            backend.close()
+        raise
     todo = [(p, missing) for p in problems if (missing := [i for i in range(cfg.n) if (p.id, i) not in done])]
     if done:
         log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out.path, len(done), len(todo))
     # step 2
     model_path = None
-    own_backend = backend is None
-    if own_backend:
+    if backend is None:
         if cfg.backend != "openai":
             from drift.models import resolve_model
 
@@ -276,7 +300,10 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
 
     try:
         with measure(cost, str(getattr(backend, "device", "cpu"))):
-            skipped = _sample(cfg, todo, backend, writer, refresh)
+            if own_backend and cfg.executor == "ray":
+                skipped = backend.sample(todo, refresh)  # each actor writes its own shards
+            else:
+                skipped = _sample(cfg, todo, backend, writer, refresh)
     finally:
         writer.close()
         if own_backend:
@@ -457,16 +484,17 @@ def _fitting(call: Callable[[list[GenRequest]], R], requests: list[GenRequest], 
 
 
 class ShardWriter:
-    """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
+    """Appends trajectories to `<prefix>-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
 
-    After a resume it continues the last shard on disk (whose torn tail `_scan_shards` removed).
+    After a resume it continues its last shard on disk (whose torn tail `_scan_shards` removed).
+    Writers side by side (the Ray actors of `drift.rollout.ray_exec`) each have a prefix of their own.
     """
 
-    def __init__(self, directory: Path, shard_size: int):
-        self.directory, self.shard_size = directory, shard_size
+    def __init__(self, directory: Path, shard_size: int, prefix: str = "shard"):
+        self.directory, self.shard_size, self.prefix = directory, shard_size, prefix
         directory.mkdir(parents=True, exist_ok=True)
-        shards = sorted(directory.glob("shard-*.jsonl"))
-        self.index = int(shards[-1].stem.split("-")[1]) if shards else 0
+        shards = sorted(directory.glob(f"{prefix}-[0-9]*.jsonl"))
+        self.index = int(shards[-1].stem.rsplit("-", 1)[1]) if shards else 0
         self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
         self._file = None
 
@@ -485,7 +513,7 @@ class ShardWriter:
             self._file.close()
         if self.count >= self.shard_size:
             self.index, self.count = self.index + 1, 0
-        self._file = (self.directory / f"shard-{self.index:05d}.jsonl").open("a", encoding="utf-8")
+        self._file = (self.directory / f"{self.prefix}-{self.index:05d}.jsonl").open("a", encoding="utf-8")
 
     def _sync(self) -> None:
         self._file.flush()
@@ -498,10 +526,11 @@ class ShardWriter:
             self._file = None
 
 
-def _scan_shards(directory: Path) -> set[ConvId]:
-    """Keys of the trajectories on disk. A torn last line (a write cut by a kill) is cut off the file."""
+def _scan_shards(directory: Path, pattern: str = "shard-*.jsonl") -> set[ConvId]:
+    """Keys of the trajectories on disk (in the files matching `pattern`). A torn last line (a write
+    cut by a kill) is cut off the file."""
     done: set[ConvId] = set()
-    for path in sorted(directory.glob("shard-*.jsonl")):
+    for path in sorted(directory.glob(pattern)):
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):
