@@ -25,7 +25,9 @@ from drift.rollout.engine import RolloutConfig, run_rollout  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance (2 CPUs) for every test of the session."""
+    """One local Ray instance (2 CPUs) for every test of the session. Ray's memory monitor is off:
+    it counts the whole machine's memory, which other jobs on a shared test machine use too."""
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -116,3 +118,31 @@ def test_bad_ray_settings_are_one_line_before_anything_is_generated(ray_cluster,
     with pytest.raises(DriftError, match=r"^model path not found: /nonexistent$"):
         run_rollout(RolloutConfig(output=str(tmp_path / "d"), executor="ray", **settings("/nonexistent")))
     assert not any((tmp_path / x).exists() for x in "bcd")
+
+
+def test_a_pipeline_on_ray_tasks_equals_the_serial_run(ray_cluster, tiny_model_dir, tmp_path):
+    """`drift run` with executor ray: every stage a Ray task (the rollout's sampling on an actor of its
+    own), the same results as one process, each stage's log in the run directory."""
+    from drift.config import build
+    from drift.pipeline import RunConfig, run_pipeline
+    from test_pipeline import config
+
+    f32 = {"dtype": "float32"}  # the tasks run in Ray's workers: the test's cpuinfo patch does not reach them
+    runs = {}
+    for executor in ("local", "ray"):
+        data = config(tmp_path / executor, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}},
+                      executor=executor, jobs=2 if executor == "ray" else 1)
+        data["rollout"] = {**data["rollout"], **f32, "executor": executor, "num_actors": 1}
+        data["eval"] = {**data["eval"], **f32}
+        data["train"] = {**data["train"], **f32}
+        runs[executor] = tmp_path / executor / "run"
+        run_pipeline(build(RunConfig, data))
+    read = lambda run, f: json.loads((run / f).read_text())  # noqa: E731
+    for f in ("eval/base/metrics.json", "eval/drift/metrics.json"):
+        assert read(runs["ray"], f)["succ_at_k"] == read(runs["local"], f)["succ_at_k"], f
+    loss = "train/drift/train_summary.json"
+    assert read(runs["ray"], loss)["final_loss"] == pytest.approx(read(runs["local"], loss)["final_loss"], rel=1e-4)
+    assert trajectories(runs["ray"] / "rollout") == trajectories(runs["local"] / "rollout")
+    logs = sorted(p.name for p in (runs["ray"] / "logs").iterdir())
+    assert logs == ["eval-base.log", "eval-drift.log", "rollout.log", "train-drift.log", "weights-drift.log"]
+    assert "Ray actors" in (runs["ray"] / "logs/rollout.log").read_text()
