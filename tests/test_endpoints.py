@@ -182,7 +182,8 @@ def test_all_servers_lost_stops_with_one_line_and_resumes(tiny_model_dir, tmp_pa
         assert 2 <= written < 16
         monkeypatch.undo()
         s1.state.fail_next = s2.state.fail_next = 0
-        manifest = run_rollout(RolloutConfig(**{**cfg.__dict__, "resume": True}), problems(8))
+        # resumed on one of the servers only: the server list is not a result setting
+        manifest = run_rollout(RolloutConfig(**{**cfg.__dict__, "base_url": s2.url, "resume": True}), problems(8))
         assert manifest["counts"]["written"] == 16 and manifest["timings"]["sessions"][-1]["trajectories"] == 16 - written
         assert len({t.key for t in read_trajectories(tmp_path / "run" / "trajectories")}) == 16
 

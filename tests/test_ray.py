@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one worker runs them all, on one Ray instance
 
 from drift import DriftError  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
