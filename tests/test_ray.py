@@ -21,7 +21,7 @@ pytestmark = pytest.mark.xdist_group("ray")  # one worker runs them all, on one 
 
 from drift import DriftError  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
-from drift.rollout.engine import RolloutConfig, run_rollout  # noqa: E402
+from drift.rollout import RolloutConfig, run_rollout  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,10 @@ class OpenAIBackend:
     def __init__(self, base_url: str | list[str], model: str, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3,
                  extra_body: dict[str, Any] | None = None):
-        from openai import OpenAI
+        try:
+            import openai
+        except ImportError:
+            raise DriftError("the openai backend needs the OpenAI client: pip install 'drift-rl[openai]'") from None
 
         self.urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.model, self.api_key_env, self.max_retries = model, api_key_env, max_retries
@@ -59,7 +62,7 @@ class OpenAIBackend:
         self._lock = threading.Lock()
         key = os.environ.get(api_key_env) or "EMPTY"
         self.endpoints = EndpointPool(
-            self.urls, lambda url: OpenAI(base_url=url, api_key=key, max_retries=max_retries, timeout=timeout))
+            self.urls, lambda url: openai.OpenAI(base_url=url, api_key=key, max_retries=max_retries, timeout=timeout))
         # `concurrency` requests in flight per server
         self._pool = ThreadPoolExecutor(max_workers=concurrency * len(self.urls), thread_name_prefix="drift-openai")
 
@@ -111,7 +114,7 @@ class OpenAIBackend:
             return self._output(ep, response)
 
     def _request(self, ep: Endpoint, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> Any:
-        import openai
+        import openai  # present: __init__ checked it
 
         try:
             return ep.client.chat.completions.create(

@@ -36,11 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayTaskError
+from tqdm.auto import tqdm
 
 from drift import DriftError
 from drift.ledger import Cost, measure
+from drift.rollout.config import make_backend
+from drift.rollout.engine import _sample
 from drift.rollout.protocol import BackendStats
+from drift.rollout.shards import ShardWriter, scan_shards
 from drift.tasks import Problem
 
 log = logging.getLogger(__name__)
@@ -111,10 +116,6 @@ class RolloutActor:
     """One Ray actor: drift's backend and the engine's loop on the prompt groups it is handed."""
 
     def __init__(self, cfg: Any, shards: str, index: int):
-        import torch
-
-        from drift.rollout.engine import make_backend
-
         self.shards, self.index, self.cfg = Path(shards), index, cfg
         self.shards.mkdir(parents=True, exist_ok=True)
         self._lock = hold_lock(self.shards / f".writer-a{index}.lock")
@@ -134,8 +135,6 @@ class RolloutActor:
 
     def sample(self, todo: Todo) -> dict[str, Any]:
         """Run these prompt groups to their end into this actor's shards."""
-        from drift.rollout.engine import ShardWriter, _sample
-
         written = []
         writer = ShardWriter(self.shards, self.cfg.shard_size, prefix=f"shard-a{self.index}")
         stats0 = dataclasses.replace(self.backend.stats)
@@ -182,8 +181,6 @@ class RayActors:
 
     def sample(self, todo: Todo, on_written: Callable[[int], None]) -> list[dict[str, Any]]:
         """Every group of `todo` sampled by some actor; the skipped conversations (as `_sample` gives them)."""
-        from tqdm.auto import tqdm
-
         m = min(len(todo), CHUNKS_PER_ACTOR * len(self.actors))
         queue = deque(todo[i::m] for i in range(m))
         idle, failures = deque(self.actors), {k: 0 for k in self.actors}
@@ -223,9 +220,7 @@ class RayActors:
 
     def _unwritten(self, k: int, chunk: Todo, on_written: Callable[[int], None]) -> Todo:
         """The part of a dead actor's chunk not in its shard files (whose torn tail is cut off)."""
-        from drift.rollout.engine import _scan_shards
-
-        on_disk = _scan_shards(self.shards, f"shard-a{k}-[0-9]*.jsonl")
+        on_disk = scan_shards(self.shards, f"shard-a{k}-[0-9]*.jsonl")
         left = [(p, missing) for p, idx in chunk if (missing := [i for i in idx if (p.id, i) not in on_disk])]
         on_written(sum(len(idx) for _, idx in chunk) - sum(len(idx) for _, idx in left))
         return left
