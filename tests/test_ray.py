@@ -53,6 +53,17 @@ def local_run(tmp_path_factory, tiny_model_dir):
     return trajectories(out)
 
 
+def test_chunks_are_about_two_per_actor_and_never_below_what_an_actor_keeps_live():
+    from drift.rollout.ray_exec import chunks
+
+    groups = [(f"p{i}", [0, 1]) for i in range(10)]
+    assert [[g[0] for g in c] for c in chunks(groups, 2, 1)] == [
+        ["p0", "p4", "p8"], ["p1", "p5", "p9"], ["p2", "p6"], ["p3", "p7"]]
+    assert [len(c) for c in chunks(groups, 2, 4)] == [4, 3, 3]  # 4 groups live per actor
+    assert [len(c) for c in chunks(groups, 2, 16)] == [5, 5]  # more than there are: one chunk per actor
+    assert [len(c) for c in chunks(groups[:1], 3, 16)] == [1]
+
+
 def kill_actor_on_first_write(shards: Path, k: int) -> threading.Thread:
     """SIGKILL actor k's process once it has written a trajectory (its lock file holds its pid)."""
     def watch() -> None:
@@ -122,8 +133,8 @@ def test_bad_ray_settings_are_one_line_before_anything_is_generated(ray_cluster,
 
 
 def test_a_pipeline_on_ray_tasks_equals_the_serial_run(ray_cluster, tiny_model_dir, tmp_path):
-    """`drift run` with executor ray: every stage a Ray task (the rollout's sampling on an actor of its
-    own), the same results as one process, each stage's log in the run directory."""
+    """`drift run` with executor ray: every stage a Ray task (the rollout's and the evaluations' sampling
+    on an actor of their own), the same results as one process, each stage's log in the run directory."""
     from drift.config import build
     from drift.pipeline import RunConfig, run_pipeline
     from test_pipeline import config
@@ -134,7 +145,7 @@ def test_a_pipeline_on_ray_tasks_equals_the_serial_run(ray_cluster, tiny_model_d
         data = config(tmp_path / executor, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}},
                       executor=executor, jobs=2 if executor == "ray" else 1)
         data["rollout"] = {**data["rollout"], **f32, "executor": executor, "num_actors": 1}
-        data["eval"] = {**data["eval"], **f32}
+        data["eval"] = {**data["eval"], **f32, "executor": executor, "num_actors": 1}
         data["train"] = {**data["train"], **f32}
         runs[executor] = tmp_path / executor / "run"
         run_pipeline(build(RunConfig, data))
@@ -146,4 +157,4 @@ def test_a_pipeline_on_ray_tasks_equals_the_serial_run(ray_cluster, tiny_model_d
     assert trajectories(runs["ray"] / "rollout") == trajectories(runs["local"] / "rollout")
     logs = sorted(p.name for p in (runs["ray"] / "logs").iterdir())
     assert logs == ["eval-base.log", "eval-drift.log", "rollout.log", "train-drift.log", "weights-drift.log"]
-    assert "Ray actors" in (runs["ray"] / "logs/rollout.log").read_text()
+    assert all("Ray actors" in (runs["ray"] / f"logs/{f}.log").read_text() for f in ("rollout", "eval-base", "eval-drift"))

@@ -10,8 +10,9 @@ turn), so which actor samples a group changes nothing (in fp32; bf16 rounding fo
 layout, as with any batch size). A prompt group's samples stay on one actor, so the weights,
 computed per group later, never need two actors' files.
 
-- Work goes out in chunks of prompt groups, about two per actor, the next to whichever actor
-  is free: a slow share does not hold the others back at the end.
+- Work goes out in chunks of prompt groups, about two per actor (none smaller than what one actor
+  keeps in flight, `max_live`), the next to whichever actor is free: a slow share does not hold
+  the others back at the end, and an actor's batches are as full as a local run's.
 - An actor that dies (its process killed, its node lost) is restarted once by Ray; the groups it
   had not written (read back from its own shard files, whose torn tail is cut) go back to the
   queue for any live actor. When every actor is gone, the stage stops with one line; what was
@@ -130,8 +131,9 @@ class RolloutActor:
     def hello(self) -> dict[str, Any]:
         if self.error is not None:
             raise self.error
-        return {"pid": os.getpid(), "hardware": getattr(self.backend, "hardware", None), "parameters": self.backend.stats.parameters,
-                "device": str(getattr(self.backend, "device", "cpu")), "node": ray.util.get_node_ip_address()}
+        return {"pid": os.getpid(), "hardware": getattr(self.backend, "hardware", None),
+                "parameters": self.backend.stats.parameters, "device": str(getattr(self.backend, "device", "cpu")),
+                "node": ray.util.get_node_ip_address()}
 
     def sample(self, todo: Todo) -> dict[str, Any]:
         """Run these prompt groups to their end into this actor's shards."""
@@ -174,6 +176,7 @@ class RayActors:
         except BaseException:
             self.close()
             raise
+        self.live_groups = -(-(cfg.max_live or max(cfg.n, 4 * cfg.batch_size * cfg.workers)) // cfg.n)
         self.hardware, self.device = hello[0]["hardware"], hello[0]["device"]
         self.stats.parameters = hello[0]["parameters"]
         log.info("%d Ray actors on %s, %g CPU(s) and %g GPU(s) each", len(self.actors),
@@ -181,8 +184,7 @@ class RayActors:
 
     def sample(self, todo: Todo, on_written: Callable[[int], None]) -> list[dict[str, Any]]:
         """Every group of `todo` sampled by some actor; the skipped conversations (as `_sample` gives them)."""
-        m = min(len(todo), CHUNKS_PER_ACTOR * len(self.actors))
-        queue = deque(todo[i::m] for i in range(m))
+        queue = deque(chunks(todo, len(self.actors), self.live_groups))
         idle, failures = deque(self.actors), {k: 0 for k in self.actors}
         running: dict[Any, tuple[int, Todo]] = {}
         skipped: list[dict[str, Any]] = []
@@ -243,6 +245,15 @@ class RayActors:
         self.actors = {}
         if self.started_ray:
             ray.shutdown()
+
+
+def chunks(todo: Todo, actors: int, live_groups: int) -> list[Todo]:
+    """`todo` in chunks of prompt groups: about CHUNKS_PER_ACTOR per actor, but none smaller than the
+    groups one actor keeps in flight (`live_groups`) while there are enough for every actor, since a
+    chunk below that would run the actor's batches half empty."""
+    size = max(-(-len(todo) // (CHUNKS_PER_ACTOR * actors)), min(live_groups, -(-len(todo) // actors)), 1)
+    m = -(-len(todo) // size)
+    return [todo[i::m] for i in range(m)]
 
 
 def _get(refs: Any, what: str) -> Any:
