@@ -23,4 +23,4 @@ demo-quick: $(BIN)/drift
 	$(BIN)/drift demo --quick
 
 test: $(BIN)/drift
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadgroup  # loadgroup: the Ray tests share one Ray instance

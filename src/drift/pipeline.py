@@ -17,13 +17,14 @@ instruction, checker and its timeout, turn limit) unless `[eval]` sets a key its
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError, jobs, report
 from drift.arms import BASE, Arm, ArmConfig, BaseArm, Plan, Step, StepId, check_arm_name, make_arm
@@ -62,6 +63,14 @@ class RunConfig:
                        "and its own log file in the run directory's logs/ (1: one after another in this process)",
                        result=False)
     title: str = option("drift run", "title of report.md", result=False)
+    executor: Literal["local", "ray"] = option(
+        "local", "local: stages in this process or, with jobs > 1, in worker processes; ray: every stage a Ray task "
+        "on the cluster, `jobs` at once (`drift.ray_tasks`; [rollout] executor = \"ray\" also spreads the sampling)",
+        result=False)
+    ray_address: str | None = option(None, "executor ray: the cluster (auto, host:port, ray://host:10001; none: "
+                                     "$RAY_ADDRESS, else a Ray started on this machine)", result=False)
+    num_cpus: float = option(1.0, "executor ray: CPUs per stage task (its torch threads)", result=False)
+    num_gpus: float = option(0.0, "executor ray: GPUs per stage task", result=False)
 
     def __post_init__(self) -> None:
         if self.start_from is not None and self.start_from not in STAGES:
@@ -70,6 +79,8 @@ class RunConfig:
             raise DriftError("config key 'arms' needs at least one arm")
         if self.jobs < 1:
             raise DriftError(f"config key 'jobs' must be >= 1, got {self.jobs}")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise DriftError("executor 'ray' needs Ray: pip install 'drift-rl[ray]'")
         self.arms = {check_arm_name(name): arm if isinstance(arm, ArmConfig) else
                      build(ArmConfig, arm, f"arms.{name}.") for name, arm in self.arms.items()}
         for arm in self.kinds.values():  # unknown keys and bad values fail now, not hours later
@@ -205,11 +216,13 @@ def run_pipeline(cfg: RunConfig) -> str:
         for step in steps:
             if step not in todo:
                 log.info("stage %s: complete, skipped", step.name)
-            elif cfg.jobs == 1:
+            elif cfg.jobs == 1 and cfg.executor == "local":
                 _run_step(step)
-        if cfg.jobs > 1 and todo:
+        if (cfg.jobs > 1 or cfg.executor == "ray") and todo:
             graph = [jobs.Job(s.name, s.after, run_step, (cfg, s.name), cfg.dir.log(s.name)) for s in todo]
-            jobs.run_jobs(graph, cfg.jobs, {s.name for s in steps if s not in todo})
+            ray = (dict(address=cfg.ray_address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+                   if cfg.executor == "ray" else None)
+            jobs.run_jobs(graph, cfg.jobs, {s.name for s in steps if s not in todo}, ray)
         return report.write_report(cfg, records(steps))
 
 
