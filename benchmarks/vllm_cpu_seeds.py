@@ -8,7 +8,7 @@ ends the engine, so a case that should crash goes last):
 
     python benchmarks/vllm_cpu_seeds.py --chunked --max-num-batched-tokens 256 short unseeded batch
     python benchmarks/vllm_cpu_seeds.py --chunked --max-num-batched-tokens 256 long
-    python benchmarks/vllm_cpu_seeds.py --max-num-batched-tokens 2048 demo long batch repro
+    python benchmarks/vllm_cpu_seeds.py --eager --max-num-batched-tokens 2048 demo long batch repro
 
 Cases: short (one seeded 40-token prompt, n=1 and n=2), unseeded (16 unseeded 200-token prompts:
 chunked, no seed), batch (16 seeded 40-token prompts, 640 tokens in one step), long (one seeded
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--chunked", action="store_true", help="enable_chunked_prefill (vLLM's default)")
     ap.add_argument("--max-num-batched-tokens", type=int, required=True)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager: no compilation (starts in a fraction of the time)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import vllm
@@ -42,7 +43,7 @@ def main() -> None:
     t0 = time.monotonic()
     llm = vllm.LLM(model=resolve_model("smollm2-135m"), dtype=args.dtype, seed=0, max_model_len=2048,
                    enable_prefix_caching=True, enable_chunked_prefill=args.chunked,
-                   max_num_batched_tokens=args.max_num_batched_tokens)
+                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.eager)
     tok = llm.get_tokenizer()
     print(f"engine up in {time.monotonic() - t0:.0f} s (chunked={args.chunked}, "
           f"max_num_batched_tokens={args.max_num_batched_tokens})", flush=True)

@@ -197,3 +197,59 @@ def test_cli_eval_with_an_adapter(tmp_path):
     manifest = read_manifest(tmp_path / "eval" / "rollout")
     assert metrics["status"] == "complete" and manifest["backend"] == "vllm"
     assert manifest["config"]["adapter"] == str(tmp_path / "adapter")
+
+
+def online_cfg(tmp_path: Path, name: str, **over):
+    from online_task import write_tasks
+
+    from drift.online.config import OnlineConfig
+
+    values = dict(model="smollm2-135m", tasks=write_tasks(tmp_path / "tasks.jsonl", 4), output=str(tmp_path / name),
+                  backend="vllm", n=2, batch_prompts=2, max_turns=1, max_new_tokens=8, iterations=2, lr=1e-3,
+                  eval_every=1, micro_batch_size=4, max_model_len=CONTEXT, dtype="bfloat16",
+                  eval={"tasks": write_tasks(tmp_path / "held_out.jsonl", 4), "split": "all", "max_new_tokens": 8})
+    return build(OnlineConfig, {**values, **over})
+
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+PROBE = [GenRequest([("probe", 0)], [{"role": "user", "content": "Say something about 3."}], 1)]
+
+
+def test_online_arm_follows_its_lora_policy_on_vllm(engine, tmp_path, monkeypatch):
+    """The online arm on the module's engine (the arm would build the same one: `_vllm`): after
+    every update the adapter is saved and served under a new LoRARequest; the held-out curve has
+    the hf backend's shape."""
+    from drift.online import run as online
+
+    monkeypatch.setattr(online, "_vllm", lambda cfg: engine)
+    try:
+        summary = online.run_online(online_cfg(tmp_path, "lora", lora=True, lora_r=8))
+        served = engine._lora
+    finally:
+        engine._lora = None
+    adapters = tmp_path / "lora" / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == ["00001", "00002"]
+    assert (served.lora_int_id, served.lora_path) == (2, str(adapters / "00002"))
+    hf = online.run_online(online_cfg(tmp_path, "hf", lora=True, lora_r=8, backend="hf"))
+    assert summary["status"] == hf["status"] == "complete"
+    assert [c["iteration"] for c in summary["curve"]] == [c["iteration"] for c in hf["curve"]] == [1, 2]
+    assert all(len(c["succ_at_k"]) == 1 for c in summary["curve"])
+    assert summary["cost"]["optimizer_steps"] == hf["cost"]["optimizer_steps"]
+
+
+def test_online_arm_syncs_full_weights_into_vllm(engine, tmp_path, monkeypatch):
+    """lora = false: after every update the policy is saved and vLLM reloads it in place (the saved
+    model loads in vLLM); reloading the base model's weights gives the base model's answers back."""
+    from drift.online import run as online
+
+    base = engine.generate(PROBE, GREEDY)[0][0].text
+    monkeypatch.setattr(online, "_vllm", lambda cfg: engine)
+    try:
+        summary = online.run_online(online_cfg(tmp_path, "full", lr=3e-4))
+        trained = engine.generate(PROBE, GREEDY)[0][0].text
+    finally:
+        engine.load_weights(resolve_model("smollm2-135m"))
+    assert summary["status"] == "complete" and [c["iteration"] for c in summary["curve"]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "full" / "weights").iterdir()) == ["00002"]  # only the latest kept
+    assert trained != base
+    assert engine.generate(PROBE, GREEDY)[0][0].text == base
