@@ -93,9 +93,7 @@ def test_a_sample_is_the_same_alone_and_in_a_batch(engine):
 
 
 def test_prompts_too_long_for_the_context_are_skipped(engine, tmp_path):
-    tok = engine.tokenizer
-    rendered = lambda p: len(tok.apply_chat_template([{"role": "user", "content": p.question}],  # noqa: E731
-                                                     add_generation_prompt=True, tokenize=True))
+    rendered = lambda p: len(engine._tokenize([{"role": "user", "content": p.question}]))  # noqa: E731
     short, long_ = problems(2), [dataclasses.replace(problems(1, pad=600)[0], id="long")]
     assert rendered(long_[0]) >= CONTEXT
     manifest = run_rollout(rollout_cfg(tmp_path, "r"), short + long_, backend=engine)
@@ -117,7 +115,7 @@ def test_a_lora_adapter_through_lora_request(engine, tmp_path):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)  # a fresh adapter is the identity: make it change the model
+                p.normal_(0, 1.0)  # a fresh adapter is the identity: make it change the model
     model.save_pretrained(tmp_path / "adapter")
     req = [GenRequest([("q", 0)], [{"role": "user", "content": "What is 3 + 4?"}], 1)]
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
