@@ -10,10 +10,11 @@ ends the engine, so a case that should crash goes last):
     python benchmarks/vllm_cpu_seeds.py --chunked --max-num-batched-tokens 256 long
     python benchmarks/vllm_cpu_seeds.py --eager --max-num-batched-tokens 2048 demo long batch repro
 
-Cases: short (one seeded 40-token prompt, n=1 and n=2), unseeded (16 unseeded 200-token prompts:
-chunked, no seed), batch (16 seeded 40-token prompts, 640 tokens in one step), long (one seeded
-300-token prompt), demo (64 seeded prompts x n=8, the issue's workload, 4 new tokens), repro (a
-seeded request gives the same text alone and inside a batch of others).
+Cases (token counts as SmolLM2's tokenizer makes them): short (one seeded 87-token prompt, n=1 and
+n=2), unseeded (16 unseeded 557-token prompts: chunked, no seed), batch (16 seeded 87-97-token
+prompts, about 1,450 tokens for one step), long (one seeded 847-token prompt), demo (64 seeded
+117-128-token prompts x n=8, the issue's workload, 4 new tokens), repro (a seeded request gives
+the same text alone and inside a batch of others). Results: docs/usage.md, "Seeds".
 """
 
 from __future__ import annotations
