@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--hf-workers", type=int, default=2, help="the demo's [rollout] workers")
     ap.add_argument("--eager", action="store_true", help="vLLM without compilation")
     args = ap.parse_args()
+    load_at_start = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="vllm-vs-hf-")
     base = dict(tasks="mul", split="train", num_problems=args.problems, n=8, max_turns=3, temperature=1.0, top_p=1.0,
                 max_new_tokens=48, seed=0, dtype="bfloat16")
@@ -90,10 +91,10 @@ def main() -> None:
     startup = round(time.monotonic() - t0, 1)
     rows["drift vllm backend"] = measured(lambda: run_rollout(vcfg, backend=backend)["summary"]["total_tokens"])
     rows["bare vllm.LLM.chat loop"] = measured(lambda: bare_loop(backend, vcfg))
-    print(json.dumps({"cpu": next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                  if line.startswith("model name")),
-                      "load_average_at_end": os.getloadavg(), "vllm_startup_s": startup, "eager": args.eager,
-                      "problems": args.problems, "sides": rows}, indent=1))
+    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    print(json.dumps({"cpu": cpu, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+                      "vllm_startup_s": startup, "eager": args.eager, "problems": args.problems, "sides": rows},
+                     indent=1))
 
 
 if __name__ == "__main__":
