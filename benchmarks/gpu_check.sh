@@ -72,7 +72,15 @@ PORT=18123
 "$B/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --served-model-name smollm2 \
   --host 127.0.0.1 --port $PORT --gpu-memory-utilization 0.3 --dtype bfloat16 > "$RUN/logs/vllm-server.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; sleep 1; done
+"$B/python" - "$PORT" <<'EOF'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/models", timeout=2)
+        break
+    except OSError:
+        time.sleep(1)
+EOF
 step vllm-serve "$RUN/serve/manifest.json" rollout \
   "$B/drift" rollout "${COMMON[@]}" --backend openai --model smollm2 --base-url "http://127.0.0.1:$PORT/v1" \
   --concurrency 64 --output "$RUN/serve"
