@@ -91,7 +91,7 @@ TRAIN=(--data "$RUN/w.jsonl" --epochs 1 --batch-size 8 --dtype bfloat16 --turns 
 step train-bf16 "$RUN/train/train_summary.json" train "$B/drift" train "${TRAIN[@]}" --output "$RUN/train"
 step zero3-1gpu "$RUN/zero3/train_summary.json" train \
   "$B/python" -m accelerate.commands.launch --config_file configs/accelerate/zero3.yaml --num_processes 1 \
-  -m drift.train "${TRAIN[@]}" --output "$RUN/zero3"
+  -m drift.cli train "${TRAIN[@]}" --output "$RUN/zero3"
 
 ONLINE=(--tasks mul --n 4 --batch-prompts 8 --iterations 3 --max-turns 2 --max-new-tokens 48 --eval-every 0
         --backend vllm --gpu-memory-utilization 0.3 --dtype bfloat16 '--eval={"num_problems": 32}')

@@ -24,7 +24,7 @@ import psutil
 from drift.config import build
 from drift.env import Episode, check_responses
 from drift.rollout import RolloutConfig, run_rollout
-from drift.rollout.engine import env_config, task_spec
+from drift.rollout.config import env_config, task_spec
 from drift.rollout.protocol import sample_seed
 from drift.rollout.vllm_backend import VLLMBackend
 from drift.tasks import load_tasks

@@ -30,7 +30,7 @@ from drift import DriftError  # noqa: E402
 from drift.models import resolve_model  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
 from drift.rollout import GenRequest, PromptTooLong, RolloutConfig, SamplingParams, run_rollout  # noqa: E402
-from drift.rollout.engine import read_manifest  # noqa: E402
+from drift.rollout import read_manifest  # noqa: E402
 from drift.rollout.openai_backend import OpenAIBackend  # noqa: E402
 from drift.tasks import Problem  # noqa: E402
 

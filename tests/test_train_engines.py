@@ -38,7 +38,7 @@ COMMON = dict(lr=1e-3, epochs=1, warmup_ratio=0, weight_decay=0, logging_steps=1
 def launch(engine: str, flags: dict, output: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / f"configs/accelerate/{engine}.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), "-m", "drift.train", *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()],
+           str(free_port()), "-m", "drift.cli", "train", *[f"--{k.replace('_', '-')}={v}" for k, v in flags.items()],
            f"--output={output}", "--batch-size=1", "--grad-accum=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}

@@ -27,7 +27,7 @@ from drift.evaluate import EvalConfig, run_eval  # noqa: E402
 from drift.models import resolve_model  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
 from drift.rollout import GenRequest, RolloutConfig, SamplingParams, run_rollout  # noqa: E402
-from drift.rollout.engine import read_manifest  # noqa: E402
+from drift.rollout import read_manifest  # noqa: E402
 from drift.rollout.vllm_backend import VLLMBackend  # noqa: E402
 from drift.tasks import Problem  # noqa: E402
 
