@@ -54,7 +54,8 @@ class RolloutConfig(TaskSpec, EnvConfig):
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
-    vllm_args: dict = option({}, "vllm: more keyword arguments for vllm.LLM, e.g. {\"enforce_eager\": true}")
+    vllm_args: dict = option({}, "vllm: more keyword arguments for vllm.LLM, e.g. {\"enforce_eager\": true}",
+                             result=False)
     base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server", result=False)
     api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)", result=False)
     concurrency: int = option(8, "openai: requests in flight", result=False)
