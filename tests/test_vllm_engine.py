@@ -154,7 +154,10 @@ def test_cli_rollout_killed_then_resumed(engine, tmp_path):
     args = ["rollout", "--backend=vllm", "--tasks=mul", "--num-problems=6", "--n=4", "--max-turns=2",
             "--max-new-tokens=12", f"--max-model-len={CONTEXT}", "--dtype=bfloat16", "--shard-size=4",
             f"--output={out}", EAGER]
-    proc = subprocess.Popen(_drift(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its own session: a SIGKILL of drift leaves vLLM's engine-core and worker processes running, so
+    # the whole group is killed, as a user's kill of the job would
+    proc = subprocess.Popen(_drift(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         shards = sorted((out / "trajectories").glob("shard-*.jsonl")) if (out / "trajectories").is_dir() else []
@@ -162,7 +165,7 @@ def test_cli_rollout_killed_then_resumed(engine, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, f"the rollout ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {(r.prompt_id, r.sample_idx): r.to_json() for r in read_trajectories(out / "trajectories")}
     assert 4 <= len(before) < 24 and read_manifest(out)["status"] == "running"
