@@ -157,6 +157,10 @@ class OnlineDir:
         """The LoRA adapter after iteration k (what a vLLM sampler loads)."""
         return self.path / "adapters" / f"{k:05d}"
 
+    def sync_weights(self, k: int) -> Path:
+        """The full weights after iteration k (what a vLLM sampler reloads when the arm trains no adapter)."""
+        return self.path / "weights" / f"{k:05d}"
+
     @property
     def state(self) -> StateDir:
         """The resumable state; written to state.tmp and swapped in through state.old."""

