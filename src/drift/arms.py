@@ -363,7 +363,8 @@ class OnlineArm(Arm):
         a = self.config
         ret = {k: v for k, v in {**run.weights, **a.weights}.items() if k in ReturnConfig.__dataclass_fields__
                or (k == "beta" and v != "auto")}  # an auto beta is chosen from DRIFT's rollouts: set it here
-        shared = {k: v for k, v in run.rollout.items() if k != "workers"}  # it samples in memory, in one process
+        shared = {k: v for k, v in run.rollout.items()  # it samples in memory, in one process
+                  if k not in ("workers", "executor", "num_actors", "num_cpus", "num_gpus", "ray_address")}
         return build(OnlineConfig, {**shared, **ret, **a.online, "model": run.model, "eval": run.eval,
                                     "output": str(run.dir.online(self.name).path), "resume": True},
                      f"arms.{self.name}.online.")
