@@ -73,7 +73,7 @@ def fails_with_one_line(capsys, tmp_path, argv, message):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-SUBCOMMANDS = ["rollout", "weights", "train", "online", "eval", "compare", "run", "demo", "inspect"]
+SUBCOMMANDS = ["rollout", "weights", "train", "online", "eval", "compare", "run", "demo", "stats", "inspect"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -149,3 +149,9 @@ def test_a_directory_without_a_model(capsys, tmp_path):
     fails_with_one_line(capsys, tmp_path, ["eval", "--model", str(tmp_path / "m"), "--tasks", "arith",
                                            "--num-problems", "1", "--output", str(tmp_path / "e")],
                         f"{tmp_path / 'm'}: not a model directory (no config.json)")
+
+
+def test_stats_prints_the_test_and_refuses_bad_counts(capsys, tmp_path):
+    assert main(["stats", "--test", "fisher", "8/24", "15/204"]) == 0
+    assert capsys.readouterr().out == "8/24 against 15/204: Fisher's exact test, two-sided p = 0.00081\n"
+    fails_with_one_line(capsys, tmp_path, ["stats", "--test", "wilson", "9/8"], "'9/8': needs 0 <= K <= N")

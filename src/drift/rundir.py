@@ -9,7 +9,8 @@ One owner of the layout: the folder and file names below are spelled here and no
       train/<arm>/              a trained model (save_pretrained) + train_summary.json
       train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
       online/<arm>/             the online arm: live state, checkpoints, its eval curve
-      eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
+      eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/,
+                                and for the planted protocol planted.jsonl, plant-rollout/
       logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
       report.md, succ_at_k.png, cost.png
 
@@ -71,6 +72,16 @@ class EvalDir:
     @property
     def rollout(self) -> RolloutDir:
         return RolloutDir(self.path / "rollout")
+
+    @property
+    def planted(self) -> Path:
+        """The planted first answers of a planted-protocol eval (`drift.planted`)."""
+        return self.path / "planted.jsonl"
+
+    @property
+    def plant_rollout(self) -> RolloutDir:
+        """The reference model's turn-1 samples the planted answers were chosen from."""
+        return RolloutDir(self.path / "plant-rollout")
 
 
 @dataclass(frozen=True)
