@@ -10,6 +10,7 @@ import pytest
 from drift import DriftError
 from drift.cli import main
 from drift.config import build
+from drift.eval_tables import correction_bars
 from drift.evaluate import CompareConfig, EvalConfig, markdown_table, paired_difference, run_compare, run_eval
 from drift.records import Trajectory, write_jsonl
 from drift.rollout.protocol import BackendStats, GenOutput
@@ -124,6 +125,7 @@ def test_compare_table_and_plot(tmp_path):
     # paired difference at k = 3: per-problem [0, 0, 1, 0, 1] -> +40 points, se sqrt(0.3 / 5) = 24.5
     assert "| trained | 3 | +40.0 ± 24.5 | 5 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots" / "correction.png").exists()  # oracle runs only: no correction plot
     labelled = run_compare(CompareConfig(dirs=[str(tmp_path / "base"), str(tmp_path / "trained")], labels=["A", "B"]))
     assert "| A | 5 |" in labelled and "| B | 5 |" in labelled
 
@@ -330,9 +332,14 @@ def test_planted_answers_sampled_from_the_reference_then_shared(tmp_path):
     # a second model sees the same planted answers (the first eval's directory), and repeats them
     b = eval_run(tmp_path, "b", script=lambda conv, turn: "6", protocol="planted", planted=str(tmp_path / "a"))
     assert b["planted"]["repeat_t2"] == 1.0 and b["planted"]["correct_t2"] == 0.0
-    text = run_compare(CompareConfig(dirs=[str(tmp_path / "a"), str(tmp_path / "b")]))
+    png = tmp_path / "plots" / "succ.png"
+    text = run_compare(CompareConfig(dirs=[str(tmp_path / "a"), str(tmp_path / "b")], plot=str(png)))
     # paired on 4 problems: a fixed all four, b none: -100 points, 0 / 4 discordant, McNemar 2 / 2^4
     assert "| b | 4 | -100.0 ± 0.0 | 0 / 4 | 0.12 |" in text
+    assert (tmp_path / "plots" / "correction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert text.endswith(f"correction plot: {tmp_path / 'plots' / 'correction.png'}\n")
+    assert correction_bars([a, b], ["a", "b"])[:2] == [("a", "planted: correct at turn 2", 1.0, a["planted"]["correct_t2_ci"]),
+                                                      ("a", "planted: repeats it", 0.0, a["planted"]["repeat_t2_ci"])]
 
 
 def test_multiple_choice_evals_carry_the_enumeration_baseline(tmp_path):

@@ -1,10 +1,11 @@
-"""The correction tables of eval runs, for metrics.md and `drift compare` (`drift.metrics` defines
-each measure). Rates are percent with their 95% interval in brackets; every paired test is
+"""The correction tables and figure of eval runs, for metrics.md and `drift compare` (`drift.metrics`
+defines each measure). Rates are percent with their 95% interval in brackets; every paired test is
 against the first run of the same protocol, on the problems both runs scored."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from drift.metrics import paired_test
@@ -106,3 +107,49 @@ def correction_tables(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) 
     if equal:
         parts += ["### equal samples: pass@k beside succ@k", ""] + equal + [""]
     return "\n".join(parts)
+
+
+def correction_bars(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[tuple[str, str, float, list]]:
+    """(run, measure, rate, interval) of every planted and no-oracle run: what `plot_correction` draws."""
+    bars = []
+    for label, m in zip(labels, metrics):
+        if p := m.get("planted"):
+            bars += [(label, "planted: correct at turn 2", p["correct_t2"], p["correct_t2_ci"]),
+                     (label, "planted: repeats it", p["repeat_t2"], p["repeat_t2_ci"])]
+        if s := m.get("second_attempt"):
+            bars += [(label, "no oracle: Acc@t1", s["acc_t1"], s["acc_t1_ci"]),
+                     (label, "no oracle: Acc@t2", s["acc_t2"], s["acc_t2_ci"])]
+    return bars
+
+
+def plot_correction(metrics: Sequence[dict[str, Any]], labels: Sequence[str], output_png: str | Path) -> bool:
+    """A bar per run and measure with its 95% interval; False (nothing drawn) when no run has one."""
+    bars = correction_bars(metrics, labels)
+    if not bars:
+        return False
+    from matplotlib.figure import Figure  # as plot_succ_at_k: scoring alone never loads matplotlib
+
+    measures = list(dict.fromkeys(b[1] for b in bars))
+    runs = list(dict.fromkeys(b[0] for b in bars))
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        xs, ys, lo, hi = [], [], [], []
+        for i, measure in enumerate(measures):
+            for r, mm, rate, ci in bars:
+                if r == run and mm == measure:
+                    xs.append(i + (j - (len(runs) - 1) / 2) * width)
+                    ys.append(100 * rate)
+                    lo.append(100 * (rate - ci[0]) if ci else 0.0)
+                    hi.append(100 * (ci[1] - rate) if ci else 0.0)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=run)
+    ax.set_xticks(range(len(measures)), measures, rotation=15, fontsize=8)
+    ax.set_ylabel("percent (95% interval)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(output_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return True

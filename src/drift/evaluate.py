@@ -26,13 +26,13 @@ from typing import Any, Literal
 from drift import DriftError
 from drift.config import option, settings, to_dict
 from drift.env import DEFAULT_FEEDBACK, NO_ORACLE_FEEDBACK, EnvConfig
-from drift.eval_tables import correction_tables
+from drift.eval_tables import correction_tables, plot_correction
 from drift.metrics import PROTOCOLS, compute_metrics
 from drift.planted import choose_planted, plant, read_planted
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json, write_jsonl
 from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
 from drift.rollout.protocol import Backend
-from drift.rundir import PLOT_FILE, EvalDir, ensure_writable, read_record, record, trained_record, with_model
+from drift.rundir import CORRECTION_PLOT_FILE, PLOT_FILE, EvalDir, ensure_writable, read_record, record, trained_record, with_model
 from drift.stats import enumeration_baseline
 from drift.tasks import Problem, TaskSpec, load_tasks
 from drift.tasks.generators import GENERATORS
@@ -406,6 +406,8 @@ def run_compare(cfg: CompareConfig) -> str:
     if png is not None:
         plot_succ_at_k(metrics, labels, png)
         text += f"\nplot: {png}\n"
+        if plot_correction(metrics, labels, png.with_name(CORRECTION_PLOT_FILE)):
+            text += f"correction plot: {png.with_name(CORRECTION_PLOT_FILE)}\n"
     return text
 
 

@@ -42,6 +42,7 @@ from drift.config import differences, digest
 
 RECORD_SCHEMA = 1
 PLOT_FILE = "succ_at_k.png"
+CORRECTION_PLOT_FILE = "correction.png"  # beside a succ@k plot, when some run was not oracle-stopped
 
 
 @dataclass(frozen=True)
