@@ -85,6 +85,9 @@ def test_planted_protocol_in_compute_metrics_agrees_with_the_correction_rate():
     assert m["planted"]["correct_t2"] == pytest.approx(m["correction_rate"][1])
     assert m["succ_at_k"][0] == 0.0  # a planted turn 1 is never right
     assert m["correction_rate_ci"][1] == pytest.approx(list(wilson(1, 4)))
+    # lengths and format over the 7 generated turns only (each 2 characters, 3 tokens; C's turn 2 unparseable)
+    assert (m["response_chars"], m["response_tokens"], m["total_tokens"]) == pytest.approx((2.0, 3.0, 21))
+    assert m["unparseable_rate"] == pytest.approx(1 / 7)
     assert m["corrected"] == [0, 1, 1]  # A at turn 2; D at turn 3 (C's turn 2 had no answer: not counted)
 
 

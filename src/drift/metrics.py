@@ -19,12 +19,12 @@ one conversation and a problem's trajectories its n samples:
   `unique_ratio_multi_turn` averages over trajectories of >= 2 turns only: single-turn
   successes always score 1 and hide repetition collapse.
 - mean turns to success: mean success turn over trajectories solved within T.
-- unparseable rate: turns with status "unparseable" / all turns (timeouts counted apart).
+- unparseable rate: turns with status "unparseable" / all generated turns (timeouts counted apart).
 - pass@k: the unbiased estimator 1 - C(n-c, k) / C(n, k) per problem, averaged over problems,
   with c = number of the problem's n samples correct at TURN 1 (independent samples, no
   feedback). Computed for k = 1, 2, 4, ... and n, only when every problem has n > 1 samples.
-- lengths: characters and generated tokens per assistant turn (means), total generated tokens,
-  share of turns cut at max_new_tokens.
+- lengths: characters and generated tokens per generated assistant turn (means), total generated
+  tokens, share of turns cut at max_new_tokens. (Generated: a planted turn 1 is left out of both.)
 - intervals (`*_ci`, 95%): succ@k over problems (`drift.stats.rate_ci`: Wilson with one sample per
   problem, else the bootstrap over problems), conditional accuracy and correction rate by Wilson
   over their conversations, pass@k by the bootstrap over problems.
@@ -312,8 +312,14 @@ def protocol_metrics(trajs: Sequence[Trajectory], max_turns: int, protocol: str)
     return out
 
 
+def generated_turns(t: Trajectory, max_turns: int) -> list[Turn]:
+    """The turns the model wrote within max_turns: a planted turn 1 was given, not generated."""
+    return t.turns[1 if t.metadata.get("planted") else 0:max_turns]
+
+
 def length_metrics(trajs: Sequence[Trajectory], max_turns: int) -> dict[str, Any]:
-    turns = [turn for t in trajs for turn in t.turns[:max_turns]]
+    """Lengths of the generated turns (a planted answer's length is not the model's)."""
+    turns = [turn for t in trajs for turn in generated_turns(t, max_turns)]
     total_tokens = sum(t.tokens for t in turns)
     return {
         "response_chars": _ratio(sum(len(t.response) for t in turns), len(turns)),
@@ -333,6 +339,7 @@ def compute_metrics(trajs: Sequence[Trajectory], max_turns: int, protocol: str =
     groups = group_by_problem(trajs)
     sizes = sorted({len(g) for g in groups.values()})
     turns = [turn for t in trajs for turn in t.turns[:max_turns]]
+    generated = [turn for t in trajs for turn in generated_turns(t, max_turns)]
     solved = [s for s in (solved_turn(t, max_turns) for t in trajs) if s is not None]
     succ = succ_at_k(trajs, max_turns)
     out: dict[str, Any] = {
@@ -350,7 +357,7 @@ def compute_metrics(trajs: Sequence[Trajectory], max_turns: int, protocol: str =
         **unique_ratios(trajs, max_turns),
         "mean_turns_to_success": _ratio(sum(solved), len(solved)),
         "mean_turns": _ratio(len(turns), len(trajs)),
-        "unparseable_rate": _ratio(sum(t.status == "unparseable" for t in turns), len(turns)),
+        "unparseable_rate": _ratio(sum(t.status == "unparseable" for t in generated), len(generated)),
         "timeout_rate": _ratio(sum(t.status == "timeout" for t in turns), len(turns)),
         "ended_early": sum(solved_turn(t, max_turns) is None and len(t.turns) < max_turns for t in trajs),
         **pass_at_k_metrics(trajs),
