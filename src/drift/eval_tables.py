@@ -96,7 +96,7 @@ def correction_tables(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) 
     """Per protocol present: its table, and the paired tests against its first run."""
     parts = []
     for protocol, render in (("oracle", oracle_rows), ("planted", planted_rows), ("no-oracle", second_attempt_rows)):
-        runs = [(label, m) for label, m in zip(labels, metrics) if m.get("protocol", "oracle") == protocol]
+        runs = [(label, m) for label, m in zip(labels, metrics) if m.get("protocol", "oracle") == protocol]  # as protocol_of
         if not runs:
             continue
         parts += [f"### {PROTOCOL_NAMES[protocol]}", ""] + render(runs) + [""]

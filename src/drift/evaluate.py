@@ -400,8 +400,9 @@ def run_compare(cfg: CompareConfig) -> str:
         names = [run_label(d) for d in cfg.dirs]
         labels = names if len(set(names)) == len(names) else list(cfg.dirs)
     text = markdown_table(metrics, labels)
-    if len(metrics) > 1:
-        text += "\n" + _paired_table(metrics, labels)
+    same = [(label, m) for label, m in zip(labels, metrics) if protocol_of(m) == protocol_of(metrics[0])]
+    if len(same) > 1:  # succ@k of another protocol measures something else: not paired with the first
+        text += "\n" + _paired_table([m for _, m in same], [label for label, _ in same])
     text += "\nCorrection, by protocol (percent [95% interval]):\n\n" + correction_tables(metrics, labels)
     if png is not None:
         plot_succ_at_k(metrics, labels, png)
@@ -409,6 +410,11 @@ def run_compare(cfg: CompareConfig) -> str:
         if plot_correction(metrics, labels, png.with_name(CORRECTION_PLOT_FILE)):
             text += f"correction plot: {png.with_name(CORRECTION_PLOT_FILE)}\n"
     return text
+
+
+def protocol_of(m: dict[str, Any]) -> str:
+    """The protocol an eval ran under (metrics written before protocols existed: the oracle loop)."""
+    return m.get("protocol", "oracle")
 
 
 def _paired_table(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:
