@@ -298,6 +298,10 @@ def test_no_oracle_eval_asks_again_after_right_answers(tmp_path):
         {"Please check your answer and answer again."}
     md = (tmp_path / "no" / "metrics.md").read_text()
     assert "| no | 5 | 40.0 [11.8, 76.9] | 60.0 [23.1, 88.2] |" in md
+    eval_run(tmp_path, "oracle")
+    mixed = run_compare(CompareConfig(dirs=[str(tmp_path / "oracle"), str(tmp_path / "no")]))
+    assert "Paired difference in succ@T" not in mixed  # succ@k under another protocol is another measure
+    assert "### no oracle" in mixed and "### oracle feedback" in mixed
     with pytest.raises(DriftError, match="--protocol no-oracle"):
         EvalConfig(model="m", output=str(tmp_path / "x"), oracle=False)
 
