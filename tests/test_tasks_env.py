@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -230,6 +231,13 @@ def test_config_build_types_and_errors():
     assert apply_overrides({"inner": {"k": 1}}, ["inner.k=2", "name=abc"]) == {"inner": {"k": 2}, "name": "abc"}
 
 
+def test_hf_tasks_without_datasets_name_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(DriftError, match=r"^tasks 'hf:openai/gsm8k:main@test': hf: tasks need the datasets "
+                                         r"package: pip install 'drift-rl\[hub\]'$"):
+        load_tasks(TaskSpec(tasks="hf:openai/gsm8k:main@test"))
+
+
 def test_episode_without_oracle_goes_on_after_a_right_answer():
     p = mul_problem()
     ep = Episode(p, 0, EnvConfig(max_turns=3, oracle=False, feedback="Please check your answer and answer again."))
@@ -257,3 +265,16 @@ def test_episode_with_a_planted_answer_starts_after_it():
         Episode(dataclasses.replace(p, planted=p.answer), 0, EnvConfig(max_turns=3))
     with pytest.raises(DriftError, match="planted answer ends the conversation"):
         Episode(p, 0, EnvConfig(max_turns=1))
+
+
+def test_a_key_added_later_is_recorded_only_when_changed():
+    from drift.config import settings
+
+    @dataclass
+    class Stage:
+        a: int = option(1, "an old key")
+        b: bool = option(True, "a key added later", result="changed")
+
+    assert settings(Stage()) == {"a": 1}  # a record written before b existed still matches
+    assert settings(Stage(b=False)) == {"a": 1, "b": False}
+    assert "oracle" not in settings(EnvConfig()) and settings(EnvConfig(oracle=False))["oracle"] is False

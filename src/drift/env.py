@@ -34,7 +34,8 @@ class EnvConfig:
     max_turns: int = option(5, "maximum assistant turns per conversation")
     feedback: str = option(DEFAULT_FEEDBACK, "user message after a wrong or unparseable answer")
     oracle: bool = option(True, "stop at the first correct answer, so feedback follows wrong answers only; "
-                          "false: every conversation runs max_turns turns, feedback after every answer")
+                          "false: every conversation runs max_turns turns, feedback after every answer",
+                          result="changed")
     system_prompt: str | None = option(DEFAULT_SYSTEM, "system prompt (none: no system message)")
     instruction: str | None = option(None, "answer-format instruction appended to every question (default: the task's own)")
     check_timeout: float = option(5.0, "seconds allowed to check one answer (math-verify runs in worker processes)")

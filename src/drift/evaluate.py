@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from drift import DriftError
-from drift.config import option, settings, to_dict
+from drift.config import option, to_dict
 from drift.env import DEFAULT_FEEDBACK, NO_ORACLE_FEEDBACK, EnvConfig
 from drift.eval_tables import correction_tables, plot_correction
 from drift.metrics import PROTOCOLS, compute_metrics
 from drift.planted import choose_planted, plant, read_planted
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json, write_jsonl
-from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
+from drift.rollout.config import RolloutConfig, sampling_record, task_spec
+from drift.rollout.engine import run_rollout
 from drift.rollout.protocol import Backend
-from drift.rundir import CORRECTION_PLOT_FILE, PLOT_FILE, EvalDir, ensure_writable, read_record, record, trained_record, with_model
+from drift.rundir import CORRECTION_PLOT_FILE, PLOT_FILE, EvalDir, config_record, ensure_writable, read_record, trained_record
 from drift.stats import enumeration_baseline
 from drift.tasks import Problem, TaskSpec, load_tasks
 from drift.tasks.generators import GENERATORS
@@ -61,7 +62,7 @@ class EvalConfig(RolloutConfig):
     protocol: Literal["oracle", "no-oracle", "planted"] = option(
         "oracle", "oracle: the try-again loop, stopped at the first correct answer; no-oracle: a second attempt "
         "after every answer (SCoRe; the default feedback becomes \"" + NO_ORACLE_FEEDBACK + "\"); planted: "
-        "turn 1 is a given wrong answer (--planted) and the model answers from turn 2")
+        "turn 1 is a given wrong answer (--planted) and the model answers from turn 2", result="changed")
     planted: str | None = option(None, "planted protocol: a planted.jsonl (rows prompt_id, response), an eval "
                                  "directory holding one, or trajectories whose wrong turn-1 answers to plant; none: "
                                  "sample --plant-model and store them in <output>/planted.jsonl", result=False)
@@ -144,7 +145,7 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
         protocol = cfg.protocol
     else:
         trajs, manifest = existing_trajectories(cfg)
-        rec = record("eval", settings(cfg), manifest, cfg.trajectories)
+        rec = config_record("eval", cfg, manifest, cfg.trajectories)
         source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
         protocol = made_under(trajs, manifest)
         options = option_count(manifest_problems(manifest))
@@ -226,9 +227,7 @@ def manifest_problems(manifest: dict[str, Any] | None) -> list[Problem]:
 
 def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
-                   model_record)
-    return record("eval", s, model_record, cfg.model)
+    return sampling_record("eval", cfg, problems, model_record)
 
 
 def run_label(eval_dir: str | Path) -> str:
