@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from drift.eval_tables import correction_tables
 from drift.evaluate import load_metrics, markdown_table, plot_succ_at_k
 from drift.ledger import Cost
 from drift.records import Trajectory, read_trajectories
@@ -273,6 +274,11 @@ def write_report(cfg: Any, steps: list[tuple[str, Path]]) -> str:
           "answers / answers per conversation (≥2 turns: conversations that got feedback).", "",
           markdown_table(metrics, labels) if metrics else "(no evaluation finished yet)", "",
           "![succ@k](succ_at_k.png)", "",
+          "## Correction", "",
+          "Percent [95% interval]. The try-again loop stops at the first correct answer, so its correction rate "
+          "is with oracle feedback; evaluations under the planted or no-oracle protocol (`drift eval --protocol`) "
+          "get their own table.", "",
+          correction_tables(metrics, labels) if metrics else "(no evaluation finished yet)", "",
           "## Environment", "",
           "The try-again environment of the training rollout and of each evaluation (a value that differs from "
           "the rollout's is in bold).", "", environment_table(recs), "",
