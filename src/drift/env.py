@@ -27,6 +27,10 @@ from drift.tasks import Problem
 DEFAULT_FEEDBACK = "Incorrect. Please think again."
 DEFAULT_SYSTEM = "You're a helpful assistant."
 NO_ORACLE_FEEDBACK = "Please check your answer and answer again."
+# The keys that make the environment, in the order the report shows them: EnvConfig's rules and
+# the checker (a task key of the rollout and eval configs). An evaluation in a `drift run`
+# inherits them, and how the checker runs (check_workers), from the rollout (`evaluate.inherit_environment`).
+ENVIRONMENT_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns")
 
 
 @dataclass

@@ -8,7 +8,8 @@ One owner of the layout: the folder and file names below are spelled here and no
       weights/<arm>.jsonl       weighted rows; <arm>.weights.json beside it is their record
       train/<arm>/              a trained model (save_pretrained) + train_summary.json
       train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
-      online/<arm>/             the online arm: live state, checkpoints, its eval curve
+      online/<arm>/             the online arm (OnlineDir): final model, train_summary.json, state/,
+                                iterations/<k>/rollout/, evals/<k>/, adapters/<k>/
       eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/,
                                 and for the planted protocol planted.jsonl, plant-rollout/
       logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
@@ -35,12 +36,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError
 from drift.config import differences, digest, settings
 
 RECORD_SCHEMA = 1
+TRAINED = "trained:"  # a model setting that names a training record's digest (`with_model`)
 PLOT_FILE = "succ_at_k.png"
 CORRECTION_PLOT_FILE = "correction.png"  # beside a succ@k plot, when some run was not oracle-stopped
 
@@ -85,6 +87,11 @@ class EvalDir:
         return RolloutDir(self.path / "plant-rollout")
 
 
+CHECKPOINT = "checkpoint-"
+# save_pretrained's weight files (transformers and peft); config and tokenizer files are rewritten anyway
+MODEL_FILES = ("model*.safetensors*", "pytorch_model*", "adapter_*", "merged")
+
+
 @dataclass(frozen=True)
 class TrainDir:
     path: Path
@@ -92,6 +99,43 @@ class TrainDir:
     @property
     def summary(self) -> Path:
         return self.path / "train_summary.json"
+
+    @property
+    def merged(self) -> Path:
+        """The base model with the LoRA adapter merged in (merge_lora)."""
+        return self.path / "merged"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"{CHECKPOINT}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint-N directories, highest N first (complete or not)."""
+        numbered = [p for p in self.path.glob(f"{CHECKPOINT}*")
+                    if p.is_dir() and p.name.removeprefix(CHECKPOINT).isdigit()]
+        return sorted(numbered, key=lambda p: int(p.name.removeprefix(CHECKPOINT)), reverse=True)
+
+    def complete_checkpoints(self) -> list[Path]:
+        return [p for p in self.checkpoints() if checkpoint_record(p).is_file()]
+
+    def model_files(self, checkpoints: bool = False) -> list[Path]:
+        """The weight files a training writes (and, with checkpoints, its checkpoints): what a fresh run clears."""
+        patterns = MODEL_FILES + ((f"{CHECKPOINT}*",) if checkpoints else ())
+        return [p for pattern in patterns for p in self.path.glob(pattern)]
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """One saved state of an online run (`drift.online.state`)."""
+
+    path: Path
+
+    @property
+    def policy(self) -> Path:
+        return self.path / "policy.pt"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress.json"
 
 
 @dataclass(frozen=True)
@@ -108,8 +152,29 @@ class OnlineDir:
     def iteration(self, k: int) -> Path:
         return self.path / "iterations" / f"{k:05d}"
 
+    def iteration_rollout(self, k: int, rank: int, ranks: int) -> Path:
+        """The rollout of iteration k sampled by one process (of `ranks`)."""
+        return self.iteration(k) / ("rollout" if ranks == 1 else f"rollout-rank{rank}")
+
     def evaluation(self, k: int) -> Path:
         return self.path / "evals" / f"{k:05d}"
+
+    def adapter(self, k: int) -> Path:
+        """The LoRA adapter after iteration k (what a vLLM sampler loads)."""
+        return self.path / "adapters" / f"{k:05d}"
+
+    @property
+    def state(self) -> StateDir:
+        """The resumable state; written to state.tmp and swapped in through state.old."""
+        return StateDir(self.path / "state")
+
+    @property
+    def state_tmp(self) -> StateDir:
+        return StateDir(self.path / "state.tmp")
+
+    @property
+    def state_old(self) -> StateDir:
+        return StateDir(self.path / "state.old")
 
 
 def weights_record(output: str | Path) -> Path:
@@ -261,14 +326,40 @@ def is_complete(rec: dict[str, Any] | None) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
 
-def mismatch(rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class Mismatch:
+    """One way a stored record differs from the one a rerun would write.
+
+    kind: "setting" (one of the stage's own settings), "model" (it started from another trained
+    model: an earlier stage was redone) or "input" (it was made from another input: likewise).
+    """
+
+    kind: Literal["setting", "model", "input"]
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def mismatches(rec: dict[str, Any], new: dict[str, Any]) -> list[Mismatch]:
     """How a stored record differs from the one a rerun would write (settings, then input)."""
-    out = differences(rec.get("settings") or {}, new["settings"])
+    old_s, new_s = rec.get("settings") or {}, new["settings"]
+    out = []
+    for key in sorted(set(old_s) | set(new_s)):
+        was = old_s.get(key)
+        kind = "model" if key == "model" and isinstance(was, str) and was.startswith(TRAINED) else "setting"
+        a, b = ({key: s[key]} if key in s else {} for s in (old_s, new_s))
+        out += [Mismatch(kind, text) for text in differences(a, b)]
     old_in, new_in = (rec.get("input") or {}).get("digest"), (new.get("input") or {}).get("digest")
     if old_in != new_in:
-        out.append(f"input: made from {old_in or 'another input'}, now {new_in or 'another input'} "
-                   "(an earlier stage was redone)")
+        out.append(Mismatch("input", f"input: made from {old_in or 'another input'}, now {new_in or 'another input'} "
+                                     "(an earlier stage was redone)"))
     return out
+
+
+def mismatch(rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`mismatches` as text, for a stage's own refusal to resume."""
+    return [m.text for m in mismatches(rec, new)]
 
 
 # --- output directories ------------------------------------------------------------------
@@ -339,4 +430,4 @@ def with_model(settings: dict[str, Any], model_record: dict[str, Any] | None) ->
     """A model drift trained is identified by its training record, not by the path it lies at."""
     if model_record is None:
         return settings
-    return {**settings, "model": f"trained:{model_record.get('digest')}"}
+    return {**settings, "model": f"{TRAINED}{model_record.get('digest')}"}

@@ -50,12 +50,12 @@ from drift import DriftError
 from drift.checkers import normalize_answer
 from drift.config import option
 from drift.ledger import Cost, measure
-from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, success_turn,
+from drift.records import (ReturnInputs, WeightedRow, read_jsonl, require_complete, return_inputs,
                            trajectory_files, write_json, write_jsonl)
 from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
-SWIFT_EPS = 1e-6
+STD_EPS = 1e-6  # added to a group's std before dividing by it (Swift, GRPO)
 
 
 @dataclass
@@ -127,11 +127,23 @@ def auto_beta(groups: Sequence[Sequence[float]], target: float) -> tuple[float, 
     return beta, ess_share(live, beta)
 
 
+def spread(returns: Sequence[float]) -> float:
+    """Population standard deviation of a group's returns."""
+    mean = sum(returns) / len(returns)
+    return math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+
+
+def standardized(returns: Sequence[float], eps: float = STD_EPS) -> list[float]:
+    """(R - mean) / (population std + eps) within the group: Swift's weights, and the online
+    arm's advantages with scale_by_std (GRPO)."""
+    mean = sum(returns) / len(returns)
+    std = spread(returns)
+    return [(r - mean) / (std + eps) for r in returns]
+
+
 def swift_weights(returns: Sequence[float]) -> list[float]:
     """(R - mean) / (population std + 1e-6) within the group."""
-    mean = sum(returns) / len(returns)
-    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
-    return [(r - mean) / (std + SWIFT_EPS) for r in returns]
+    return standardized(returns)
 
 
 def refit_weights(returns: Sequence[float]) -> list[float]:
@@ -197,9 +209,9 @@ def _input_files(path: str) -> list[Path]:
     return files
 
 
-def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
-    """Read the input, return (rows with 'return'/'weight' added, diagnostics)."""
-    rows: list[dict] = []
+def compute(cfg: WeightsConfig) -> tuple[list[WeightedRow], dict]:
+    """Read the input, return (the weighted rows, diagnostics)."""
+    rows: list[WeightedRow] = []
     where: list[str] = []
     first_seen: dict[tuple[str, object], str] = {}  # (prompt_id, sample_idx) -> where it was read
     skipped = 0
@@ -227,43 +239,43 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
                     raise DriftError(f"{loc}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]!r}), "
                                      f"also at {first_seen[key]}")
                 first_seen[key] = loc
-            rows.append({**row, "return": ret})
+            rows.append(WeightedRow(row, 0.0, ret))
             where.append(loc)
     if not rows:
         raise DriftError(f"{cfg.input}: no rows to weight (empty input)")
 
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, row in enumerate(rows):
-        groups.setdefault(str(row["prompt_id"]), []).append(i)
+        groups.setdefault(str(row.fields["prompt_id"]), []).append(i)
     beta, reached = cfg.beta, None
     if beta == "auto":
-        beta, reached = auto_beta([[rows[i]["return"] for i in idx] for idx in groups.values()], cfg.ess_target)
+        beta, reached = auto_beta([[rows[i].ret for i in idx] for idx in groups.values()], cfg.ess_target)
     per_group = []
     for pid, idx in groups.items():
-        rets = [rows[i]["return"] for i in idx]
-        solved = [is_success(rows[i]) for i in idx]
+        rets = [rows[i].ret for i in idx]
+        solved = [rows[i].success_turn is not None for i in idx]
         degenerate = is_degenerate(rets)
         try:
             ws = group_weights(cfg.method, rets, solved, beta)
         except ValueError:
-            bad = next(i for i in idx if rows[i]["return"] < 0)
+            bad = next(i for i in idx if rows[i].ret < 0)
             raise DriftError(
-                f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad]['return']:.4g} "
+                f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad].ret:.4g} "
                 "(penalties make returns negative: use --format-penalty 0 --repeat-penalty 0 with refit)") from None
         dropped = is_dropped(cfg.degenerate, degenerate, solved)
         if dropped:
             ws = [0.0] * len(ws)
         for i, w in zip(idx, ws):
-            rows[i]["weight"] = w
+            rows[i].weight = w
         per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate, "unsolved": not any(solved),
                           "dropped": dropped, "ess": effective_sample_size(ws), "max_weight": max(ws),
                           "solved": sum(solved)})
     return rows, diagnostics(cfg, rows, per_group, skipped, beta, reached)
 
 
-def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int, beta: float,
+def diagnostics(cfg: WeightsConfig, rows: list[WeightedRow], per_group: list[dict], skipped: int, beta: float,
                 reached: float | None) -> dict:
-    weights = [r["weight"] for r in rows]
+    weights = [r.weight for r in rows]
     ess = [g["ess"] for g in per_group]
     qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
     return {
@@ -276,8 +288,8 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
         "unsolved_groups": sum(g["unsolved"] for g in per_group),
         "unsolved_share": sum(g["unsolved"] for g in per_group) / len(per_group),
         "dropped_groups": sum(g["dropped"] for g in per_group),
-        "solved_share": sum(is_success(r) for r in rows) / len(rows),
-        "return_mean": statistics.fmean(r["return"] for r in rows),
+        "solved_share": sum(r.success_turn is not None for r in rows) / len(rows),
+        "return_mean": statistics.fmean(r.ret for r in rows),
         "weight_sum": sum(weights), "weight_min": min(weights), "weight_max": max(weights),
         "weight_quantiles": {"p10": qs[0], "p50": qs[4], "p90": qs[8]},
         "rows_weight_below_1e-3": sum(abs(w) < 1e-3 for w in weights),
@@ -287,16 +299,16 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
     }
 
 
-def weight_share_by_success_turn(rows: list[dict]) -> dict[str, float]:
+def weight_share_by_success_turn(rows: list[WeightedRow]) -> dict[str, float]:
     """The share of the total absolute weight on trajectories solved at each turn ("1", "2", ...)
     and on unsolved ones ("unsolved"): what the training data teaches at each turn (absolute,
     because Swift's weights sum to zero per group). gamma < 1 moves weight to early successes,
     and a turn with little weight is a turn the model hardly learns."""
     by: dict[str, float] = {}
     for r in rows:
-        t = success_turn(r)
+        t = r.success_turn
         key = "unsolved" if t is None else str(t)
-        by[key] = by.get(key, 0.0) + abs(r["weight"])
+        by[key] = by.get(key, 0.0) + abs(r.weight)
     total = sum(by.values())
     order = sorted((k for k in by if k != "unsolved"), key=int) + (["unsolved"] if "unsolved" in by else [])
     return {k: by[k] / total if total else 0.0 for k in order}
@@ -313,7 +325,7 @@ def run_weights(cfg: WeightsConfig) -> dict:
         with measure(cost):
             rows, diag = compute(cfg)
             weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
-            write_jsonl(out, rows)
+            write_jsonl(out, (r.to_json() for r in rows))
         diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
         write_json(weights_record(out), diag)
     return diag

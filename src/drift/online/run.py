@@ -121,7 +121,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
             model = _lora(model, cfg)
         policy = Policy(cfg, model, tokenizer, accelerator, _gen_dtype(cfg))
         progress = _fresh_progress(parameter_count(policy.unwrapped))
-        resume = saved.load(out.path) if previous is not None else None
+        resume = saved.load(out) if previous is not None else None
         if resume is not None:
             policy.load(resume[0])
             progress = resume[1]
@@ -207,7 +207,7 @@ class _Loop:
                      k, cfg.iterations, entry["return_mean"], entry["groups_trained"], entry["groups"],
                      entry["groups_zero_spread"], entry["loss"])
             if acc.is_main_process and (k % cfg.save_every == 0 or k == cfg.iterations):
-                saved.save(self.out.path, self.policy.state(), self.progress)
+                saved.save(self.out, self.policy.state(), self.progress)
                 write_json(self.out.summary, {**self.expected, **_summary_fields(self.progress)})
             acc.wait_for_everyone()
 
@@ -222,7 +222,7 @@ class _Loop:
             return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size,
                                         pack=True)
         if k > 0:
-            path = self.out.path / "adapters" / f"{k:05d}"
+            path = self.out.adapter(k)
             if self.acc.is_main_process:
                 self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
             self.acc.wait_for_everyone()
@@ -238,9 +238,8 @@ class _Loop:
         cfg, acc = self.cfg, self.acc
         batch = prompt_batch(self.problems, cfg.batch_prompts, cfg.seed, it)
         mine = batch[acc.process_index::acc.num_processes]
-        name = "rollout" if acc.num_processes == 1 else f"rollout-rank{acc.process_index}"
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
-        rcfg = RolloutConfig(**{**values, "output": str(self.out.iteration(it + 1) / name),
+        rcfg = RolloutConfig(**{**values, "output": str(self.out.iteration_rollout(it + 1, acc.process_index, acc.num_processes)),
                                 "model": f"{cfg.output}#policy-after-{it}", "seed": derive_seed(cfg.seed, "rollout", it),
                                 "resume": False})
         rows, cost = [], Cost()

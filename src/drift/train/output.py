@@ -24,9 +24,6 @@ from drift.rundir import TrainDir, checkpoint_record, mismatch, read_record
 
 log = logging.getLogger(__name__)
 
-# save_pretrained's weight files (transformers and peft); config and tokenizer files are rewritten anyway
-MODEL_FILES = ("model*.safetensors*", "pytorch_model*", "adapter_*", "merged")
-CHECKPOINTS = ("checkpoint-*",)
 
 
 def require_trained(path: str | Path) -> None:
@@ -46,12 +43,11 @@ def start_output(output: Path, running: dict[str, Any], fresh: bool) -> None:
     files of an earlier run are removed; so are its checkpoints unless this run resumes from one
     (`fresh` False), so that "latest" can only ever name a checkpoint of this run."""
     write_json(TrainDir(output).summary, running)
-    for pattern in MODEL_FILES + (CHECKPOINTS if fresh else ()):
-        for p in output.glob(pattern):
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    for p in TrainDir(output).model_files(checkpoints=fresh):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def resume_checkpoint(requested: str | None, output: Path,
@@ -80,8 +76,7 @@ def resume_checkpoint(requested: str | None, output: Path,
 
 def latest_checkpoint(output: Path) -> Path:
     """The complete checkpoint-N of `output` with the highest N; incomplete newer ones are skipped."""
-    numbered = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    for path in sorted(numbered, key=lambda p: int(p.name.split("-", 1)[1]), reverse=True):
+    for path in TrainDir(output).checkpoints():
         if checkpoint_record(path).is_file():
             return path
         log.warning("train: skipping %s: incomplete (no %s; its save was cut short)", path,

@@ -266,8 +266,8 @@ def _save_merged(base_path: str, output: Path, tokenizer: Any) -> None:
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(output)).merge_and_unload()
-    merged.save_pretrained(output / "merged")
-    tokenizer.save_pretrained(output / "merged")
+    merged.save_pretrained(TrainDir(output).merged)
+    tokenizer.save_pretrained(TrainDir(output).merged)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
