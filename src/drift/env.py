@@ -30,7 +30,7 @@ NO_ORACLE_FEEDBACK = "Please check your answer and answer again."
 # The keys that make the environment, in the order the report shows them: EnvConfig's rules and
 # the checker (a task key of the rollout and eval configs). An evaluation in a `drift run`
 # inherits them, and how the checker runs (check_workers), from the rollout (`evaluate.inherit_environment`).
-ENVIRONMENT_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns")
+ENVIRONMENT_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns", "oracle")
 
 
 @dataclass
