@@ -8,13 +8,18 @@ of its steps), so the numbers are the records' own. Rows are the arms' held-out 
 iterated arm gives one row per round (`drift@1`, `drift@2`, ...; its last round is the arm itself).
 
 Table 1, per row: succ@k (mean over the run directories, each seed's value in brackets), the
-correction rate after feedback (over turns >= 2: answers corrected / answers that were parsed and
-wrong at the turn before), the unique-answer ratio over conversations that got feedback, and the
+correction rate after oracle feedback (over turns >= 2: answers corrected / answers that were parsed
+and wrong at the turn before; the loop stops at the first correct answer, so the feedback is an
+oracle's), the same pooled over seeds as a count with its 95% Wilson interval, the unique-answer
+ratio over conversations that got feedback, and the
 training budget from the cost ledger (FLOPs and wall seconds: the shared rollout in full, weights
 and training, every earlier round; an online arm's rollouts and updates; evaluation excluded).
+On multiple choice a last row gives the enumeration baseline (k / options: never repeat a letter).
 Table 2: paired differences at the last turn, `against` minus each other row: per held-out
 problem the difference is averaged over seeds, then mean ± standard error over problems; then
-the mean difference of each seed (the spread between seeds, which the error over problems omits).
+the mean difference of each seed (the spread between seeds, which the error over problems omits);
+then, pooled over seeds, the problems only `against` solved / only the row solved and the exact
+McNemar p on them.
 Table 3 (online arms): the learning curve, succ@T and cumulative FLOPs at every evaluation.
 """
 
@@ -27,6 +32,7 @@ from typing import Any
 from drift.arms import OnlineArm
 from drift.ledger import Cost
 from drift.metrics import mean_and_se
+from drift.stats import mcnemar_exact, wilson
 from drift.pipeline import load_run
 
 
@@ -59,6 +65,20 @@ def correction(m: dict[str, Any]) -> float | None:
     return fixed / base if base else None
 
 
+def corrected_counts(m: dict[str, Any]) -> tuple[int, int]:
+    """(answers corrected, answers parsed and wrong at the turn before), over turns >= 2."""
+    base = sum(m["correction_base"][1:])
+    fixed = sum(r * b for r, b in zip(m["correction_rate"][1:], m["correction_base"][1:]) if r is not None)
+    return round(fixed), base
+
+
+def pooled_correction(ms: list[dict[str, Any]]) -> str:
+    """The correction counts pooled over seeds, 'k of n [low, high]' (95% Wilson interval)."""
+    k, n = (sum(c) for c in zip(*(corrected_counts(m) for m in ms)))
+    ci = wilson(k, n)
+    return "–" if ci is None else f"{k} of {n} [{pct(ci[0])}, {pct(ci[1])}]"
+
+
 def _each(values: list[float | None], fmt: Any) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -71,25 +91,30 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
     names = [n for n in runs[0] if all(n in r for r in runs)]
     turns = len(runs[0][names[0]]["metrics"]["succ_at_k"])
     head = ("| arm | " + " | ".join(f"succ@{k + 1}" for k in range(turns))
-            + " | correction after feedback | unique (≥2 turns) | training FLOPs | training wall s |\n"
-            + "|---|" + "---:|" * (turns + 4) + "\n")
+            + " | correction after oracle feedback | pooled | unique (≥2 turns) | training FLOPs | training wall s |\n"
+            + "|---|" + "---:|" * (turns + 5) + "\n")
     lines = []
     for n in names:
         ms = [r[n]["metrics"] for r in runs]
         cells = [_each([m["succ_at_k"][k] for m in ms], pct) for k in range(turns)]
         cells.append(_each([correction(m) for m in ms], pct))
+        cells.append(pooled_correction(ms))
         cells.append(_each([m["unique_ratio_multi_turn"] for m in ms], lambda v: f"{v:.2f}"))
         costs = [r[n]["cost"] for r in runs]
         cells.append(_each([c.flops or None for c in costs], lambda v: f"{v:.3g}"))
         cells.append(_each([c.wall_seconds or None for c in costs], lambda v: f"{v:.0f}"))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    enum = runs[0][names[0]]["metrics"].get("enumeration_baseline")
+    if enum:
+        lines.append("| never repeat a letter (k / options) | " + " | ".join(pct(v) for v in enum[:turns])
+                     + " |" + " – |" * 5)
     return head + "\n".join(lines) + "\n"
 
 
 def paired_table(runs: list[dict[str, dict]], against: str) -> str:
     names = [n for n in runs[0] if n != against and all(n in r for r in runs)]
-    lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | each seed | problems |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [f"| {against} minus | succ@T difference (points) | ± s.e. | each seed | problems "
+             f"| only {against} / only the row | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]
     problems = list(runs[0][against]["metrics"]["per_problem"])
     for n in names:
         per_seed = [[r[against]["metrics"]["per_problem"][pid][-1] - r[n]["metrics"]["per_problem"][pid][-1]
@@ -97,7 +122,10 @@ def paired_table(runs: list[dict[str, dict]], against: str) -> str:
         diffs = [sum(d) / len(d) for d in zip(*per_seed)]
         mean, se = mean_and_se(diffs)
         each = " / ".join(f"{100 * sum(d) / len(d):+.1f}" for d in per_seed)
-        lines.append(f"| {n} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {each} | {len(diffs)} |")
+        only = [sum(x > 0 for x in d) for d in per_seed], [sum(x < 0 for x in d) for d in per_seed]
+        b, c = sum(only[0]), sum(only[1])  # succ@T is 0 or 1 per problem with one greedy sample
+        lines.append(f"| {n} | {100 * mean:+.1f} | {100 * (se or 0.0):.1f} | {each} | {len(diffs)} "
+                     f"| {b} / {c} | {mcnemar_exact(b, c):.2g} |")
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,7 @@ def fails_with_one_line(capsys, tmp_path, argv, message):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-SUBCOMMANDS = ["rollout", "weights", "train", "online", "eval", "compare", "run", "demo", "inspect"]
+SUBCOMMANDS = ["rollout", "weights", "train", "online", "eval", "compare", "run", "demo", "stats", "inspect"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -183,3 +183,9 @@ def test_every_rank_meets_at_a_barrier_before_the_group_is_torn_down(tmp_path, o
 def test_a_failed_rank_tears_its_group_down_without_waiting(tmp_path, one_rank_group):
     assert main(["weights", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "w.jsonl")]) == 2
     assert one_rank_group == [] and not dist.is_initialized()
+
+
+def test_stats_prints_the_test_and_refuses_bad_counts(capsys, tmp_path):
+    assert main(["stats", "--test", "fisher", "8/24", "15/204"]) == 0
+    assert capsys.readouterr().out == "8/24 against 15/204: Fisher's exact test, two-sided p = 0.00081\n"
+    fails_with_one_line(capsys, tmp_path, ["stats", "--test", "wilson", "9/8"], "'9/8': needs 0 <= K <= N")

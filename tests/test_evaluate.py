@@ -10,6 +10,7 @@ import pytest
 from drift import DriftError
 from drift.cli import main
 from drift.config import build
+from drift.eval_tables import correction_bars
 from drift.evaluate import CompareConfig, EvalConfig, markdown_table, paired_difference, run_compare, run_eval
 from drift.records import Trajectory, write_jsonl
 from drift.rollout.protocol import BackendStats, GenOutput
@@ -124,6 +125,7 @@ def test_compare_table_and_plot(tmp_path):
     # paired difference at k = 3: per-problem [0, 0, 1, 0, 1] -> +40 points, se sqrt(0.3 / 5) = 24.5
     assert "| trained | 3 | +40.0 ± 24.5 | 5 |" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "plots" / "correction.png").exists()  # oracle runs only: no correction plot
     labelled = run_compare(CompareConfig(dirs=[str(tmp_path / "base"), str(tmp_path / "trained")], labels=["A", "B"]))
     assert "| A | 5 |" in labelled and "| B | 5 |" in labelled
 
@@ -275,3 +277,81 @@ def test_compare_refuses_metrics_from_a_newer_drift(tmp_path, capsys):
     assert code == 2 and err.splitlines() == [
         f"drift compare: error: {metrics}: written with schema_version 99, but this drift reads up to 1: "
         "upgrade drift to read it"]
+
+
+# --- protocols: no oracle, planted answers; the enumeration baseline --------------------------
+
+SECOND = {"P1": ["4", "5", "4"], "P2": ["5", "4", "4"], "P3": ["no idea", "7", "7"], "P4": ["4", "4", "4"],
+          "P5": ["9", "4", "4"]}
+
+
+def test_no_oracle_eval_asks_again_after_right_answers(tmp_path):
+    m = eval_run(tmp_path, "no", script=SECOND, protocol="no-oracle")
+    assert m["config"]["oracle"] is False and m["protocol"] == "no-oracle"
+    s = m["second_attempt"]
+    # turn 1 right: P1, P4; turn 2 right: P2, P4, P5; P2 and P5 wrong -> right, P1 right -> wrong
+    assert (s["acc_t1"], s["acc_t2"], s["delta"]) == pytest.approx((0.4, 0.6, 0.2))
+    assert (s["delta_i_to_c"], s["delta_c_to_i"], s["i_to_c"], s["c_to_i"]) == pytest.approx((0.4, 0.2, 2, 1))
+    rows = [json.loads(line) for line in (tmp_path / "no" / "rollout" / "trajectories" / "shard-00000.jsonl").open()]
+    assert all(len(r["turns"]) == 3 for r in rows)  # max_turns 3: every conversation runs every turn
+    assert {m["content"] for r in rows for m in r["messages"][2:] if m["role"] == "user"} == \
+        {"Please check your answer and answer again."}
+    md = (tmp_path / "no" / "metrics.md").read_text()
+    assert "| no | 5 | 40.0 [11.8, 76.9] | 60.0 [23.1, 88.2] |" in md
+    eval_run(tmp_path, "oracle")
+    mixed = run_compare(CompareConfig(dirs=[str(tmp_path / "oracle"), str(tmp_path / "no")]))
+    assert "Paired difference in succ@T" not in mixed  # succ@k under another protocol is another measure
+    assert "### no oracle" in mixed and "### oracle feedback" in mixed
+    with pytest.raises(DriftError, match="--protocol no-oracle"):
+        EvalConfig(model="m", output=str(tmp_path / "x"), oracle=False)
+
+
+def test_planted_answers_from_a_file(tmp_path):
+    f = tmp_path / "planted.jsonl"
+    write_jsonl(f, [{"prompt_id": p, "response": "It is 3."} for p in ("P1", "P2", "P3", "P4")])  # P5: none
+    turn2 = {"P1": "4", "P2": "3", "P3": "7", "P4": "4"}
+    m = eval_run(tmp_path, "pl", script=lambda conv, turn: turn2[conv[0]] if turn == 2 else "9",
+                 protocol="planted", planted=str(f))
+    p = m["planted"]
+    assert p["conversations"] == 4 and p["without_answer"] == 1 and p["source"] == str(f)
+    assert (p["correct_t2"], p["repeat_t2"]) == pytest.approx((0.5, 0.25))
+    assert m["succ_at_k"][0] == 0.0 and m["correction_rate"][1] == pytest.approx(0.5)
+    assert "| pl | 4 | 50.0 [15.0, 85.0] | 25.0 [4.6, 69.9] |" in (tmp_path / "pl" / "metrics.md").read_text()
+    with pytest.raises(DriftError, match="prompt_id and a response"):
+        write_jsonl(f, [{"prompt_id": "P1"}])
+        eval_run(tmp_path, "bad", protocol="planted", planted=str(f))
+
+
+def test_planted_answers_sampled_from_the_reference_then_shared(tmp_path):
+    # turn 1 of the reference: P1 always right (nothing to plant); others "4", "6", "6" by sample
+    def reference(conv, turn):
+        return "4" if conv[0] == "P1" or conv[1] == 0 else "6"
+
+    a = eval_run(tmp_path, "a", script=lambda conv, turn: reference(conv, turn) if turn == 1 else "4",
+                 protocol="planted", plant_model="scripted", plant_samples=3)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "planted.jsonl").open()]
+    assert rows == [{"prompt_id": p, "response": "6", "answer_norm": "6", "times": 2, "samples": 3}
+                    for p in ("P2", "P3", "P4", "P5")]
+    assert a["planted"]["without_answer"] == 1 and a["planted"]["correct_t2"] == 1.0
+    # a second model sees the same planted answers (the first eval's directory), and repeats them
+    b = eval_run(tmp_path, "b", script=lambda conv, turn: "6", protocol="planted", planted=str(tmp_path / "a"))
+    assert b["planted"]["repeat_t2"] == 1.0 and b["planted"]["correct_t2"] == 0.0
+    png = tmp_path / "plots" / "succ.png"
+    text = run_compare(CompareConfig(dirs=[str(tmp_path / "a"), str(tmp_path / "b")], plot=str(png)))
+    # paired on 4 problems: a fixed all four, b none: -100 points, 0 / 4 discordant, McNemar 2 / 2^4
+    assert "| b | 4 | -100.0 ± 0.0 | 0 / 4 | 0.12 |" in text
+    assert (tmp_path / "plots" / "correction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert text.endswith(f"correction plot: {tmp_path / 'plots' / 'correction.png'}\n")
+    assert correction_bars([a, b], ["a", "b"])[:2] == [("a", "planted: correct at turn 2", 1.0, a["planted"]["correct_t2_ci"]),
+                                                      ("a", "planted: repeats it", 0.0, a["planted"]["repeat_t2_ci"])]
+
+
+def test_multiple_choice_evals_carry_the_enumeration_baseline(tmp_path):
+    from drift.tasks import TaskSpec, load_tasks
+
+    mc = load_tasks(TaskSpec(tasks="mc-arith", num_problems=3, split="test"))
+    cfg = EvalConfig(model="scripted", output=str(tmp_path / "mc"), max_turns=3)
+    m = run_eval(cfg, problems=mc, backend=ScriptedBackend(lambda conv, turn: "<answer>A</answer>"))
+    assert m["enumeration_baseline"] == [0.25, 0.5, 0.75]
+    assert "enumeration succ@T" in (tmp_path / "mc" / "metrics.md").read_text()
+    assert "enumeration_baseline" not in eval_run(tmp_path, "numeric")

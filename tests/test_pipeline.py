@@ -103,6 +103,7 @@ def test_rerun_with_changed_settings_is_refused_until_redone(tmp_path, tiny_mode
     md = run_pipeline(build(RunConfig, {**changed, "start_from": "weights"}))
     assert json.loads((run / "weights/drift.weights.json").read_text())["beta"] == 0.3
     assert "`beta=0.3`" in md and "`beta=0.1`" not in md  # the report shows each artifact's own settings
+    assert "## Correction" in md and "### oracle feedback (the loop stops at the first correct answer)" in md
     run_pipeline(build(RunConfig, changed))  # now consistent: every stage skipped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from drift.checkers import Checker
 from drift.config import derive_seed
 from drift.records import read_trajectories
 from drift.rollout import BackendStats, GenOutput, PromptTooLong, RolloutConfig, is_complete, read_manifest, run_rollout
+from drift.rollout.config import tasks_fingerprint
 from drift.rollout.protocol import sample_seed
 from drift.tasks import Problem
 
@@ -484,3 +486,30 @@ def test_two_writers_on_one_rollout_directory(tmp_path):
     (tmp_path / "run").mkdir()
     with Lock(tmp_path / "run"), pytest.raises(DriftError, match="being written by another drift process"):
         run_rollout(config(tmp_path, resume=True), probs, ScriptedBackend(probs))
+
+
+def test_planted_answers_start_every_sample_at_turn_2(tmp_path):
+    probs = [dataclasses.replace(p, planted="It is 99.") for p in problems(2)]
+    backend = ScriptedBackend(probs)
+    manifest = run_rollout(config(tmp_path), probs, backend)
+    # one request per prompt group, at turn 2, history = sys, user, planted answer, feedback
+    assert backend.calls[0] == [([(p.id, i) for i in range(4)], 2, 4) for p in probs]
+    rows = {(r["prompt_id"], r["sample_idx"]): r for r in shard_rows(tmp_path / "run")}
+    # sample i answers right at turn i + 1: sample 1 at turn 2, sample 2 at turn 3, samples 0 and 3 never
+    assert [rows[("p0", i)]["success_turn"] for i in range(4)] == [None, 2, 3, None]
+    assert all(r["turns"][0]["response"] == "It is 99." and r["metadata"] == {"planted": True} for r in rows.values())
+    # the planted answer is part of the tasks' fingerprint: a resume with other answers is refused
+    other = [dataclasses.replace(p, planted="It is 98.") for p in problems(2)]
+    assert tasks_fingerprint(other) != tasks_fingerprint(probs) != tasks_fingerprint(problems(2))
+    assert manifest["summary"]["succ_at_k"] == [0.0, 0.25, 0.5]  # 2 of 8 by turn 2, 4 of 8 by turn 3
+
+
+def test_without_oracle_every_conversation_runs_every_turn(tmp_path):
+    probs = problems(1)
+    backend = ScriptedBackend(probs)
+    run_rollout(config(tmp_path, oracle=False, feedback="Please check your answer and answer again."), probs, backend)
+    rows = {r["sample_idx"]: r for r in shard_rows(tmp_path / "run")}
+    assert [len(rows[i]["turns"]) for i in range(4)] == [3, 3, 3, 3]
+    assert [rows[i]["success_turn"] for i in range(4)] == [1, 2, 3, None]
+    assert [m["content"] for m in rows[0]["messages"] if m["role"] == "user"][1:] == \
+        ["Please check your answer and answer again."] * 2

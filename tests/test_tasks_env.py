@@ -1,5 +1,6 @@
 """Tasks (generators, files), the try-again environment rules, typed configs."""
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -235,3 +236,45 @@ def test_hf_tasks_without_datasets_name_the_extra(monkeypatch):
     with pytest.raises(DriftError, match=r"^tasks 'hf:openai/gsm8k:main@test': hf: tasks need the datasets "
                                          r"package: pip install 'drift-rl\[hub\]'$"):
         load_tasks(TaskSpec(tasks="hf:openai/gsm8k:main@test"))
+
+
+def test_episode_without_oracle_goes_on_after_a_right_answer():
+    p = mul_problem()
+    ep = Episode(p, 0, EnvConfig(max_turns=3, oracle=False, feedback="Please check your answer and answer again."))
+    ep.step(f"It is {p.answer}.")
+    assert not ep.done and ep.messages[-1] == {"role": "user", "content": "Please check your answer and answer again."}
+    ep.step("It is 0.")
+    ep.step(f"{p.answer}")
+    t = ep.trajectory
+    assert ep.done and t.success_turn == 1  # the first correct turn, though turn 2 was wrong
+    assert [turn.status for turn in t.turns] == ["correct", "wrong", "correct"]
+
+
+def test_episode_with_a_planted_answer_starts_after_it():
+    p = dataclasses.replace(mul_problem(), planted="I think it is 1.")
+    ep = Episode(p, 0, EnvConfig(max_turns=3))
+    t = ep.trajectory
+    assert t.metadata == {"planted": True} and not ep.done
+    assert t.turns[0].response == "I think it is 1." and t.turns[0].status == "wrong" and t.turns[0].tokens == 0
+    assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user"]
+    assert t.messages[2:] == [{"role": "assistant", "content": "I think it is 1."},
+                              {"role": "user", "content": "Incorrect. Please think again."}]
+    ep.step(p.answer)
+    assert ep.done and t.success_turn == 2
+    with pytest.raises(DriftError, match="planted answer ends the conversation"):
+        Episode(dataclasses.replace(p, planted=p.answer), 0, EnvConfig(max_turns=3))
+    with pytest.raises(DriftError, match="planted answer ends the conversation"):
+        Episode(p, 0, EnvConfig(max_turns=1))
+
+
+def test_a_key_added_later_is_recorded_only_when_changed():
+    from drift.config import settings
+
+    @dataclass
+    class Stage:
+        a: int = option(1, "an old key")
+        b: bool = option(True, "a key added later", result="changed")
+
+    assert settings(Stage()) == {"a": 1}  # a record written before b existed still matches
+    assert settings(Stage(b=False)) == {"a": 1, "b": False}
+    assert "oracle" not in settings(EnvConfig()) and settings(EnvConfig(oracle=False))["oracle"] is False

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
             "the whole pipeline from one config file: rollout -> weights -> train -> eval -> report"),
     "demo": ("drift.pipeline", "DemoConfig", "run_demo", None,
              "the pipeline on the embedded SmolLM2-135M and mul: base, then one and two rounds of RFT and of DRIFT"),
+    "stats": ("drift.stats", "StatsConfig", "run_stats", "counts",
+              "an exact test or interval from counts: Fisher (two rates), McNemar (paired), Wilson (one rate)"),
     "inspect": ("drift.train.inspect", "InspectConfig", "run_inspect", "data",
                 "show a training row with its trained tokens marked"),
 }

@@ -24,11 +24,13 @@ from drift import DriftError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, result: bool = True, **kw: Any) -> Any:
+def option(default: Any, help: str, result: bool | str = True, **kw: Any) -> Any:
     """A config field with its help text (the only place the help is written).
 
     `result=False` marks a key that cannot change what the stage produces (paths, threads,
     batch sizes of inference, logging, retries): it is left out of the stage's `settings`.
+    `result="changed"` marks a key added after records were written without it: it is in the
+    settings only when set away from its default, so those records still match a rerun.
     """
     meta = {"help": help, "result": result, **kw}
     if isinstance(default, (list, dict)):
@@ -41,7 +43,12 @@ def settings(cfg: Any) -> dict[str, Any]:
 
     A stage stores them next to its output; a rerun compares them before reusing that output.
     """
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("result", True)}
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if _recorded(f, getattr(cfg, f.name))}
+
+
+def _recorded(f: dataclasses.Field, value: Any) -> bool:
+    result = f.metadata.get("result", True)
+    return result == "changed" and value != f.default if isinstance(result, str) else bool(result)
 
 
 def _plain(value: Any) -> Any:

@@ -2,7 +2,11 @@
 
 Up to `max_turns` assistant turns. After each, the checker judges the extracted answer:
 correct ends the episode (success at that turn); wrong, unparseable or timeout appends the
-feedback message as a user turn and the next turn starts. The environment does not generate
+feedback message as a user turn and the next turn starts. Stopping at the first correct answer
+makes the feedback an oracle's (it is only ever said after a wrong answer); with `oracle = false`
+every episode runs `max_turns` turns and the feedback follows right answers too (SCoRe's
+second attempt). A problem with a `planted` answer starts after it: turn 1 is that answer,
+judged like any other (the episode's metadata says `planted`), followed by its feedback. The environment does not generate
 text — the rollout engine owns the loop and asks the environment what happens after each
 response: `check_responses` judges the responses of one generation step together (their
 worker-bound checks run at once), and `Episode.step` applies the rules to each.
@@ -22,16 +26,20 @@ from drift.tasks import Problem
 
 DEFAULT_FEEDBACK = "Incorrect. Please think again."
 DEFAULT_SYSTEM = "You're a helpful assistant."
+NO_ORACLE_FEEDBACK = "Please check your answer and answer again."
 # The keys that make the environment, in the order the report shows them: EnvConfig's rules and
 # the checker (a task key of the rollout and eval configs). An evaluation in a `drift run`
 # inherits them, and how the checker runs (check_workers), from the rollout (`evaluate.inherit_environment`).
-ENVIRONMENT_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns")
+ENVIRONMENT_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns", "oracle")
 
 
 @dataclass
 class EnvConfig:
     max_turns: int = option(5, "maximum assistant turns per conversation")
     feedback: str = option(DEFAULT_FEEDBACK, "user message after a wrong or unparseable answer")
+    oracle: bool = option(True, "stop at the first correct answer, so feedback follows wrong answers only; "
+                          "false: every conversation runs max_turns turns, feedback after every answer",
+                          result="changed")
     system_prompt: str | None = option(DEFAULT_SYSTEM, "system prompt (none: no system message)")
     instruction: str | None = option(None, "answer-format instruction appended to every question (default: the task's own)")
     check_timeout: float = option(5.0, "seconds allowed to check one answer (math-verify runs in worker processes)")
@@ -61,6 +69,12 @@ class Episode:
         system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
         self.trajectory = Trajectory(prompt_id=problem.id, sample_idx=sample_idx,
                                      messages=system + problem.opening(), turns=[], gold=problem.answer)
+        if problem.planted is not None:
+            self.trajectory.metadata["planted"] = True
+            self.step(problem.planted)
+            if self.done:
+                raise DriftError(f"problem {problem.id}: its planted answer ends the conversation at once "
+                                 "(it is correct, or max_turns is 1): nothing is left to answer")
 
     @property
     def messages(self) -> list[dict[str, str]]:
@@ -69,7 +83,7 @@ class Episode:
     @property
     def done(self) -> bool:
         t = self.trajectory
-        return t.success_turn is not None or len(t.turns) >= self.cfg.max_turns
+        return (self.cfg.oracle and t.success_turn is not None) or len(t.turns) >= self.cfg.max_turns
 
     def step(self, response: str, tokens: int = 0, finish_reason: str = "stop",
              result: CheckResult | None = None) -> Turn:
@@ -84,9 +98,9 @@ class Episode:
         t = self.trajectory
         t.turns.append(turn)
         t.messages.append({"role": "assistant", "content": response})
-        if turn.correct:
+        if turn.correct and t.success_turn is None:
             t.success_turn = len(t.turns)
-        elif not self.done:
+        if not self.done:
             t.messages.append({"role": "user", "content": self.cfg.feedback})
         return turn
 

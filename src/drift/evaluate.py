@@ -6,6 +6,11 @@ scored by `drift.metrics.compute_metrics`. Its directory holds:
     metrics.json every metric, plus per-problem succ@k for paired comparisons
     metrics.md   the same as markdown tables
 An existing trajectory file or directory can be scored instead of a model.
+
+`protocol` chooses what is measured (`drift.metrics`): `oracle`, the try-again loop that stops
+at the first correct answer (its correction numbers are with oracle feedback); `no-oracle`,
+SCoRe's second attempt after "Please check your answer and answer again." whatever the first
+answer was; `planted`, every problem's turn 1 a given wrong answer (`drift.planted`).
 """
 
 from __future__ import annotations
@@ -16,18 +21,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError
 from drift.config import option, to_dict
-from drift.env import ENVIRONMENT_KEYS
-from drift.metrics import compute_metrics
-from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
+from drift.env import DEFAULT_FEEDBACK, ENVIRONMENT_KEYS, NO_ORACLE_FEEDBACK
+from drift.eval_tables import correction_tables, plot_correction
+from drift.metrics import PROTOCOLS, compute_metrics
+from drift.planted import choose_planted, plant, read_planted
+from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json, write_jsonl
 from drift.rollout.config import RolloutConfig, sampling_record, task_spec
 from drift.rollout.engine import run_rollout
 from drift.rollout.protocol import Backend
-from drift.rundir import PLOT_FILE, EvalDir, config_record, ensure_writable, read_record, trained_record
-from drift.tasks import Problem, load_tasks
+from drift.rundir import CORRECTION_PLOT_FILE, PLOT_FILE, EvalDir, config_record, ensure_writable, read_record, trained_record
+from drift.stats import enumeration_baseline
+from drift.tasks import Problem, TaskSpec, load_tasks
+from drift.tasks.generators import GENERATORS
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +59,32 @@ class EvalConfig(RolloutConfig):
                         "(generators: the fact; files and hub datasets: the id)")
     n: int = option(1, "samples per problem; > 1 also reports pass@k from the turn-1 samples (needs temperature > 0)")
     temperature: float = option(0.0, "sampling temperature (0: greedy, the eval default)")
+    protocol: Literal["oracle", "no-oracle", "planted"] = option(
+        "oracle", "oracle: the try-again loop, stopped at the first correct answer; no-oracle: a second attempt "
+        "after every answer (SCoRe; the default feedback becomes \"" + NO_ORACLE_FEEDBACK + "\"); planted: "
+        "turn 1 is a given wrong answer (--planted) and the model answers from turn 2", result="changed")
+    planted: str | None = option(None, "planted protocol: a planted.jsonl (rows prompt_id, response), an eval "
+                                 "directory holding one, or trajectories whose wrong turn-1 answers to plant; none: "
+                                 "sample --plant-model and store them in <output>/planted.jsonl", result=False)
+    plant_model: str = option("smollm2-135m", "planted protocol without --planted: the reference model whose wrong "
+                              "turn-1 answers are planted", result=False)
+    plant_samples: int = option(8, "planted protocol without --planted: turn-1 samples per problem (temperature 1) "
+                                "to find a wrong answer among", result=False)
 
     def __post_init__(self) -> None:
+        if self.protocol == "no-oracle":
+            self.oracle = False
+            if self.feedback == DEFAULT_FEEDBACK:  # "Incorrect" after a right answer would be a lie
+                self.feedback = NO_ORACLE_FEEDBACK
         super().__post_init__()
+        if self.protocol not in PROTOCOLS:
+            raise DriftError(f"unknown protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        if self.protocol != "no-oracle" and not self.oracle:
+            raise DriftError("oracle = false is the no-oracle protocol: pass --protocol no-oracle")
+        if self.protocol == "planted" and self.max_turns < 2:
+            raise DriftError("the planted protocol needs max_turns >= 2 (turn 1 is the planted answer)")
+        if self.plant_samples < 1:
+            raise DriftError(f"plant_samples must be >= 1, got {self.plant_samples}")
         if (self.model is None) == (self.trajectories is None):
             raise DriftError("eval needs exactly one of --model (generate and score) and --trajectories "
                              "(score existing trajectories)")
@@ -99,19 +131,30 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
     """
     out = EvalDir(ensure_writable(cfg.output))
     # step 1
+    planted: dict[str, Any] | None = None
     if cfg.model is not None:
         rcfg = rollout_config(cfg)
         problems = load_tasks(task_spec(rcfg)) if problems is None else problems
+        options = option_count(problems)
+        if cfg.protocol == "planted":
+            problems, planted = planted_problems(cfg, problems, backend)
         rec = stage_record(cfg, problems, trained_record(cfg.model))
         manifest = run_rollout(rcfg, problems=problems, backend=backend)
         trajs = read_trajectories(out.rollout.shards)
         source = {"model": cfg.model, "rollout": str(out.rollout.path)}
+        protocol = cfg.protocol
     else:
         trajs, manifest = existing_trajectories(cfg)
         rec = config_record("eval", cfg, manifest, cfg.trajectories)
         source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
+        protocol = made_under(trajs, manifest)
+        options = option_count(manifest_problems(manifest))
     # step 2
-    metrics = compute_metrics(trajs, cfg.max_turns)
+    metrics = compute_metrics(trajs, cfg.max_turns, protocol)
+    if metrics.get("planted") and planted:
+        metrics["planted"].update(planted)
+    if options:
+        metrics["enumeration_baseline"] = [enumeration_baseline(k, options) for k in range(1, cfg.max_turns + 1)]
     if metrics["ended_early"]:
         log.warning("%d unsolved conversation(s) ended before turn %d: were they rolled out with fewer turns? "
                     "(score with --max-turns to match)", metrics["ended_early"], cfg.max_turns)
@@ -133,6 +176,53 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
     out.table.write_text(metrics_markdown(metrics, run_label(out.path)))
     log.info("wrote %s and %s", out.metrics, out.table)
     return metrics
+
+
+def planted_problems(cfg: EvalConfig, problems: list[Problem], backend: Backend | None
+                     ) -> tuple[list[Problem], dict[str, Any]]:
+    """The problems carrying their planted answers (`drift.planted`), and where the answers came from.
+
+    From `cfg.planted`; else from this eval's own planted.jsonl (a resumed eval); else sampled from
+    `cfg.plant_model` (`plant_samples` turn-1 samples at temperature 1 into <output>/plant-rollout)
+    and written to <output>/planted.jsonl. `backend` serves that rollout when the plant model is the
+    model under evaluation."""
+    out = EvalDir(Path(cfg.output))
+    if cfg.planted is not None:
+        answers, origin = read_planted(cfg.planted), str(cfg.planted)
+    elif out.planted.is_file():
+        answers, origin = read_planted(out.planted), str(out.planted)
+    else:
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
+        pcfg = RolloutConfig(**{**values, "model": cfg.plant_model, "n": cfg.plant_samples, "temperature": 1.0,
+                                "max_turns": 1, "output": str(out.plant_rollout.path)})
+        run_rollout(pcfg, problems=problems, backend=backend if cfg.plant_model == cfg.model else None)
+        rows = choose_planted(read_trajectories(out.plant_rollout.shards))
+        write_jsonl(out.planted, rows)
+        answers, origin = {r["prompt_id"]: r["response"] for r in rows}, f"{cfg.plant_model} (sampled)"
+    planted, missing = plant(problems, answers)
+    return planted, {"source": origin, "without_answer": missing}
+
+
+def made_under(trajs: list[Trajectory], manifest: dict[str, Any] | None) -> str:
+    """The protocol existing trajectories were made under: planted turns, or an environment without oracle."""
+    if any(t.metadata.get("planted") for t in trajs):
+        return "planted"
+    return "no-oracle" if ((manifest or {}).get("env") or {}).get("oracle") is False else "oracle"
+
+
+def option_count(problems: list[Problem]) -> int | None:
+    """The number of options when every problem is multiple choice with the same number (else None)."""
+    counts = {len(p.metadata["options"]) if p.checker == "choice" and "options" in p.metadata else None
+              for p in problems}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def manifest_problems(manifest: dict[str, Any] | None) -> list[Problem]:
+    """The problems of a rollout made from a built-in generator (others are not reloaded to score)."""
+    task = (manifest or {}).get("task")
+    if not task or task.get("tasks") not in GENERATORS:
+        return []
+    return load_tasks(TaskSpec(**{f.name: task[f.name] for f in dataclasses.fields(TaskSpec) if f.name in task}))
 
 
 def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
@@ -200,7 +290,10 @@ def metrics_markdown(m: dict[str, Any], label: str) -> str:
              "per conversation (≥2 turns: multi-turn conversations only).\n",
              "## Per turn\n", per_turn_table(m),
              "correction rate at k: share correct at turn k among conversations whose turn k-1 answer was "
-             "parsed and wrong (base = their number).\n"]
+             "parsed and wrong (base = their number)"
+             + (", with oracle feedback: the conversation stops at the first correct answer, so the feedback "
+                "only ever follows a wrong one.\n" if m.get("protocol", "oracle") == "oracle" else ".\n"),
+             "## Correction\n", correction_tables([m], [label])]
     if m.get("pass_at_k"):
         parts += ["## pass@k (turn-1 samples, no feedback)\n", pass_at_k_table(m)]
     extra = [f"accuracy within {m['max_turns']} turns: {_pct(m['accuracy'], m['accuracy_se'])}",
@@ -259,6 +352,10 @@ def plot_succ_at_k(metrics_list: Sequence[dict[str, Any]], labels: Sequence[str]
         ys = [100 * v for v in m["succ_at_k"]]
         err = [100 * (s or 0.0) for s in m["succ_at_k_se"]]
         ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, label=label)
+    enum = next((m["enumeration_baseline"] for m in metrics_list if m.get("enumeration_baseline")), None)
+    if enum:
+        ax.plot(range(1, len(enum) + 1), [100 * v for v in enum], ls=":", color="grey",
+                label="never repeat a letter (k / options)")
     ax.set_xlabel("turn k")
     ax.set_ylabel("succ@k (%)")
     ax.set_xticks(range(1, max(m["max_turns"] for m in metrics_list) + 1))
@@ -302,12 +399,21 @@ def run_compare(cfg: CompareConfig) -> str:
         names = [run_label(d) for d in cfg.dirs]
         labels = names if len(set(names)) == len(names) else list(cfg.dirs)
     text = markdown_table(metrics, labels)
-    if len(metrics) > 1:
-        text += "\n" + _paired_table(metrics, labels)
+    same = [(label, m) for label, m in zip(labels, metrics) if protocol_of(m) == protocol_of(metrics[0])]
+    if len(same) > 1:  # succ@k of another protocol measures something else: not paired with the first
+        text += "\n" + _paired_table([m for _, m in same], [label for label, _ in same])
+    text += "\nCorrection, by protocol (percent [95% interval]):\n\n" + correction_tables(metrics, labels)
     if png is not None:
         plot_succ_at_k(metrics, labels, png)
         text += f"\nplot: {png}\n"
+        if plot_correction(metrics, labels, png.with_name(CORRECTION_PLOT_FILE)):
+            text += f"correction plot: {png.with_name(CORRECTION_PLOT_FILE)}\n"
     return text
+
+
+def protocol_of(m: dict[str, Any]) -> str:
+    """The protocol an eval ran under (metrics written before protocols existed: the oracle loop)."""
+    return m.get("protocol", "oracle")
 
 
 def _paired_table(metrics: Sequence[dict[str, Any]], labels: Sequence[str]) -> str:

@@ -6,6 +6,7 @@ the settings shown are each artifact's own, not the config of the latest command
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from drift.arms import BASE, Arm, OfflineArm, OnlineArm, Records, ResultRow, StepId
-from drift.env import ENVIRONMENT_KEYS
+from drift.env import ENVIRONMENT_KEYS, EnvConfig
+from drift.eval_tables import correction_tables
 from drift.evaluate import load_metrics, markdown_table, plot_succ_at_k
 from drift.ledger import Cost
 from drift.records import Trajectory, read_trajectories
@@ -109,8 +111,10 @@ def _evals(recs: Records) -> dict[str, dict[str, Any]]:
 
 def environment_table(recs: Records) -> str:
     """The try-again environment of the training rollout and of each evaluation; differences in bold."""
-    roll = (recs.get(str(StepId("rollout"))) or {}).get("settings", {})
-    evals = _evals(recs)
+    # a key recorded only when changed (`option(result="changed")`) is at its default when absent
+    defaults = {f.name: f.default for f in dataclasses.fields(EnvConfig) if f.metadata.get("result") == "changed"}
+    roll = {**defaults, **(recs.get(str(StepId("rollout"))) or {}).get("settings", {})}
+    evals = {name: {**defaults, **s} for name, s in _evals(recs).items()}
     lines = ["| key | rollout | " + " | ".join(evals) + " |", "|---|---|" + "---|" * len(evals)]
     for key in ENVIRONMENT_KEYS:
         cells = []
@@ -249,6 +253,11 @@ def write_report(run: Run, recs: Records) -> str:
           "answers / answers per conversation (≥2 turns: conversations that got feedback).", "",
           markdown_table(metrics, labels) if metrics else "(no evaluation finished yet)", "",
           "![succ@k](succ_at_k.png)", "",
+          "## Correction", "",
+          "Percent [95% interval]. The try-again loop stops at the first correct answer, so its correction rate "
+          "is with oracle feedback; evaluations under the planted or no-oracle protocol (`drift eval --protocol`) "
+          "get their own table.", "",
+          correction_tables(metrics, labels) if metrics else "(no evaluation finished yet)", "",
           "## Environment", "",
           "The try-again environment of the training rollout and of each evaluation (a value that differs from "
           "the rollout's is in bold).", "", environment_table(recs), "",

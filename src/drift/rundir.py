@@ -10,7 +10,8 @@ One owner of the layout: the folder and file names below are spelled here and no
       train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
       online/<arm>/             the online arm (OnlineDir): final model, train_summary.json, state/,
                                 iterations/<k>/rollout/, evals/<k>/, adapters/<k>/
-      eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
+      eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/,
+                                and for the planted protocol planted.jsonl, plant-rollout/
       logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
       report.md, succ_at_k.png, cost.png
 
@@ -49,6 +50,7 @@ from drift.config import differences, digest, settings
 RECORD_SCHEMA = 1
 TRAINED = "trained:"  # a model setting that names a training record's digest (`with_model`)
 PLOT_FILE = "succ_at_k.png"
+CORRECTION_PLOT_FILE = "correction.png"  # beside a succ@k plot, when some run was not oracle-stopped
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,16 @@ class EvalDir:
     @property
     def rollout(self) -> RolloutDir:
         return RolloutDir(self.path / "rollout")
+
+    @property
+    def planted(self) -> Path:
+        """The planted first answers of a planted-protocol eval (`drift.planted`)."""
+        return self.path / "planted.jsonl"
+
+    @property
+    def plant_rollout(self) -> RolloutDir:
+        """The reference model's turn-1 samples the planted answers were chosen from."""
+        return RolloutDir(self.path / "plant-rollout")
 
 
 CHECKPOINT = "checkpoint-"

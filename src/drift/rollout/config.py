@@ -161,10 +161,11 @@ def resolved_dtype(cfg: RolloutConfig) -> str:
 
 
 def tasks_fingerprint(problems: list[Problem]) -> str:
-    """A hash of the problems (ids, questions, answers), to refuse resuming with other tasks."""
+    """A hash of the problems (ids, questions, answers, planted answers), to refuse resuming with other tasks."""
     h = hashlib.sha256()
     for p in problems:
-        h.update(json.dumps([p.id, p.question, p.answer, p.messages], ensure_ascii=False).encode())
+        h.update(json.dumps([p.id, p.question, p.answer, p.messages] + ([p.planted] if p.planted is not None else []),
+                            ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 

@@ -272,7 +272,8 @@ class _Conversations:
         while self.queue and (not self.live or len(self.live) + len(self.queue[0][1]) <= self.max_live):
             problem, indices = self.queue.popleft()
             group = {(problem.id, i): Episode(problem, i, self.env) for i in indices}
-            requests.append(GenRequest(list(group), list(next(iter(group.values())).messages), 1))
+            first = next(iter(group.values()))  # a planted answer is turn 1: the model starts at turn 2
+            requests.append(GenRequest(list(group), list(first.messages), len(first.trajectory.turns) + 1))
             self.live.update(group)
         return requests
 

@@ -34,8 +34,8 @@ class SamplingParams:
 class GenRequest:
     """Generate one assistant message for each conversation in `conv_ids`.
 
-    All of them share the same history `messages` (turn 1: the n samples of one prompt
-    group; later turns: exactly one live conversation).
+    All of them share the same history `messages` (a prompt group's first request, turn 1 or
+    turn 2 after a planted answer: its n samples; later turns: exactly one live conversation).
     """
 
     conv_ids: list[ConvId]

@@ -23,6 +23,7 @@ class Problem:
     instruction: str | None = None  # answer-format instruction appended to the question
     messages: list[dict[str, str]] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    planted: str | None = None  # a first answer given for the model (the planted-answer probe): it answers after it
 
     def opening(self) -> list[dict[str, str]]:
         """The first user turn(s) of the conversation (without the system prompt)."""
