@@ -21,6 +21,7 @@ from typing import Any
 from drift import DriftError
 from drift.config import option, settings, to_dict
 from drift.env import EnvConfig
+from drift.envs.runner import env_identity
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
 from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
@@ -136,8 +137,8 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
 
 def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
-                   model_record)
+    s = with_model({**settings(cfg), **env_identity(cfg), "problems": tasks_fingerprint(problems),
+                    "dtype": resolved_dtype(cfg)}, model_record)
     return record("eval", s, model_record, cfg.model)
 
 

@@ -36,6 +36,7 @@ import torch
 
 from drift import DriftError
 from drift.config import build, derive_seed, settings, to_dict
+from drift.envs.runner import env_identity
 from drift.ledger import Cost, measure, parameter_count
 from drift.online import state as saved
 from drift.online.advantages import group_advantages, select_groups
@@ -66,8 +67,8 @@ def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[
     """The online stage's record (`drift.rundir`)."""
     from drift.rollout.engine import resolved_dtype, tasks_fingerprint
 
-    s = with_model({**settings(cfg), "problems": tasks_fingerprint(problems), "dtype": resolved_dtype(cfg)},
-                   model_record)
+    s = with_model({**settings(cfg), **env_identity(cfg), "problems": tasks_fingerprint(problems),
+                    "dtype": resolved_dtype(cfg)}, model_record)
     return record("online", s, model_record, cfg.model)
 
 
