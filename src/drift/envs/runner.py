@@ -69,7 +69,7 @@ def env_spec(cfg: EnvConfig) -> EnvSpec:
         args = {**{k: getattr(cfg, k) for k in COMMON_KEYS}, **preset, **args}
     elif cfg.env.startswith(VERIFIERS_PREFIX):
         factory = VERIFIERS_FACTORY
-        args = {"name": cfg.env[len(VERIFIERS_PREFIX):], "max_turns": cfg.max_turns, **args}
+        args = {"name": cfg.env[len(VERIFIERS_PREFIX):], "feedback": cfg.feedback, **args}
     elif ":" in cfg.env:
         factory = cfg.env
     else:
@@ -186,7 +186,7 @@ class EnvRunner:
                               "env_error": str(e)})
 
     def _submit(self, method: str, args: tuple) -> Future:
-        return schedule(self.workers, _call_in_worker, (self.spec, method, *args), self.timeout)
+        return schedule(self.workers, _call_in_worker, (_InWorker(self.spec), method, *args), self.timeout)
 
     @staticmethod
     def _here(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
@@ -213,6 +213,35 @@ def _turn(ep: Episode) -> int:
     return len(ep.trajectory.turns) + 1
 
 
-def _call_in_worker(spec: EnvSpec, method: str, *args: Any) -> Any:
-    """(worker side) Build the environment once in this worker and call one of its methods."""
-    return getattr(environment(spec), method)(*args)
+class _InWorker:
+    """An environment sent to a worker by its spec. The worker builds it (once: `environment` caches it)
+    while it receives the call, which pebble does before it starts the call's timer, so a slow first
+    import or taskset load does not count against `check_timeout`; a build that fails there comes back
+    as the call's error."""
+
+    def __init__(self, spec: EnvSpec):
+        self.spec = spec
+
+    def __reduce__(self) -> tuple:
+        return _worker_environment, (self.spec,)
+
+
+def _worker_environment(spec: EnvSpec) -> Any:
+    """(worker side) The environment of `spec`, or a stand-in whose every call raises why it cannot be built."""
+    try:
+        return environment(spec)
+    except DriftError as e:
+        return _Unbuildable(e)
+
+
+class _Unbuildable:
+    def __init__(self, error: DriftError):
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        raise self.error
+
+
+def _call_in_worker(env: Any, method: str, *args: Any) -> Any:
+    """(worker side) Call one method of the environment built in this worker."""
+    return getattr(env, method)(*args)

@@ -130,10 +130,15 @@ def _load_hf(spec: str) -> list[Problem]:
 def _load_source(name: str) -> list[Problem]:
     if name.startswith("hf:"):
         return _load_hf(name)
+    if name.startswith("verifiers:"):
+        # an optional dependency: imported only for a verifiers task source
+        from drift.envs.verifiers_env import verifiers_problems
+
+        return verifiers_problems(name.removeprefix("verifiers:"))
     path = Path(name)
     if not path.is_file():
         raise DriftError(f"tasks {name!r}: not a built-in generator ({', '.join([*GENERATORS, CODE_TASKS])}), "
-                         "not an existing file, and not hf:NAME")
+                         "not an existing file, and not hf:NAME or verifiers:NAME")
     return _load_file(path)
 
 
