@@ -200,3 +200,22 @@ def test_env_arg_flags_and_config_tables(tmp_path):
     assert cfg.env == "code" and cfg.env_args == {"time_limit": 2.0, "memory_mb": 128, "partial_credit": True, "note": "a=b"}
     with pytest.raises(DriftError, match=r"config key 'env_args' takes key=value items, got 'oops'"):
         from_cli(RolloutConfig, parser.parse_args(["rollout", "--env-arg", "oops"]))
+
+
+def test_the_example_environment_of_the_usage_doc(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    code = doc.split("`my_envs.py` somewhere on the Python path:\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 25
+    (tmp_path / "my_envs.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probs = [Problem(id="mul-7x8", question="What is 7 x 8?", answer="56")]
+    # a worker count of its own: a pool started now, whose spawned workers see tmp_path
+    manifest, trajs = rollout(tmp_path, probs, {("mul-7x8", 0): ["54", "fifty-six", "56"], ("mul-7x8", 1): ["56"]},
+                              env="my_envs:OffBy", env_args={"tolerance": 0}, check_workers=5)
+    t = trajs[("mul-7x8", 0)]
+    assert [m["content"] for m in t.messages if m["role"] == "user"][1:] == ["You are off by -2.",
+                                                                            "Give one integer, nothing else."]
+    assert [turn.status for turn in t.turns] == ["wrong", "unparseable", "correct"] and t.turns[0].info == {"off": -2}
+    assert manifest["settings"]["env_version"] == "1"

@@ -171,19 +171,18 @@ class EnvRunner:
 
     def _step(self, ep: Episode, call: Any) -> Step:
         turn = _turn(ep)
-        try:
-            value = self._outcome(call, "step", ep.problem.id, turn)
+        outcome, value = outcome_of(call) if isinstance(call, Future) else call
+        if outcome == "ok":
             why = step_problem(value)
-            if why:
-                raise self._error("step", ep.problem.id, turn, why)
-            return value
-        except DriftError as e:
-            if self.failures == "stop":
-                raise
-            log.warning("%s (recorded as a failed conversation)", e)
-            return Step(reward=0.0, done=True, feedback=None,
-                        info={"correct": False, "status": "timeout" if "did not return" in str(e) else "wrong",
-                              "env_error": str(e)})
+            if why is None:
+                return value
+        error = self._error("step", ep.problem.id, turn, why if outcome == "ok" else self._failure(outcome, value))
+        if self.failures == "stop":
+            raise error
+        log.warning("%s (recorded as a failed conversation)", error)
+        return Step(reward=0.0, done=True, feedback=None,
+                    info={"correct": False, "status": "timeout" if outcome == "timeout" else "wrong",
+                          "env_error": str(error)})
 
     def _submit(self, method: str, args: tuple) -> Future:
         return schedule(self.workers, _call_in_worker, (_InWorker(self.spec), method, *args), self.timeout)
@@ -199,11 +198,12 @@ class EnvRunner:
 
     def _outcome(self, call: Future | tuple[str, Any], method: str, problem_id: str, turn: int) -> Any:
         outcome, value = outcome_of(call) if isinstance(call, Future) else call
-        if outcome == "timeout":
-            raise self._error(method, problem_id, turn, f"did not return within {self.timeout:g} s (check_timeout)")
-        if outcome == "error":
-            raise self._error(method, problem_id, turn, f"raised {value}")
+        if outcome != "ok":
+            raise self._error(method, problem_id, turn, self._failure(outcome, value))
         return value
+
+    def _failure(self, outcome: str, value: Any) -> str:
+        return f"did not return within {self.timeout:g} s (check_timeout)" if outcome == "timeout" else f"raised {value}"
 
     def _error(self, method: str, problem_id: str, turn: int, what: str) -> DriftError:
         return DriftError(f"environment {self.spec.name}: {method}() on problem {problem_id!r}, turn {turn}, {what}")
