@@ -16,7 +16,7 @@ from drift.config import add_arguments, from_cli
 # subcommand -> (module, config class, run function, positional field, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
     "rollout": ("drift.rollout.engine", "RolloutConfig", "run_rollout", None,
-                "sample multi-turn try-again conversations once from a reference model"),
+                "sample multi-turn conversations once from a reference model, in an environment (try-again by default)"),
     "weights": ("drift.weights", "WeightsConfig", "run_weights", "input",
                 "score trajectories (returns) and add per-group importance weights"),
     "train": ("drift.train.trainer", "TrainConfig", "run_train", None,
