@@ -219,3 +219,66 @@ def test_the_example_environment_of_the_usage_doc(tmp_path, monkeypatch):
                                                                             "Give one integer, nothing else."]
     assert [turn.status for turn in t.turns] == ["wrong", "unparseable", "correct"] and t.turns[0].info == {"off": -2}
     assert manifest["settings"]["env_version"] == "1"
+
+
+def test_every_sampling_stage_takes_the_environment(tmp_path):
+    """drift run: [rollout]'s env and env_args reach the held-out eval (unless [eval] sets its own) and the online arm,
+    whose learning-curve eval inherits them too."""
+    from drift.config import build
+    from drift.online.run import eval_config as online_eval
+    from drift.pipeline import RunConfig
+
+    env = {"env": "hint", "env_args": {"high": "Lower."}}
+    data = {"output": str(tmp_path / "run"),
+            "rollout": {"tasks": "mul", "split": "train", "num_problems": 3, "n": 2, **env},
+            "eval": {"tasks": "mul", "split": "test", "num_problems": 3},
+            "arms": {"drift": {"method": "drift"}, "grpo": {"method": "online"}}}
+    cfg = build(RunConfig, data)
+    assert (cfg.rollout_config().env, cfg.rollout_config().env_args) == ("hint", {"high": "Lower."})
+    assert (cfg.eval_config("base").env, cfg.eval_config("drift").env_args) == ("hint", {"high": "Lower."})
+    online = cfg.online_config("grpo")
+    assert (online.env, online.env_args) == ("hint", {"high": "Lower."})
+    assert online_eval(online, "m", tmp_path / "e").env == "hint"
+    data["eval"] = {**data["eval"], "env": "try-again", "env_args": {}}
+    assert build(RunConfig, data).eval_config("base").env == "try-again"
+
+
+def test_drift_run_with_the_hint_environment(tmp_path, tiny_model_dir):
+    """The whole pipeline (rollout, weights, train, eval) in a non-default environment, from the CLI."""
+    from drift.cli import main
+
+    f = tmp_path / "run.toml"
+    f.write_text(f'''output = "{tmp_path / 'run'}"
+model = "{tiny_model_dir}"
+[rollout]
+tasks = "mul"
+split = "train"
+num_problems = 2
+n = 2
+max_turns = 2
+max_new_tokens = 4
+env = "hint"
+[rollout.env_args]
+unreadable = "A number, please."
+[train]
+epochs = 1
+batch_size = 2
+save_steps = 0
+[eval]
+tasks = "mul"
+split = "test"
+num_problems = 2
+max_turns = 2
+max_new_tokens = 4
+[arms.drift]
+method = "drift"
+train = {{min_weight = 0.0}}
+''')
+    assert main(["run", str(f)]) == 0
+    for stage in ("rollout", "eval/base/rollout", "eval/drift/rollout"):
+        manifest = __import__("json").loads((tmp_path / "run" / stage / "manifest.json").read_text())
+        assert manifest["settings"]["env"] == "hint" and manifest["settings"]["env_version"] == "1"
+    hints = {"Your answer is too high.", "Your answer is too low.", "A number, please."}
+    trajs = read_trajectories(tmp_path / "run" / "eval" / "base" / "rollout" / "trajectories")
+    feedback = {m["content"] for t in trajs for m in t.messages[2:] if m["role"] == "user"}
+    assert feedback and feedback <= hints
