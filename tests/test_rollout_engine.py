@@ -15,6 +15,7 @@ import pytest
 
 from drift import DriftError
 from drift.checkers import Checker
+from drift.config import derive_seed
 from drift.records import read_trajectories
 from drift.rollout import BackendStats, GenOutput, PromptTooLong, RolloutConfig, is_complete, read_manifest, run_rollout
 from drift.rollout.protocol import sample_seed
@@ -357,6 +358,17 @@ def test_bad_input_errors(tmp_path):
 def test_seeds_are_per_sample_and_turn():
     assert sample_seed(0, ("p", 0), 1) != sample_seed(0, ("p", 1), 1) != sample_seed(0, ("p", 1), 2)
     assert sample_seed(0, ("p", 0), 1) == sample_seed(0, ("p", 0), 1) < 2**63
+
+
+def test_seed_values_are_pinned():
+    """The seeds every backend samples with and every random stream of a run starts from: literal
+    values, so a change of the recipe (which would change every trajectory) cannot go unnoticed."""
+    assert sample_seed(0, ("p", 0), 1) == 2522206245658434023
+    assert sample_seed(5, ("mc-arith/17", 3), 2) == 917786866437099981
+    assert sample_seed(123456789, ("q", 4), 5) == 5687404340144512217
+    assert derive_seed(0, "epoch", 0) == 5708693043793482679
+    assert derive_seed(7, "round", 2) == 3094298450272160663
+    assert derive_seed(3, "update", 11) == 3787988532469212421
 
 
 def test_hf_backend_rollout(tmp_path, tiny_model_dir):

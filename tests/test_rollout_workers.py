@@ -8,7 +8,7 @@ import pytest
 
 from drift import DriftError
 from drift.records import read_trajectories
-from drift.rollout.engine import RolloutConfig, run_rollout
+from drift.rollout import RolloutConfig, run_rollout
 from drift.rollout.protocol import GenRequest, PromptTooLong, SamplingParams
 
 

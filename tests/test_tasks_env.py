@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -245,3 +246,10 @@ def test_config_build_types_and_errors():
     with pytest.raises(DriftError, match="config key 'flag' expects bool"):
         build(Outer, {"flag": "maybe"})
     assert apply_overrides({"inner": {"k": 1}}, ["inner.k=2", "name=abc"]) == {"inner": {"k": 2}, "name": "abc"}
+
+
+def test_hf_tasks_without_datasets_name_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(DriftError, match=r"^tasks 'hf:openai/gsm8k:main@test': hf: tasks need the datasets "
+                                         r"package: pip install 'drift-rl\[hub\]'$"):
+        load_tasks(TaskSpec(tasks="hf:openai/gsm8k:main@test"))

@@ -278,10 +278,15 @@ def test_bad_numbers_are_one_clear_error(tmp_path, key, value, message):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_missing_weight_column_is_refused():
+@pytest.mark.parametrize("missing", [("weight",), ("token_weight",), ("weight", "token_weight")])
+def test_missing_weight_column_is_refused(missing):
+    """A batch that lost either weight column (e.g. to a Trainer that drops unused columns) stops the
+    step before the model runs, instead of training unweighted."""
+    batch = {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]]),
+             "weight": torch.tensor([2.0]), "token_weight": torch.tensor([[0.0, 2.0]])}
     trainer = object.__new__(WeightedTrainer)
-    with pytest.raises(RuntimeError, match="weight column"):
-        trainer.compute_loss(None, {"input_ids": torch.tensor([[1, 2]]), "labels": torch.tensor([[1, 2]])})
+    with pytest.raises(RuntimeError, match="batch without the weight column: training would silently be unweighted"):
+        trainer.compute_loss(None, {k: v for k, v in batch.items() if k not in missing})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -60,7 +60,10 @@ def digest(obj: Any) -> str:
 
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A reproducible 63-bit seed for one random stream, from a run seed and the stream's name."""
+    """A reproducible 63-bit seed for one random stream, from a run seed and the stream's name: the
+    first 8 bytes of sha256("seed|part|..."), halved. Every seed drift derives comes from here: each
+    (prompt, sample, turn) of a rollout (`drift.rollout.protocol.sample_seed`), the rounds of an
+    iterated arm, the shuffles and updates of an online iteration."""
     h = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from drift import DriftError
-from drift.checkers import normalize_answer, strip_think
+from drift.checkers.extract import normalize_answer, strip_think
 from drift.config import option
 from drift.records import STATUSES, Trajectory, Turn
 from drift.tasks import Problem

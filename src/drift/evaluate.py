@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
-from drift.config import option, settings, to_dict
+from drift.config import option, to_dict
 from drift.env import EnvConfig
-from drift.envs.runner import env_identity
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
-from drift.rollout.engine import RolloutConfig, resolved_dtype, run_rollout, task_spec, tasks_fingerprint
+from drift.rollout.config import RolloutConfig, sampling_record, task_spec
+from drift.rollout.engine import run_rollout
 from drift.rollout.protocol import Backend
-from drift.rundir import PLOT_FILE, EvalDir, ensure_writable, read_record, record, trained_record, with_model
+from drift.rundir import PLOT_FILE, EvalDir, config_record, ensure_writable, read_record, trained_record
 from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
         source = {"model": cfg.model, "rollout": str(out.rollout.path)}
     else:
         trajs, manifest = existing_trajectories(cfg)
-        rec = record("eval", settings(cfg), manifest, cfg.trajectories)
+        rec = config_record("eval", cfg, manifest, cfg.trajectories)
         source = {"trajectories": str(cfg.trajectories), "model": (manifest or {}).get("model")}
     # step 2
     metrics = compute_metrics(trajs, cfg.max_turns)
@@ -137,9 +137,7 @@ def run_eval(cfg: EvalConfig, problems: list[Problem] | None = None, backend: Ba
 
 def stage_record(cfg: EvalConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The eval's stage record (`drift.rundir`): its settings, the held-out problems, the model's origin."""
-    s = with_model({**settings(cfg), **env_identity(cfg), "problems": tasks_fingerprint(problems),
-                    "dtype": resolved_dtype(cfg)}, model_record)
-    return record("eval", s, model_record, cfg.model)
+    return sampling_record("eval", cfg, problems, model_record)
 
 
 def run_label(eval_dir: str | Path) -> str:

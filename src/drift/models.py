@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import shutil
@@ -87,6 +88,9 @@ def ensure_default_model() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = _default_gguf()
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files with it
+        raise DriftError("converting the embedded default model needs the gguf package: "
+                         "pip install 'drift-rl[gguf]'")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary sibling and rename: an interrupted conversion leaves no half cache,
     # and two processes converting at once both end with the same complete directory.

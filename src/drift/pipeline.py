@@ -107,7 +107,7 @@ class RunConfig:
 
     # --- stage configs ---------------------------------------------------------------------
     def rollout_config(self) -> Any:
-        from drift.rollout.engine import RolloutConfig
+        from drift.rollout.config import RolloutConfig
 
         return build(RolloutConfig, {**self.rollout, "model": self.model, "output": str(self.dir.rollout.path),
                                      "resume": True}, "rollout.")
@@ -168,7 +168,7 @@ class RunConfig:
 
 def check_disjoint(cfg: RunConfig) -> tuple[list, list]:
     """The training and held-out problems; they must be disjoint by identity (id and, for generators, the fact)."""
-    from drift.rollout.engine import task_spec
+    from drift.rollout.config import task_spec
     from drift.tasks import load_tasks
 
     train = load_tasks(task_spec(cfg.rollout_config()))

@@ -17,7 +17,8 @@ from drift.rundir import RunDir, read_record
 EXAMPLES = 3
 SETUP_KEYS = ("model", "tasks", "split", "num_problems", "n", "max_turns", "temperature", "top_p", "max_new_tokens",
               "dtype", "seed")
-ENV_KEYS = ("system_prompt", "instruction", "feedback", "checker", "check_timeout", "max_turns")
+ENV_KEYS = ("env", "env_args", "env_version", "system_prompt", "instruction", "feedback", "checker", "check_timeout",
+            "max_turns")
 
 
 def _arms(cfg: Any) -> list[str]:
@@ -134,7 +135,7 @@ def weights_table(cfg: Any, recs: dict[str, dict[str, Any]]) -> str:
 
 
 def environment_table(recs: dict[str, dict[str, Any]]) -> str:
-    """The try-again environment of the training rollout and of each evaluation; differences in bold."""
+    """The environment of the training rollout and of each evaluation; differences in bold."""
     roll = (recs.get("rollout") or {}).get("settings", {})
     evals = {name: r.get("settings", {}) for name, r in recs.items() if name.startswith("eval/")}
     lines = ["| key | rollout | " + " | ".join(evals) + " |", "|---|---|" + "---|" * len(evals)]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
-from drift.config import differences, digest
+from drift.config import differences, digest, settings
 
 RECORD_SCHEMA = 1
 PLOT_FILE = "succ_at_k.png"
@@ -213,6 +213,15 @@ def record(stage: str, settings: dict[str, Any], input_record: dict[str, Any] | 
     source = None if input_record is None else {"path": str(input_path), "digest": input_record.get("digest")}
     return {"stage": stage, "status": status, "schema_version": RECORD_SCHEMA, "settings": settings,
             "input": source, "digest": digest({"settings": settings, "input": source and source["digest"]})}
+
+
+def config_record(stage: str, cfg: Any, input_record: dict[str, Any] | None, input_path: str | Path | None, *,
+                  model_record: dict[str, Any] | None = None, **resolved: Any) -> dict[str, Any]:
+    """The record of a stage run with config `cfg`: its settings (`drift.config.settings`) with the
+    values resolved at run time (`resolved`: what dtype `auto` became, the problems' fingerprint),
+    a starting model that drift trained named by its training record (`model_record`, `with_model`),
+    and the record it consumed (`input_record`, read from `input_path`)."""
+    return record(stage, with_model({**settings(cfg), **resolved}, model_record), input_record, input_path)
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:

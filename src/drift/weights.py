@@ -48,11 +48,11 @@ from typing import Literal
 
 from drift import DriftError
 from drift.checkers import normalize_answer
-from drift.config import option, settings
+from drift.config import option
 from drift.ledger import Cost, measure
 from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, success_turn,
                            trajectory_files, write_json, write_jsonl)
-from drift.rundir import Lock, ensure_writable, read_record, record, weights_record
+from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 SWIFT_EPS = 1e-6
@@ -347,7 +347,7 @@ def union_record(part_records: list[dict], output: Path) -> dict:
 
 def stage_record(cfg: WeightsConfig, rollout_record: dict | None) -> dict:
     """The weights stage's record (`drift.rundir`): its settings and the rollout it weighted."""
-    return record("weights", settings(cfg), rollout_record, cfg.input)
+    return config_record("weights", cfg, rollout_record, cfg.input)
 
 
 def diagnostics_table(diag: dict) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drift import DriftError
-from drift.checkers import default_check_workers, outcome_of, schedule
+from drift.checkers.pool import default_check_workers, outcome_of, schedule
 from drift.env import EnvConfig, Episode, Step, messages_problem, problem_row, step_problem
 from drift.tasks import Problem
 

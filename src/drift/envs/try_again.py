@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from drift import DriftError
-from drift.checkers import Checker, CheckResult, get_checker, to_number
+from drift.checkers import Checker, CheckResult, get_checker
+from drift.checkers.extract import to_number
 from drift.env import DEFAULT_FEEDBACK, DEFAULT_SYSTEM, Step
 from drift.tasks import Problem
 

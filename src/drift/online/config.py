@@ -14,7 +14,7 @@ from typing import Literal
 
 from drift import DriftError
 from drift.config import option
-from drift.rollout.engine import RolloutConfig
+from drift.rollout.config import RolloutConfig
 from drift.weights import ReturnConfig
 
 KL_DEFAULT = {"ufo": 0.001}  # matched: the DRIFT arm's beta

@@ -25,6 +25,7 @@ them seeded from (seed, iteration)), so the result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -35,15 +36,15 @@ from typing import Any
 import torch
 
 from drift import DriftError
-from drift.config import build, derive_seed, settings, to_dict
-from drift.envs.runner import env_identity
+from drift.config import build, derive_seed, to_dict
 from drift.ledger import Cost, measure, parameter_count
 from drift.online import state as saved
 from drift.online.advantages import group_advantages, select_groups
 from drift.online.config import OnlineConfig
 from drift.online.policy import Policy
 from drift.records import Trajectory, read_trajectories, return_inputs, write_json
-from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
+from drift.rollout.config import sampling_record
+from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, trained_record
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
 from drift.weights import trajectory_return
@@ -65,11 +66,7 @@ def prompt_batch(problems: list[Problem], size: int, seed: int, iteration: int) 
 
 def stage_record(cfg: OnlineConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The online stage's record (`drift.rundir`)."""
-    from drift.rollout.engine import resolved_dtype, tasks_fingerprint
-
-    s = with_model({**settings(cfg), **env_identity(cfg), "problems": tasks_fingerprint(problems),
-                    "dtype": resolved_dtype(cfg)}, model_record)
-    return record("online", s, model_record, cfg.model)
+    return sampling_record("online", cfg, problems, model_record)
 
 
 def eval_config(cfg: OnlineConfig, model: str, output: Path) -> Any:
@@ -87,7 +84,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from drift.models import load_model_and_tokenizer, resolve_model
-    from drift.rollout.engine import task_spec
+    from drift.rollout.config import task_spec
 
     if not cfg.output:
         raise DriftError("online needs an output directory (--output)")
@@ -104,7 +101,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
     lock = Lock(out.path) if accelerator.is_main_process else None
-    with lock or _Nothing():
+    with lock or contextlib.nullcontext():
         previous = read_record(out.summary)
         if previous is not None:
             differ = mismatch(previous, expected)
@@ -136,17 +133,9 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         return loop.finish()
 
 
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
 def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
     """Sampling and autocast dtype: bf16 where the device computes it fast (master weights stay float32)."""
-    from drift.rollout.engine import resolved_dtype
+    from drift.rollout.config import resolved_dtype
 
     return getattr(torch, resolved_dtype(cfg))
 
@@ -154,7 +143,7 @@ def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
 def _vllm(cfg: OnlineConfig) -> Any:
     """A vLLM engine for the base model with LoRA enabled at the adapter's rank (sync: `_Loop._sync`)."""
     from drift.models import resolve_model
-    from drift.rollout.engine import resolved_dtype
+    from drift.rollout.config import resolved_dtype
     from drift.rollout.vllm_backend import VLLMBackend
 
     return VLLMBackend(resolve_model(cfg.model), seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
@@ -243,7 +232,8 @@ class _Loop:
     def _sample(self, it: int, backend: Any) -> tuple[list[Trajectory], Cost]:
         from accelerate.utils import gather_object
 
-        from drift.rollout.engine import RolloutConfig, run_rollout
+        from drift.rollout.config import RolloutConfig
+        from drift.rollout.engine import run_rollout
 
         cfg, acc = self.cfg, self.acc
         batch = prompt_batch(self.problems, cfg.batch_prompts, cfg.seed, it)

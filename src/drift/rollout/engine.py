@@ -5,138 +5,45 @@ A run directory holds
     manifest.json                    model, tasks, sampling, backend, versions, counts, timings, summary
 A run is complete only when the manifest says `"status": "complete"` (`is_complete`).
 
-`RolloutConfig` extends `TaskSpec` and `EnvConfig`: their fields (`tasks`, `num_problems`,
-`max_turns`, `feedback`, ...) are flat fields of the rollout config, so every one of them is a
-CLI flag with its help text written once, and the config can be handed to `load_tasks` and
-`Episode` as it is.
+This module owns the multi-turn loop (`run_rollout`): prompt groups admitted under `max_live`,
+answers judged as they come back, finished trajectories handed to the shard writer. Its config and
+the backend it names are in `drift.rollout.config`; the shards, the resume scan and the
+completeness checks in `drift.rollout.shards`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
-import json
 import logging
-import os
 import platform
 import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from drift import DriftError, __version__
-from drift.config import option, settings, to_dict
-from drift.env import EnvConfig, Episode
-from drift.envs.runner import EnvRunner, env_identity
-from drift.hardware import default_device, resolve_dtype
+from drift.config import to_dict
+from drift.env import Episode
+from drift.envs.runner import EnvRunner
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
-from drift.records import Trajectory, json_line, read_jsonl, read_trajectories, write_json
+from drift.records import Trajectory, read_trajectories, write_json
+from drift.rollout.config import RolloutConfig, env_config, make_backend, sampling_params, sampling_record, task_spec
 from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
                                    StreamingBackend)
-from drift.rundir import Lock, RolloutDir, ensure_writable, mismatch, read_record, record, trained_record, with_model
-from drift.tasks import Problem, TaskSpec, load_tasks
+from drift.rollout.shards import ShardWriter, check_complete, check_run_dir, scan_shards
+from drift.rundir import Lock, RolloutDir, ensure_writable, trained_record
+from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
 
 MANIFEST_EVERY = 30.0  # seconds between manifest refreshes while running
 R = TypeVar("R")
-
-
-@dataclass
-class RolloutConfig(TaskSpec, EnvConfig):
-    model: str = option("smollm2-135m", "reference model: directory, hub name or alias (hf, vllm); served model name (openai)")
-    output: str = option("", "run directory for trajectory shards and manifest.json (required)", result=False)
-    backend: Literal["hf", "vllm", "openai"] = option("hf", "generation backend")
-    n: int = option(8, "samples per prompt (the prompt group size)")
-    temperature: float = option(1.0, "sampling temperature (0: greedy)")
-    top_p: float = option(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = option(256, "maximum generated tokens per assistant turn")
-    seed: int = option(0, "run seed; every (prompt, sample, turn) samples with its own seed derived from it")
-    resume: bool = option(False, "complete an interrupted run in --output (same sampling, task and env settings)", result=False)
-    shard_size: int = option(256, "trajectories per shard file", result=False)
-    max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish "
-                                  "(none: max(n, 4 x batch_size x workers))", result=False)
-    batch_size: int = option(16, "hf: sequences per forward pass", result=False)
-    stream_turns: bool = option(True, "hf: send a conversation's next turn into the running decode batch as soon as "
-                                "its answer is judged (false: one generate call per turn for all live conversations)",
-                                result=False)
-    dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", "hf, vllm: model dtype; auto: bfloat16 where the device computes it fast, else float32")
-    device: str | None = option(None, "hf: torch device (none: the GPU when there is one, else the CPU)", result=False)
-    threads: int | None = option(None, "hf: CPU threads for torch, per worker process (none: torch's default; "
-                                 "with workers > 1, cores / workers)", result=False)
-    workers: int = option(1, "hf on a CPU: processes sampling side by side, each holding the model and taking "
-                          "whole prompt groups (`drift.rollout.workers`)", result=False)
-    adapter: str | None = option(None, "vllm: a LoRA adapter directory served on top of the model")
-    tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
-    gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
-    max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
-    base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server", result=False)
-    api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)", result=False)
-    concurrency: int = option(8, "openai: requests in flight", result=False)
-    request_timeout: float = option(120.0, "openai: seconds per request attempt", result=False)
-    max_retries: int = option(3, "openai: retries after connection errors, timeouts, 429 and 5xx (exponential backoff)", result=False)
-    extra_body: dict = option({}, "openai: extra JSON fields for every request, e.g. {\"top_k\": 20}")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [("n", self.n >= 1), ("temperature", self.temperature >= 0), ("top_p", 0 < self.top_p <= 1),
-                  ("max_new_tokens", self.max_new_tokens >= 1), ("shard_size", self.shard_size >= 1),
-                  ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
-                  ("threads", self.threads is None or self.threads >= 1), ("workers", self.workers >= 1),
-                  ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
-                  ("max_retries", self.max_retries >= 0)]
-        for key, ok in checks:
-            if not ok:
-                raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
-        if self.adapter and self.backend != "vllm":
-            raise DriftError(f"LoRA adapters are applied by the vllm backend; with {self.backend}, "
-                             "merge the adapter or serve it under its own model name")
-
-
-def task_spec(cfg: RolloutConfig) -> TaskSpec:
-    return TaskSpec(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TaskSpec)})
-
-
-def env_config(cfg: RolloutConfig) -> EnvConfig:
-    return EnvConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvConfig)})
-
-
-def sampling_params(cfg: RolloutConfig) -> SamplingParams:
-    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-
-
-def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
-    """The backend named by `cfg.backend` (its module is imported only now)."""
-    if cfg.backend == "openai":
-        from drift.rollout.openai_backend import OpenAIBackend
-
-        return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                             timeout=cfg.request_timeout, max_retries=cfg.max_retries, extra_body=cfg.extra_body)
-    from drift.models import resolve_model
-
-    path = model_path or resolve_model(cfg.model)
-    if cfg.backend == "vllm":
-        from drift.rollout.vllm_backend import VLLMBackend
-
-        return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
-    if cfg.workers > 1:
-        from drift.rollout.workers import HFWorkers
-
-        return HFWorkers(path, cfg.workers, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device,
-                         threads=cfg.threads)
-    from drift.rollout.hf import HFBackend
-
-    return HFBackend(path, batch_size=cfg.batch_size, dtype=cfg.dtype, device=cfg.device)
 
 
 @contextmanager
@@ -154,16 +61,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    return read_record(RolloutDir(Path(directory)).manifest)
-
-
-def is_complete(directory: str | Path) -> bool:
-    """Did a rollout finish in `directory` (every expected trajectory written or counted as skipped)?"""
-    manifest = read_manifest(directory)
-    return manifest is not None and manifest.get("stage") == "rollout" and manifest.get("status") == "complete"
 
 
 def run_rollout(cfg: RolloutConfig, problems: list[Problem] | None = None, backend: Backend | None = None) -> dict[str, Any]:
@@ -196,7 +93,7 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
     created = not out.path.exists()
     ensure_writable(out.path)  # before the model loads: a bad --output fails in a second, not after minutes
     with Lock(out.path):
-        previous = _check_run_dir(out, cfg, expected)
+        previous = check_run_dir(out, cfg, expected)
         try:
             return _run(cfg, out, problems, expected, previous, backend)
         except BaseException:
@@ -209,21 +106,12 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
 
 def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The rollout's stage record (`drift.rundir`): its settings, the problems, the model's origin."""
-    s = with_model({**settings(cfg), **env_identity(cfg), "problems": tasks_fingerprint(problems),
-                    "dtype": resolved_dtype(cfg)}, model_record)
-    return record("rollout", s, model_record, cfg.model)
-
-
-def resolved_dtype(cfg: RolloutConfig) -> str:
-    """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
-    if cfg.backend == "openai":
-        return cfg.dtype
-    return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
+    return sampling_record("rollout", cfg, problems, model_record)
 
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],
          previous: dict[str, Any] | None, backend: Backend | None) -> dict[str, Any]:
-    done = _scan_shards(out.shards)
+    done = scan_shards(out.shards)
     todo = [(p, missing) for p in problems if (missing := [i for i in range(cfg.n) if (p.id, i) not in done])]
     if done:
         log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out.path, len(done), len(todo))
@@ -272,7 +160,7 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
         write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
     # step 4
     trajectories = read_trajectories(out.shards) if any(out.shards.glob("shard-*.jsonl")) else []
-    _check_complete(trajectories, problems, cfg.n, skipped)
+    check_complete(trajectories, problems, cfg.n, skipped)
     if not trajectories:
         raise DriftError(f"rollout produced no trajectories: all {len(skipped)} conversations were skipped "
                          "(their prompts exceed the model context)")
@@ -441,108 +329,6 @@ def _fitting(call: Callable[[list[GenRequest]], R], requests: list[GenRequest], 
             too_long += keys
             requests = [r for r in requests if not bad.intersection(r.conv_ids)]
     return [], None, too_long
-
-
-class ShardWriter:
-    """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
-
-    After a resume it continues the last shard on disk (whose torn tail `_scan_shards` removed).
-    """
-
-    def __init__(self, directory: Path, shard_size: int):
-        self.directory, self.shard_size = directory, shard_size
-        directory.mkdir(parents=True, exist_ok=True)
-        shards = sorted(directory.glob("shard-*.jsonl"))
-        self.index = int(shards[-1].stem.split("-")[1]) if shards else 0
-        self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
-        self._file = None
-
-    def write(self, trajectories: list[Trajectory]) -> None:
-        for t in trajectories:
-            if self._file is None or self.count >= self.shard_size:
-                self._open_next()
-            self._file.write(json_line(t.to_json()) + "\n")
-            self.count += 1
-        if trajectories:
-            self._sync()
-
-    def _open_next(self) -> None:
-        if self._file is not None:
-            self._sync()
-            self._file.close()
-        if self.count >= self.shard_size:
-            self.index, self.count = self.index + 1, 0
-        self._file = (self.directory / f"shard-{self.index:05d}.jsonl").open("a", encoding="utf-8")
-
-    def _sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._sync()
-            self._file.close()
-            self._file = None
-
-
-def _scan_shards(directory: Path) -> set[ConvId]:
-    """Keys of the trajectories on disk. A torn last line (a write cut by a kill) is cut off the file."""
-    done: set[ConvId] = set()
-    for path in sorted(directory.glob("shard-*.jsonl")):
-        data = path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - end)
-            with path.open("r+b") as f:
-                f.truncate(end)
-                os.fsync(f.fileno())
-        for lineno, row in read_jsonl(path):
-            try:
-                key = (str(row["prompt_id"]), int(row["sample_idx"]))
-            except (KeyError, TypeError, ValueError):
-                raise DriftError(f"{path}:{lineno}: not a trajectory record") from None
-            if key in done:
-                raise DriftError(f"{path}:{lineno}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]})")
-            done.add(key)
-    return done
-
-
-def _check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of the run to resume (None: a fresh run). Refuses to mix runs."""
-    if not (out.path.is_dir() and any(p.name != ".drift.lock" for p in out.path.iterdir())):
-        return None
-    if not cfg.resume:
-        raise DriftError(f"output directory {out.path} is not empty: pass --resume to complete that run, "
-                         "or choose another --output")
-    manifest = read_manifest(out.path)
-    if manifest is None or manifest.get("stage") != "rollout":
-        raise DriftError(f"cannot resume {out.path}: it is not a rollout directory (no {out.manifest.name})")
-    differ = mismatch(manifest, expected)
-    if differ:
-        raise DriftError(f"cannot resume {out.path}: the run on disk was made with other settings ({'; '.join(differ)})")
-    return manifest
-
-
-def _check_complete(trajectories: list[Trajectory], problems: list[Problem], n: int, skipped: list[dict]) -> None:
-    """Every expected (prompt_id, sample_idx) exactly once on disk, or skipped; nothing else."""
-    expected = {(p.id, i) for p in problems for i in range(n)}
-    seen: set[ConvId] = set()
-    for t in trajectories:
-        if t.key in seen:
-            raise RuntimeError(f"duplicate trajectory {t.key} in the shards")
-        seen.add(t.key)
-    missing = expected - seen - {(s["prompt_id"], s["sample_idx"]) for s in skipped}
-    extra = seen - expected
-    if missing or extra:
-        raise RuntimeError(f"shards do not match the run: {len(missing)} missing, {len(extra)} unexpected")
-
-
-def tasks_fingerprint(problems: list[Problem]) -> str:
-    """A hash of the problems (ids, questions, answers), to refuse resuming with other tasks."""
-    h = hashlib.sha256()
-    for p in problems:
-        h.update(json.dumps([p.id, p.question, p.answer, p.messages], ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
 
 
 def summarize(trajectories: list[Trajectory], max_turns: int) -> dict[str, Any]:

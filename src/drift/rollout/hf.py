@@ -16,10 +16,8 @@ of its time is prefill. This backend instead
   session, given every request at once and drained.
 Sampling runs on the logits' device with noise hashed from (seed of the (prompt, sample, turn),
 token index, vocabulary index), so a conversation's text does not depend on which others share
-its batch (up to float rounding), and nothing of vocabulary size crosses between devices.
-
-Layout of a batch cache: per layer `[B, H, T, D]` keys and values, each row left-padded; a row's
-tokens occupy columns `start[r]..T-1` and have positions `0..T-1-start[r]`.
+its batch (up to float rounding), and nothing of vocabulary size crosses between devices
+(`drift.rollout.sampling`). The caches and their layout are in `drift.rollout.kvcache`.
 """
 
 from __future__ import annotations
@@ -29,65 +27,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from drift import DriftError
-from drift.chat import render_ids
+from drift.chat import end_of_turn_ids, render_ids
 from drift.hardware import resolve as resolve_device_dtype
 from drift.ledger import parameter_count
 from drift.models import load_model_and_tokenizer
+from drift.rollout.kvcache import KV, columns, pack
 from drift.rollout.packed import can_pack, pack_linears
 from drift.rollout.protocol import (BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams,
                                    sample_seed)
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
-
-
-class _BufferLayer(DynamicLayer):
-    """A cache layer that writes into preallocated buffers instead of concatenating every step."""
-
-    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None, length: int, spare: int):
-        super().__init__()
-        self.kbuf, self.vbuf, self.length, self.spare = keys, values, length, spare
-        if keys is not None:
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-            self._views()
-
-    def _views(self) -> None:
-        self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self.kbuf is None or self.length + n > self.kbuf.shape[-2]:
-            self._grow(key_states, value_states, self.length + n + self.spare)
-        self.kbuf[:, :, self.length : self.length + n] = key_states
-        self.vbuf[:, :, self.length : self.length + n] = value_states
-        self.length += n
-        self._views()
-        return self.keys, self.values
-
-    def _grow(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
-        b, h, _, dk = k.shape
-        kbuf = k.new_empty(b, h, capacity, dk)  # columns past `length` are written before they are read
-        vbuf = v.new_empty(b, h, capacity, v.shape[-1])
-        if self.kbuf is not None:
-            kbuf[:, :, : self.length] = self.keys
-            vbuf[:, :, : self.length] = self.values
-        self.kbuf, self.vbuf = kbuf, vbuf
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-
-
-@dataclass
-class _KV:
-    """Keys/values of one token sequence: per layer `[H, L, D]`, computed from `ids`."""
-
-    ids: list[int]
-    keys: list[torch.Tensor]  # per layer [H, L, D]; empty list when L == 0
-    values: list[torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+from drift.rollout.sampling import sample_tokens
 
 
 @dataclass
@@ -95,35 +46,9 @@ class _Row:
     """One conversation being generated."""
 
     conv: ConvId
-    prefix: _KV  # what the row's cache held when it was admitted
+    prefix: KV  # what the row's cache held when it was admitted
     seed: int  # of its (prompt, sample, turn): the sampling noise is hashed from it
     tokens: list[int] = field(default_factory=list)  # sampled so far; all but the last are in the cache
-
-
-def _pack(parts: list[tuple[list[torch.Tensor], list[torch.Tensor], int]], spare: int, n_layers: int):
-    """Left-pad per-row (keys, values, length) into one cache with `spare` free columns.
-
-    Returns (cache, start [B], T): row r occupies columns start[r]..T-1.
-    """
-    T = max(length for _, _, length in parts)
-    start = torch.tensor([T - length for _, _, length in parts])
-    first = next((p for p in parts if p[2] > 0), None)
-    if first is None:
-        return Cache(layers=[_BufferLayer(None, None, 0, spare) for _ in range(n_layers)]), start, 0
-    layers = []
-    for li, (k0, v0) in enumerate(zip(first[0], first[1])):
-        # The first T columns are zeroed in one go (the padding is masked, but must be finite:
-        # attention weighs it by 0); the spare columns are written before they are read.
-        kbuf = k0.new_empty(len(parts), k0.shape[0], T + spare, k0.shape[-1])
-        vbuf = v0.new_empty(len(parts), v0.shape[0], T + spare, v0.shape[-1])
-        kbuf[:, :, :T] = 0
-        vbuf[:, :, :T] = 0
-        for r, (ks, vs, length) in enumerate(parts):
-            if length:
-                kbuf[r, :, T - length : T] = ks[li]
-                vbuf[r, :, T - length : T] = vs[li]
-        layers.append(_BufferLayer(kbuf, vbuf, T, spare))
-    return Cache(layers=layers), start, T
 
 
 class HFBackend:
@@ -169,7 +94,7 @@ class HFBackend:
         self.max_cache_bytes = int(max_cache_gb * 2**30)
         self.max_prefill_tokens = max_prefill_tokens
         self.device = self.model.device
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.pad_id = self.tokenizer.pad_token_id
         self.stats = BackendStats(parameters=parameter_count(self.model))
         self.reused_tokens = 0  # prompt tokens served from a kept cache instead of prefilled
@@ -177,25 +102,15 @@ class HFBackend:
         self.cache_evictions = 0
         self.decode_steps = 0  # decode forwards, and the live rows they carried (how full the batch ran)
         self.decode_rows = 0
-        self._convs: OrderedDict[ConvId, _KV] = OrderedDict()
+        self._convs: OrderedDict[ConvId, KV] = OrderedDict()
         self._conv_bytes = 0
         text_config = self.model.config.get_text_config()
         self.n_layers = text_config.num_hidden_layers
         self.context = getattr(text_config, "max_position_embeddings", None) or 1 << 30
 
-    def _stop_ids(self) -> set[int]:
-        tok, ids = self.tokenizer, set()
-        eos = self.model.generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        vocab = tok.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return ids
-
     # ---- the conversation cache -------------------------------------------------------------
 
-    def _keep(self, conv: ConvId, kv: _KV) -> None:
+    def _keep(self, conv: ConvId, kv: KV) -> None:
         self._drop(conv)
         self._convs[conv] = kv
         self._conv_bytes += kv.nbytes
@@ -204,7 +119,7 @@ class HFBackend:
             self._drop(next(iter(self._convs)))
             self.cache_evictions += 1
 
-    def _drop(self, conv: ConvId) -> _KV | None:
+    def _drop(self, conv: ConvId) -> KV | None:
         kv = self._convs.pop(conv, None)
         if kv is not None:
             self._conv_bytes -= kv.nbytes
@@ -237,9 +152,9 @@ class HFBackend:
         """A decode session that takes requests while it runs (`drift.rollout.protocol.GenStream`)."""
         return _Stream(self, params, open_ended=True)
 
-    def _reusable(self, conv_ids: list[ConvId], ids: list[int]) -> _KV:
+    def _reusable(self, conv_ids: list[ConvId], ids: list[int]) -> KV:
         """The longest kept prefix of `ids` among these conversations' caches (dropping the caches)."""
-        best = _KV([], [], [])
+        best = KV([], [], [])
         for conv in conv_ids:
             kv = self._drop(conv)
             if kv is None:
@@ -251,7 +166,7 @@ class HFBackend:
             if n < len(kv.ids):
                 self.cache_mismatches += 1
             if n > len(best.ids):
-                best = _KV(kv.ids[:n], [k[:, :n] for k in kv.keys], [v[:, :n] for v in kv.values])
+                best = KV(kv.ids[:n], [k[:, :n] for k in kv.keys], [v[:, :n] for v in kv.values])
         self.reused_tokens += len(best.ids)
         return best
 
@@ -270,7 +185,7 @@ class HFBackend:
         rows, done = [], []
         for w, (kv, logits) in zip(chunk, prefixes):
             seeds = [sample_seed(params.seed, conv, w.request.turn) for conv in w.request.conv_ids]
-            firsts = _sample(logits.expand(len(seeds), -1), params, torch.tensor(seeds, device=self.device),
+            firsts = sample_tokens(logits.expand(len(seeds), -1), params, torch.tensor(seeds, device=self.device),
                              torch.zeros(len(seeds), dtype=torch.long, device=self.device)).tolist()
             for conv, seed, first in zip(w.request.conv_ids, seeds, firsts):
                 row = _Row(conv, kv, seed, [first])
@@ -292,11 +207,11 @@ class HFBackend:
         text = self.tokenizer.decode(row.tokens[:-1] if stop else row.tokens, skip_special_tokens=True)
         return GenOutput(text=text, tokens=len(row.tokens), finish_reason="stop" if stop else "length")
 
-    def _prefill(self, items: list[tuple[list[int], _KV]]) -> list[tuple[_KV, torch.Tensor]]:
+    def _prefill(self, items: list[tuple[list[int], KV]]) -> list[tuple[KV, torch.Tensor]]:
         """Run the new tokens of each item after its reused past; return (kv, next-token logits)."""
         suffixes = [ids[len(past.ids):] for ids, past in items]
         S = max(len(s) for s in suffixes)
-        cache, start, T = _pack([(p.keys, p.values, len(p.ids)) for _, p in items], S, self.n_layers)
+        cache, start, T = pack([(p.keys, p.values, len(p.ids)) for _, p in items], S, self.n_layers)
         input_ids = torch.full((len(items), S), self.pad_id, dtype=torch.long)
         in_mask = torch.zeros(len(items), S, dtype=torch.long)
         for r, s in enumerate(suffixes):
@@ -314,8 +229,8 @@ class HFBackend:
         for r, ((ids, _), s) in enumerate(zip(items, suffixes)):
             # the row's columns: its past (start[r]..T-1), then its new tokens (the last len(s) of S)
             spans = [(int(start[r]), T), (T + S - len(s), T + S)]
-            kv = _KV(list(ids), [_columns(layer.keys[r], spans) for layer in cache.layers],
-                     [_columns(layer.values[r], spans) for layer in cache.layers])
+            kv = KV(list(ids), [columns(layer.keys[r], spans) for layer in cache.layers],
+                     [columns(layer.values[r], spans) for layer in cache.layers])
             result.append((kv, logits[r]))
         return result
 
@@ -331,11 +246,6 @@ def fitting(requests: list[GenRequest], tokenizer: object, context: int) -> list
     return rendered
 
 
-def _columns(x: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """A copy of the column ranges `spans` of x [H, T, D], joined: [H, sum of lengths, D]."""
-    return torch.cat([x[:, a:b] for a, b in spans if b > a], 1)
-
-
 @dataclass
 class _Work:
     """A request waiting for its prefill: its render and the kept cache it continues."""
@@ -343,7 +253,7 @@ class _Work:
     new: int  # tokens to prefill: len(ids) - len(past.ids)
     request: GenRequest
     ids: list[int]
-    past: _KV
+    past: KV
 
 
 class _Stream:
@@ -469,7 +379,7 @@ class _Decoding:
             self.cache, self.start, self.T = None, torch.zeros(0, dtype=torch.long), 0
         else:
             spare = self.params.max_new_tokens - min(len(row.tokens) for row in self.rows) + 1
-            self.cache, self.start, self.T = _pack(parts, spare, self.b.n_layers)
+            self.cache, self.start, self.T = pack(parts, spare, self.b.n_layers)
         self._slots(self.start, self.rows)
 
     def trim(self) -> None:
@@ -484,7 +394,7 @@ class _Decoding:
             return
         for layer in self.cache.layers:
             layer.kbuf, layer.vbuf, layer.length = layer.kbuf[:, :, m:], layer.vbuf[:, :, m:], layer.length - m
-            layer._views()
+            layer.set_views()
         self.T -= m
         self.start = (self.start - m).clamp(min=0)  # finished rows' slots may start further left
         self.start_dev = (self.start_dev - m).clamp(min=0)
@@ -508,7 +418,7 @@ class _Decoding:
                            position_ids=(self.T - self.start_dev)[:, None], cache=self.cache,
                            use_cache=True)
         self.T += 1
-        self.last = _sample(out.logits[:, -1], self.params, self.seeds, self.counts)
+        self.last = sample_tokens(out.logits[:, -1], self.params, self.seeds, self.counts)
         self.counts += 1
         finished = []
         for r, tok in enumerate(self.last.tolist()):
@@ -520,74 +430,7 @@ class _Decoding:
             if done is not None:
                 keys, values, _ = self._row_kv(r)
                 ids = row.prefix.ids + row.tokens[:-1]
-                self.b._keep(row.conv, _KV(ids, [k.clone() for k in keys], [v.clone() for v in values]))
+                self.b._keep(row.conv, KV(ids, [k.clone() for k in keys], [v.clone() for v in values]))
                 self.rows[r] = None
                 finished.append((row, done))
         return finished
-
-
-BLOCK = 256  # vocabulary entries per block of the two-level draw in _sample
-_M32 = 0xFFFFFFFF
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """One token per row of `logits` [B, V]: greedy at temperature 0, else temperature + top-p.
-
-    Row b's noise is a function of (seeds[b], counts[b] = tokens it sampled before, index) only —
-    never of the batch — computed on the logits' device.
-
-    Sampling is Gumbel-max: the argmax of logits / temperature plus Gumbel noise — the same
-    distribution as softmax sampling. Batch composition changes matmul rounding in the last bits;
-    that changes a choice only when the two best noisy scores all but tie, which is far rarer
-    than an inverse-CDF draw landing on a shifted boundary of a cumulative sum over the
-    vocabulary. It is done in two levels, so each token costs noise for V / BLOCK blocks plus
-    BLOCK entries instead of V (noise for 49k entries per row took longer than a decode step on
-    CPU): Gumbel-max over the blocks' log-sum-exp picks a block with probability its mass, then
-    Gumbel-max within it picks an entry with probability its share of the block, so the product is
-    exactly softmax(logits / temperature) restricted to top-p.
-    """
-    if params.temperature <= 0:
-        return logits.argmax(-1)
-    scores = logits.float() if params.temperature == 1 else logits.float() / params.temperature  # x / 1 is x
-    if params.top_p < 1.0:
-        probs, order = torch.softmax(scores, dim=-1).sort(dim=-1, descending=True)
-        outside = probs.cumsum(-1) - probs >= params.top_p  # in sorted order; the top token always stays
-        scores = scores.masked_fill(torch.empty_like(outside).scatter_(-1, order, outside), float("-inf"))
-    B, V = scores.shape
-    blocks = -(-V // BLOCK)
-    if V % BLOCK:
-        scores = torch.nn.functional.pad(scores, (0, blocks * BLOCK - V), value=float("-inf"))
-    padded = scores.view(B, blocks, BLOCK)
-    block = (torch.logsumexp(padded, -1).double() + _gumbel(seeds, 2 * counts, blocks)).argmax(-1)
-    within = padded[torch.arange(B, device=scores.device), block].double() + _gumbel(seeds, 2 * counts + 1, BLOCK)
-    return block * BLOCK + within.argmax(-1)
-
-
-def _gumbel(seeds: torch.Tensor, draws: torch.Tensor, n: int) -> torch.Tensor:
-    """Gumbel noise [B, n] (float64): a counter-based hash of (seeds[b], draws[b], index) per entry.
-
-    Row b's key is two 32-bit words, each a bijection of one seed half for a fixed draw and of the
-    draw for a fixed half, so two (seed, draw) pairs share a noise vector only if both words
-    collide. Values stay in [0, 2^32), so shifts never see a sign bit and products fit in int64.
-    """
-    seeds, draws = seeds[:, None], draws[:, None]
-    lo = _mix32((seeds & _M32) ^ _mix32(draws))
-    hi = _mix32((seeds >> 32) ^ _mix32(draws ^ 0x9E3779B9))
-    index = torch.arange(n, device=seeds.device)[None]
-    bits = _mix32(_mix32(index ^ lo) ^ hi)
-    u = (bits.double() + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
-    return -torch.log(-torch.log(u))
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (Wellons' "lowbias32") on int64 tensors holding [0, 2^32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2^32 for x in [0, 2^32), in 16-bit halves of c so no int64 product overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32

@@ -42,15 +42,18 @@ class OpenAIBackend:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout: float = 60.0, max_retries: int = 3, extra_body: dict[str, Any] | None = None):
-        from openai import OpenAI
+        try:
+            import openai
+        except ImportError:
+            raise DriftError("the openai backend needs the OpenAI client: pip install 'drift-rl[openai]'") from None
 
         self.base_url, self.model = base_url, model
         self.api_key_env, self.max_retries = api_key_env, max_retries
         self.extra_body = dict(extra_body or {})
         self.stats = BackendStats()
         self._lock = threading.Lock()
-        self._client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                              max_retries=max_retries, timeout=timeout)
+        self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                     max_retries=max_retries, timeout=timeout)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="drift-openai")
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
@@ -75,7 +78,7 @@ class OpenAIBackend:
         return [[next(it) for _ in req.conv_ids] for req in requests]
 
     def _complete(self, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> GenOutput:
-        import openai
+        import openai  # present: __init__ checked it
 
         try:
             response = self._client.chat.completions.create(

@@ -12,9 +12,10 @@ judged, instead of one `generate` call per turn for every live conversation.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+from drift.config import derive_seed
 
 ConvId = tuple[str, int]  # (prompt_id, sample_idx)
 
@@ -107,6 +108,5 @@ class StreamingBackend(Backend, Protocol):
 
 
 def sample_seed(seed: int, conv: ConvId, turn: int) -> int:
-    """A reproducible 63-bit seed per (run seed, prompt, sample, turn)."""
-    h = hashlib.sha256(f"{seed}|{conv[0]}|{conv[1]}|{turn}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
+    """The seed of one (prompt, sample, turn): the run seed's stream named by them (`derive_seed`)."""
+    return derive_seed(seed, conv[0], conv[1], turn)

@@ -115,7 +115,10 @@ def _load_file(path: Path) -> list[Problem]:
 
 def _load_hf(spec: str) -> list[Problem]:
     """`hf:NAME[:CONFIG][@SPLIT]` — e.g. `hf:openai/gsm8k:main@test`."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise DriftError(f"tasks {spec!r}: hf: tasks need the datasets package: pip install 'drift-rl[hub]'") from None
 
     body = spec[3:]
     body, _, split = body.partition("@")

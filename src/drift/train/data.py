@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 
 from drift import DriftError
-from drift.chat import render
+from drift.chat import end_of_turn_ids, render
 from drift.records import check_row_schema, jsonl_files, read_jsonl
 
 Turns = Literal["last", "all"]
@@ -86,10 +86,6 @@ class DataStats:
         return self.weight_dropped / self.weight_total if self.weight_total else 0.0
 
 
-def _end_of_turn_ids(tokenizer: Any) -> set[int]:
-    return set(tokenizer.all_special_ids)
-
-
 def target_messages(messages: list[dict[str, str]], turns: Turns) -> list[int]:
     """Indices of the trained assistant messages."""
     if turns == "last":
@@ -136,7 +132,7 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, turns:
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     full = encoded[-1]  # the last target is the last message: its render is the whole conversation
     mask = [0] * len(full)
-    specials = _end_of_turn_ids(tokenizer)
+    ends = end_of_turn_ids(tokenizer)
     for k, i in enumerate(targets):
         prompt, upto = encoded[2 * k], encoded[2 * k + 1]
         if not prompt:  # the first token is never a target: packed sequences must not predict across rows
@@ -147,7 +143,7 @@ def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, turns:
         stop = len(upto)
         while stop > len(prompt) and not tokenizer.decode(upto[stop - 1:stop]).strip():
             stop -= 1  # whitespace after the end-of-turn token is template glue
-        if stop == len(prompt) or upto[stop - 1] not in specials:
+        if stop == len(prompt) or upto[stop - 1] not in ends:
             raise DriftError("the chat template does not end assistant turns with a special end-of-turn "
                              f"token (the turn ends with {tokenizer.decode(upto[len(prompt):len(upto)])[-20:]!r})")
         if i in cut:

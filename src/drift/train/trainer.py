@@ -49,12 +49,11 @@ from torch.utils.data import DataLoader
 from transformers import SchedulerType, Trainer
 
 from drift import DriftError
-from drift.config import option, settings
+from drift.config import option
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import (Lock, TrainDir, ensure_writable, read_record, record, trained_record, weights_record,
-                          with_model)
+from drift.rundir import Lock, TrainDir, config_record, ensure_writable, read_record, trained_record, weights_record
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
 from drift.train.output import resume_checkpoint, start_output
@@ -365,5 +364,5 @@ def stage_record(cfg: TrainConfig, weights_record: dict[str, Any] | None,
                  model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The train stage's record (`drift.rundir`): its settings (the dtype resolved; a starting model
     that drift trained named by its record), and the weighted rows it trained on."""
-    s = with_model({**settings(cfg), "dtype": resolve_dtype(cfg.dtype, default_device())}, model_record)
-    return record("train", s, weights_record, cfg.data)
+    return config_record("train", cfg, weights_record, cfg.data, model_record=model_record,
+                         dtype=resolve_dtype(cfg.dtype, default_device()))

@@ -1,0 +1,123 @@
+"""A rollout directory on disk: trajectory shards written and fsynced as conversations end, the
+scan a resumed run starts from, and the checks that a directory may be resumed and is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from drift import DriftError
+from drift.records import Trajectory, json_line, read_jsonl
+from drift.rollout.config import RolloutConfig
+from drift.rollout.protocol import ConvId
+from drift.rundir import RolloutDir, mismatch, read_record
+from drift.tasks import Problem
+
+log = logging.getLogger(__name__)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    return read_record(RolloutDir(Path(directory)).manifest)
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Did a rollout finish in `directory` (every expected trajectory written or counted as skipped)?"""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("stage") == "rollout" and manifest.get("status") == "complete"
+
+
+class ShardWriter:
+    """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
+
+    After a resume it continues the last shard on disk (whose torn tail `scan_shards` removed).
+    """
+
+    def __init__(self, directory: Path, shard_size: int):
+        self.directory, self.shard_size = directory, shard_size
+        directory.mkdir(parents=True, exist_ok=True)
+        shards = sorted(directory.glob("shard-*.jsonl"))
+        self.index = int(shards[-1].stem.split("-")[1]) if shards else 0
+        self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
+        self._file = None
+
+    def write(self, trajectories: list[Trajectory]) -> None:
+        for t in trajectories:
+            if self._file is None or self.count >= self.shard_size:
+                self._open_next()
+            self._file.write(json_line(t.to_json()) + "\n")
+            self.count += 1
+        if trajectories:
+            self._sync()
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._sync()
+            self._file.close()
+        if self.count >= self.shard_size:
+            self.index, self.count = self.index + 1, 0
+        self._file = (self.directory / f"shard-{self.index:05d}.jsonl").open("a", encoding="utf-8")
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._sync()
+            self._file.close()
+            self._file = None
+
+
+def scan_shards(directory: Path) -> set[ConvId]:
+    """Keys of the trajectories on disk. A torn last line (a write cut by a kill) is cut off the file."""
+    done: set[ConvId] = set()
+    for path in sorted(directory.glob("shard-*.jsonl")):
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted write", path, len(data) - end)
+            with path.open("r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        for lineno, row in read_jsonl(path):
+            try:
+                key = (str(row["prompt_id"]), int(row["sample_idx"]))
+            except (KeyError, TypeError, ValueError):
+                raise DriftError(f"{path}:{lineno}: not a trajectory record") from None
+            if key in done:
+                raise DriftError(f"{path}:{lineno}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]})")
+            done.add(key)
+    return done
+
+
+def check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of the run to resume (None: a fresh run). Refuses to mix runs."""
+    if not (out.path.is_dir() and any(p.name != ".drift.lock" for p in out.path.iterdir())):
+        return None
+    if not cfg.resume:
+        raise DriftError(f"output directory {out.path} is not empty: pass --resume to complete that run, "
+                         "or choose another --output")
+    manifest = read_manifest(out.path)
+    if manifest is None or manifest.get("stage") != "rollout":
+        raise DriftError(f"cannot resume {out.path}: it is not a rollout directory (no {out.manifest.name})")
+    differ = mismatch(manifest, expected)
+    if differ:
+        raise DriftError(f"cannot resume {out.path}: the run on disk was made with other settings ({'; '.join(differ)})")
+    return manifest
+
+
+def check_complete(trajectories: list[Trajectory], problems: list[Problem], n: int, skipped: list[dict]) -> None:
+    """Every expected (prompt_id, sample_idx) exactly once on disk, or skipped; nothing else."""
+    expected = {(p.id, i) for p in problems for i in range(n)}
+    seen: set[ConvId] = set()
+    for t in trajectories:
+        if t.key in seen:
+            raise RuntimeError(f"duplicate trajectory {t.key} in the shards")
+        seen.add(t.key)
+    missing = expected - seen - {(s["prompt_id"], s["sample_idx"]) for s in skipped}
+    extra = seen - expected
+    if missing or extra:
+        raise RuntimeError(f"shards do not match the run: {len(missing)} missing, {len(extra)} unexpected")
