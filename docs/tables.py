@@ -24,11 +24,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from drift.arms import OnlineArm
 from drift.ledger import Cost
 from drift.metrics import mean_and_se
 from drift.pipeline import load_run
-from drift.report import arm_cost, result_rows
-from drift.rundir import RunDir, read_record
 
 
 def rows_of(path: Path) -> dict[str, dict[str, Any]]:
@@ -36,17 +35,16 @@ def rows_of(path: Path) -> dict[str, dict[str, Any]]:
     its end gives one row per held-out evaluation of its curve (`online@30`: after iteration 30),
     with the cost up to that evaluation."""
     cfg, recs = load_run(path)
-    rows = {name: {"metrics": recs[step], "cost": arm_cost(recs, arm, k),
-                   "curve": (recs.get(f"online/{arm}") or {}).get("curve")}
-            for name, arm, step, k in result_rows(cfg, recs)}
-    for arm in cfg.arms:
-        online = recs.get(f"online/{arm}")
-        if online and arm not in rows and online.get("curve"):
-            root = RunDir(path).online(arm).path
-            for i, point in enumerate(online["curve"]):
-                rows[f"{arm}@{point['iteration']}"] = {"metrics": read_record(root / point["metrics"] / "metrics.json"),
-                                                       "cost": Cost.from_json(point["cost"]),
-                                                       "curve": online["curve"][:i + 1]}
+    rows = {}
+    for arm in cfg.evaluated_arms():
+        curve = arm.curve(recs) if isinstance(arm, OnlineArm) else None
+        rows.update({r.label: {"metrics": recs[r.step], "cost": arm.cost(recs, r.round), "curve": curve}
+                     for r in arm.rows(recs)})
+        if isinstance(arm, OnlineArm) and arm.name not in rows and curve:
+            for i, point in enumerate(curve):
+                rows[f"{arm.name}@{point['iteration']}"] = {"metrics": arm.curve_metrics(cfg.dir, point),
+                                                            "cost": Cost.from_json(point["cost"]),
+                                                            "curve": curve[:i + 1]}
     return rows
 
 

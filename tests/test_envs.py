@@ -236,7 +236,7 @@ def test_every_sampling_stage_takes_the_environment(tmp_path):
     cfg = build(RunConfig, data)
     assert (cfg.rollout_config().env, cfg.rollout_config().env_args) == ("hint", {"high": "Lower."})
     assert (cfg.eval_config("base").env, cfg.eval_config("drift").env_args) == ("hint", {"high": "Lower."})
-    online = cfg.online_config("grpo")
+    online = cfg.arm("grpo").online_config(cfg)
     assert (online.env, online.env_args) == ("hint", {"high": "Lower."})
     assert online_eval(online, "m", tmp_path / "e").env == "hint"
     data["eval"] = {**data["eval"], "env": "try-again", "env_args": {}}

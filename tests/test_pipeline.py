@@ -184,7 +184,7 @@ def test_online_arm_beside_the_offline_ones(tmp_path, tiny_model_dir):
         "grpo": {"method": "online", "weights": {"beta": 0.2},
                  "online": {"iterations": 2, "batch_prompts": 2, "eval_every": 1, "lr": 1e-3}}})
     cfg = build(RunConfig, data)
-    oc = cfg.online_config("grpo")
+    oc = cfg.kinds["grpo"].online_config(cfg)
     assert (oc.n, oc.max_turns, oc.max_new_tokens, oc.tasks, oc.split) == (2, 2, 4, "mc-arith", "train")
     assert oc.beta == 0.2 and oc.eval == data["eval"]
     md = run_pipeline(cfg)
@@ -197,13 +197,12 @@ def test_online_arm_beside_the_offline_ones(tmp_path, tiny_model_dir):
     assert "| grpo (online) |" in md and "## Learning curves of the online arms" in md
     assert "| online/grpo |" in md
     from drift.pipeline import load_run
-    from drift.report import arm_cost
 
     loaded, recs = load_run(run)
     assert loaded.arms["grpo"].method == "online"
-    assert arm_cost(recs, "grpo").flops == pytest.approx(summary["cost"]["flops"])  # not the shared rollout
+    assert loaded.arm("grpo").cost(recs).flops == pytest.approx(summary["cost"]["flops"])  # not the shared rollout
     parts = ("rollout", "weights/drift", "train/drift")
-    assert arm_cost(recs, "drift").flops == pytest.approx(sum(recs[p]["cost"]["flops"] for p in parts))
+    assert loaded.arm("drift").cost(recs).flops == pytest.approx(sum(recs[p]["cost"]["flops"] for p in parts))
     run_pipeline(cfg)  # complete: skipped
     with pytest.raises(DriftError, match=r"online/grpo \(lr: 0.001 -> 0.002\).*--from train"):
         data["arms"]["grpo"]["online"]["lr"] = 2e-3
@@ -267,8 +266,8 @@ def test_iterated_drift_rounds(tmp_path, tiny_model_dir, round_data, capsys):
     data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "rounds": 3, "round_data": round_data,
                                                              "train": {"min_weight": 0.0}}})
     cfg = build(RunConfig, data)
-    _, _, t2 = cfg.stage_configs("drift", 2)
-    r3, _, t3 = cfg.stage_configs("drift", 3)
+    _, _, t2 = cfg.kinds["drift"].stage_configs(cfg, 2)
+    r3, _, t3 = cfg.kinds["drift"].stage_configs(cfg, 3)
     run = tmp_path / "run"
     assert r3.model == str(run / "rounds/drift/round-2/train") and r3.seed != cfg.rollout_config().seed
     if round_data == "continue":

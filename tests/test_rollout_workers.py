@@ -71,4 +71,4 @@ def test_the_online_arm_refuses_workers_and_a_run_does_not_hand_them_on(tmp_path
         OnlineConfig(model=str(tiny_model_dir), output=str(tmp_path / "o"), workers=2)
     data = config(tmp_path, tiny_model_dir, arms={"online": {"method": "online", "online": {"batch_prompts": 2}}})
     cfg = build(RunConfig, {**data, "rollout": {**data["rollout"], "workers": 2}})
-    assert cfg.rollout_config().workers == 2 and cfg.online_config("online").workers == 1
+    assert cfg.rollout_config().workers == 2 and cfg.kinds["online"].online_config(cfg).workers == 1

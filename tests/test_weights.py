@@ -67,9 +67,9 @@ def test_timeout_turn_is_no_format_error_and_costs_only_what_is_configured(tmp_p
     rows = [drift_row("p", 0, [turn("timeout", "5"), turn("correct", "c")], 2)]
     inp = write(tmp_path / "in.jsonl", rows)
     got, _ = compute(WeightsConfig(input=inp, output="o", method="sft"))
-    assert got[0]["return"] == pytest.approx(0.9)
+    assert got[0].ret == pytest.approx(0.9)
     got, _ = compute(WeightsConfig(input=inp, output="o", method="sft", timeout_penalty=-0.25))
-    assert got[0]["return"] == pytest.approx(0.65)
+    assert got[0].ret == pytest.approx(0.65)
     x = ReturnInputs([0.0, 0.0], ["1", "2"], format_errors=1, timeouts=1)
     assert trajectory_return(x, ReturnConfig(0.9, -0.1, 0.5, timeout_penalty=-0.3)) == pytest.approx(-0.4)
 
@@ -87,8 +87,8 @@ def test_reference_row_return_uses_stored_format_penalty(tmp_path):
     path.write_text(json.dumps(ref_row("p", [0, 1], ["5", "6"], -0.1, 2)) + "\n"
                     + json.dumps(ref_row("p", [0, 0, 0], ["5", "5", ""], 0.0)) + "\n")
     rows, _ = compute(WeightsConfig(input=str(path), output="x", method="sft"))
-    assert rows[0]["return"] == pytest.approx(0.8)
-    assert rows[1]["return"] == pytest.approx(-1 / 3)
+    assert rows[0].ret == pytest.approx(0.8)
+    assert rows[1].ret == pytest.approx(-1 / 3)
 
 
 # --- weights -------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_degenerate_rules_tell_unsolved_from_equal_groups(tmp_path):
                 "drop_equal": [0.0] * 3 + b + [0.0, 0.0] + d}
     for rule, weights in expected.items():
         out, diag = compute(WeightsConfig(input=inp, output="o", degenerate=rule))
-        assert [r["weight"] for r in out] == pytest.approx(weights, rel=1e-9), rule
+        assert [r.weight for r in out] == pytest.approx(weights, rel=1e-9), rule
         assert diag["degenerate_groups"] == 2 and diag["degenerate_share"] == 0.5  # a and c
         assert diag["unsolved_groups"] == 2 and diag["unsolved_share"] == 0.5  # a and d
         assert diag["dropped_groups"] == {"keep": 0, "drop_unsolved": 2, "drop_equal": 2}[rule]
@@ -206,7 +206,7 @@ def test_refit_negative_return_is_a_clear_error(tmp_path):
     with pytest.raises(DriftError, match=r"in.jsonl:1: refit needs returns >= 0"):
         compute(WeightsConfig(input=inp, output="o", method="refit"))
     ok, _ = compute(WeightsConfig(input=inp, output="o", method="refit", repeat_penalty=0.0, format_penalty=0.0))
-    assert [r["weight"] for r in ok] == [0.0, 1.0]
+    assert [r.weight for r in ok] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("content,match", [
@@ -241,7 +241,7 @@ def test_missing_input_and_bad_config():
 @pytest.mark.parametrize("key", ["beta", "gamma", "format_penalty", "repeat_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_settings_are_refused(key, value):
-    with pytest.raises(DriftError, match=f"{key} must be a finite number( > 0 or auto)?, got {value}"):
+    with pytest.raises(DriftError, match=f"{key}'? must be a finite number( > 0 or auto)?, got {value}"):
         WeightsConfig(input="x", output="o", **{key: value})
 
 
@@ -339,7 +339,7 @@ def test_weight_share_by_success_turn(tmp_path):
     assert diag["weight_share_by_success_turn"] == {"1": 0.5, "3": 0.5, "unsolved": 0.0}
     # swift's weights sum to zero in the group: shares of the absolute weight
     out, diag = compute(WeightsConfig(input=inp, output="o", method="swift", gamma=0.9))
-    w = [abs(r["weight"]) for r in out]
+    w = [abs(r.weight) for r in out]
     assert diag["weight_share_by_success_turn"] == pytest.approx(
         {"1": w[0] / sum(w), "3": w[1] / sum(w), "unsolved": w[2] / sum(w)}, rel=1e-9)
     # the reference format: t_star, else the first turn with a reward

@@ -49,6 +49,12 @@ class Step:
     feedback: str | list[dict[str, str]] | None = None  # the next user or tool message(s)
     info: dict[str, Any] = field(default_factory=dict)  # recorded with the turn (JSON-ready)
 
+# The keys that make the environment, in the order the report shows them: which environment, EnvConfig's rules and
+# the checker (a task key of the rollout and eval configs). An evaluation in a `drift run`
+# inherits them, and how the checker runs (check_workers), from the rollout (`evaluate.inherit_environment`).
+ENVIRONMENT_KEYS = ("env", "env_args", "env_failures", "system_prompt", "instruction", "feedback", "checker",
+                    "check_timeout", "max_turns")
+
 
 @dataclass
 class EnvConfig:

@@ -20,7 +20,7 @@ from typing import Any
 
 from drift import DriftError
 from drift.config import option, to_dict
-from drift.env import EnvConfig
+from drift.env import ENVIRONMENT_KEYS
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, require_complete, trajectory_files, write_json
 from drift.rollout.config import RolloutConfig, sampling_record, task_spec
@@ -62,13 +62,13 @@ class EvalConfig(RolloutConfig):
             raise DriftError(f"n = {self.n} greedy samples would all be the same: set temperature > 0 for pass@k")
 
 
-ENVIRONMENT_KEYS = tuple(f.name for f in dataclasses.fields(EnvConfig)) + ("checker",)
+INHERITED_KEYS = (*ENVIRONMENT_KEYS, "check_workers")  # the environment and how its checker runs
 
 
 def inherit_environment(source: dict[str, Any], eval_keys: dict[str, Any]) -> dict[str, Any]:
     """`eval_keys`, plus the environment keys they do not set, taken from `source` (a rollout's keys):
     held-out evaluation runs in the training rollout's environment unless told otherwise."""
-    return {**{k: v for k, v in source.items() if k in ENVIRONMENT_KEYS and k not in eval_keys}, **eval_keys}
+    return {**{k: v for k, v in source.items() if k in INHERITED_KEYS and k not in eval_keys}, **eval_keys}
 
 
 def rollout_config(cfg: EvalConfig) -> RolloutConfig:

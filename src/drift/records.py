@@ -175,6 +175,69 @@ def is_success(row: dict[str, Any]) -> bool:
     return success_turn(row) is not None
 
 
+class RowError(DriftError):
+    """A problem with one data row; `reason` is the key under which skips are counted."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """A row's conversation: a non-empty list of {role, content} strings, else RowError."""
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError("no 'messages' list", "messages_invalid")
+    for j, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RowError(f"message {j} is not an object with string 'role' and 'content'", "messages_invalid")
+    return msgs
+
+
+@dataclass
+class WeightedRow:
+    """One row of a weighted JSONL file (`drift weights` -> `drift train`): a trajectory's JSON
+    with its return and weight added. On disk it is the trajectory's keys in their order, then
+    `return` and `weight` (a row written by hand or another tool may lack `return`)."""
+
+    fields: dict[str, Any]  # the row as read or sampled: prompt_id, sample_idx, messages, turns, ...
+    weight: float
+    ret: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.fields)
+        if self.ret is not None:
+            out["return"] = self.ret
+        out["weight"] = self.weight
+        return out
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any], allow_negative: bool = False) -> WeightedRow:
+        """A row read back; a missing, non-numeric, non-finite or (unless allowed) negative weight,
+        or a malformed conversation, raises RowError."""
+        if "weight" not in row:
+            raise RowError("no 'weight' (weight the trajectories with `drift weights` first)", "weight_missing")
+        w = row["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise RowError(f"'weight' is not a number: {w!r}", "weight_invalid")
+        if not math.isfinite(w):
+            raise RowError(f"'weight' is not finite: {w!r}", "weight_invalid")
+        if w < 0 and not allow_negative:
+            raise RowError(f"negative weight {w}: the weighting method forbids it (allow_negative_weights "
+                           "admits standardized weights such as swift's)", "weight_negative")
+        check_messages(row)
+        ret = row.get("return")
+        return cls(row, float(w), ret if isinstance(ret, (int, float)) and not isinstance(ret, bool) else None)
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self.fields["messages"]
+
+    @property
+    def success_turn(self) -> int | None:
+        return success_turn(self.fields)
+
+
 def read_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """Yield (line_number, row) of a JSONL file; a malformed line (bad JSON, not UTF-8) raises
     DriftError naming file and line, or with `skip_bad` yields (line_number, None) so the caller

@@ -8,7 +8,8 @@ One owner of the layout: the folder and file names below are spelled here and no
       weights/<arm>.jsonl       weighted rows; <arm>.weights.json beside it is their record
       train/<arm>/              a trained model (save_pretrained) + train_summary.json
       train/<arm>/checkpoint-N/ a resumable checkpoint; drift_checkpoint.json in it marks it complete
-      online/<arm>/             the online arm: live state, checkpoints, its eval curve
+      online/<arm>/             the online arm (OnlineDir): final model, train_summary.json, state/,
+                                iterations/<k>/rollout/, evals/<k>/, adapters/<k>/
       eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/
       logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
       report.md, succ_at_k.png, cost.png
@@ -20,26 +21,33 @@ train_summary.json, metrics.json), the same fields:
     settings   the stage config's keys that shape the output (`drift.config.settings`),
     input      the path and digest of the record it consumed (None for a first stage),
     digest     a hash of settings and input digest: what a consumer records as its input,
-    cost       the cost ledger (`drift.ledger.Cost`).
+    cost       the cost ledger (`drift.ledger.Cost`),
+    files      (train, weights) the size and sha256 of each file the record vouches for, by its
+               path relative to the record's folder (`file_record`).
 
-A reader trusts an output only when its record says complete; `drift run` compares settings and
-input digest before reusing one.
+A reader trusts an output only when its record says complete and its files are as recorded
+(`damaged`): `drift run` redoes a stage whose files were truncated or changed, and loading a
+model that drift trained refuses one; `drift run` compares settings and input digest before
+reusing an output.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError
 from drift.config import differences, digest, settings
 
 RECORD_SCHEMA = 1
+TRAINED = "trained:"  # a model setting that names a training record's digest (`with_model`)
 PLOT_FILE = "succ_at_k.png"
 
 
@@ -73,6 +81,11 @@ class EvalDir:
         return RolloutDir(self.path / "rollout")
 
 
+CHECKPOINT = "checkpoint-"
+# save_pretrained's weight files (transformers and peft); config and tokenizer files are rewritten anyway
+MODEL_FILES = ("model*.safetensors*", "pytorch_model*", "adapter_*", "merged")
+
+
 @dataclass(frozen=True)
 class TrainDir:
     path: Path
@@ -80,6 +93,43 @@ class TrainDir:
     @property
     def summary(self) -> Path:
         return self.path / "train_summary.json"
+
+    @property
+    def merged(self) -> Path:
+        """The base model with the LoRA adapter merged in (merge_lora)."""
+        return self.path / "merged"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"{CHECKPOINT}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint-N directories, highest N first (complete or not)."""
+        numbered = [p for p in self.path.glob(f"{CHECKPOINT}*")
+                    if p.is_dir() and p.name.removeprefix(CHECKPOINT).isdigit()]
+        return sorted(numbered, key=lambda p: int(p.name.removeprefix(CHECKPOINT)), reverse=True)
+
+    def complete_checkpoints(self) -> list[Path]:
+        return [p for p in self.checkpoints() if checkpoint_record(p).is_file()]
+
+    def model_files(self, checkpoints: bool = False) -> list[Path]:
+        """The weight files a training writes (and, with checkpoints, its checkpoints): what a fresh run clears."""
+        patterns = MODEL_FILES + ((f"{CHECKPOINT}*",) if checkpoints else ())
+        return [p for pattern in patterns for p in self.path.glob(pattern)]
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """One saved state of an online run (`drift.online.state`)."""
+
+    path: Path
+
+    @property
+    def policy(self) -> Path:
+        return self.path / "policy.pt"
+
+    @property
+    def progress(self) -> Path:
+        return self.path / "progress.json"
 
 
 @dataclass(frozen=True)
@@ -96,8 +146,33 @@ class OnlineDir:
     def iteration(self, k: int) -> Path:
         return self.path / "iterations" / f"{k:05d}"
 
+    def iteration_rollout(self, k: int, rank: int, ranks: int) -> Path:
+        """The rollout of iteration k sampled by one process (of `ranks`)."""
+        return self.iteration(k) / ("rollout" if ranks == 1 else f"rollout-rank{rank}")
+
     def evaluation(self, k: int) -> Path:
         return self.path / "evals" / f"{k:05d}"
+
+    def adapter(self, k: int) -> Path:
+        """The LoRA adapter after iteration k (what a vLLM sampler loads)."""
+        return self.path / "adapters" / f"{k:05d}"
+
+    def sync_weights(self, k: int) -> Path:
+        """The full weights after iteration k (what a vLLM sampler reloads when the arm trains no adapter)."""
+        return self.path / "weights" / f"{k:05d}"
+
+    @property
+    def state(self) -> StateDir:
+        """The resumable state; written to state.tmp and swapped in through state.old."""
+        return StateDir(self.path / "state")
+
+    @property
+    def state_tmp(self) -> StateDir:
+        return StateDir(self.path / "state.tmp")
+
+    @property
+    def state_old(self) -> StateDir:
+        return StateDir(self.path / "state.old")
 
 
 def weights_record(output: str | Path) -> Path:
@@ -245,18 +320,74 @@ def check_schema(version: Any, where: Any, supported: int = RECORD_SCHEMA) -> No
                          f"{supported}: upgrade drift to read it")
 
 
+def file_record(folder: str | Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """{path relative to `folder`: {"bytes", "sha256"}} of `files`: what a record vouches for."""
+    root = Path(folder)
+    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(files)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damaged(folder: str | Path, rec: dict[str, Any] | None) -> list[str]:
+    """How the files a record vouches for (`files`, relative to `folder`) differ from what it
+    recorded: missing, another size (truncated), or another digest. Empty: all intact (or the
+    record vouches for no files)."""
+    out = []
+    for name, want in ((rec or {}).get("files") or {}).items():
+        f = Path(folder) / name
+        if not f.is_file():
+            out.append(f"{name} is missing")
+        elif (size := f.stat().st_size) != want["bytes"]:
+            out.append(f"{name} has {size} bytes, its record says {want['bytes']} (truncated or replaced)")
+        elif _sha256(f) != want["sha256"]:
+            out.append(f"{name} differs from the file its record vouches for (sha256)")
+    return out
+
+
 def is_complete(rec: dict[str, Any] | None) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
 
-def mismatch(rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class Mismatch:
+    """One way a stored record differs from the one a rerun would write.
+
+    kind: "setting" (one of the stage's own settings), "model" (it started from another trained
+    model: an earlier stage was redone) or "input" (it was made from another input: likewise).
+    """
+
+    kind: Literal["setting", "model", "input"]
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def mismatches(rec: dict[str, Any], new: dict[str, Any]) -> list[Mismatch]:
     """How a stored record differs from the one a rerun would write (settings, then input)."""
-    out = differences(rec.get("settings") or {}, new["settings"])
+    old_s, new_s = rec.get("settings") or {}, new["settings"]
+    out = []
+    for key in sorted(set(old_s) | set(new_s)):
+        was = old_s.get(key)
+        kind = "model" if key == "model" and isinstance(was, str) and was.startswith(TRAINED) else "setting"
+        a, b = ({key: s[key]} if key in s else {} for s in (old_s, new_s))
+        out += [Mismatch(kind, text) for text in differences(a, b)]
     old_in, new_in = (rec.get("input") or {}).get("digest"), (new.get("input") or {}).get("digest")
     if old_in != new_in:
-        out.append(f"input: made from {old_in or 'another input'}, now {new_in or 'another input'} "
-                   "(an earlier stage was redone)")
+        out.append(Mismatch("input", f"input: made from {old_in or 'another input'}, now {new_in or 'another input'} "
+                                     "(an earlier stage was redone)"))
     return out
+
+
+def mismatch(rec: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`mismatches` as text, for a stage's own refusal to resume."""
+    return [m.text for m in mismatches(rec, new)]
 
 
 # --- output directories ------------------------------------------------------------------
@@ -276,8 +407,41 @@ def ensure_writable(path: str | Path, is_file: bool = False) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if is_space_error(e):
+            raise space_error(target) from None
         raise DriftError(f"cannot write to {target}: {e.strerror or e}") from None
     return p
+
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def space_error(path: str | Path, needed: int | None = None, rerun: str = "rerun the same command") -> DriftError:
+    """The one line for a full disk at `path`: what is free, what was needed (when known), and
+    that nothing written is lost, so the same command resumes once space is freed."""
+    want = f", about {mib(needed)} needed" if needed else ""
+    return DriftError(f"no space left on device writing {path} ({mib(free_bytes(path))} free{want}); what is "
+                      f"already written is kept: free space (or choose another output) and {rerun}")
+
+
+def is_space_error(e: BaseException) -> bool:
+    """A full disk or quota. safetensors' writer reports one as its own error type without an
+    errno, naming the OS error number in its message."""
+    if isinstance(e, OSError):
+        return e.errno in SPACE_ERRORS
+    return any(f"(os error {n})" in str(e) for n in SPACE_ERRORS)
 
 
 class Lock:
@@ -293,8 +457,12 @@ class Lock:
         self._fd: int | None = None
 
     def __enter__(self) -> Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path.parent}: {e.strerror or e}")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -304,8 +472,13 @@ class Lock:
                 raise DriftError(f"{self.path.parent} is being written by another drift process (pid {holder}); "
                                  "wait for it to finish or choose another output") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path}: {e.strerror or e}")) from None
         self._fd = fd
         return self
 
@@ -327,4 +500,4 @@ def with_model(settings: dict[str, Any], model_record: dict[str, Any] | None) ->
     """A model drift trained is identified by its training record, not by the path it lies at."""
     if model_record is None:
         return settings
-    return {**settings, "model": f"trained:{model_record.get('digest')}"}
+    return {**settings, "model": f"{TRAINED}{model_record.get('digest')}"}

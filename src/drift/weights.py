@@ -20,7 +20,11 @@ is set to `ess_target` (default 0.25) by bisection on log beta. ESS/N = 1 / (N s
 p = softmax(R / beta) rises monotonically with beta (from the share of the group's best
 returns at beta -> 0 to 1 at beta -> infinity), so the search is exact up to its tolerance; a
 target outside the reachable range takes the nearer end of [1e-4, 1e4]. The beta chosen and the
-ESS/N reached are in the diagnostics.
+ESS/N reached are in the diagnostics; a target it cannot reach (n = 2: ESS/N >= 0.5 always) is
+logged as a warning and recorded (`ess_target_met` false).
+Rows are written in canonical order, (prompt_id, sample_idx), whatever order the rollout's
+shards hold them in (a resumed rollout finishes its conversations in another order), so the same
+trajectories always give the same bytes, and the same training.
 Two kinds of groups may deserve no training, and they differ:
     unsolved:    no trajectory of the group succeeded (drift: the least bad failures get the
                  most weight; with equal returns, plain SFT on failures);
@@ -36,6 +40,7 @@ The diagnostics count both kinds of groups whatever the rule.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -47,15 +52,18 @@ from pathlib import Path
 from typing import Literal
 
 from drift import DriftError
+from drift.bounds import check_unit_interval
 from drift.checkers import normalize_answer
 from drift.config import option
 from drift.ledger import Cost, measure
-from drift.records import (ReturnInputs, is_success, read_jsonl, require_complete, return_inputs, success_turn,
+from drift.records import (ReturnInputs, WeightedRow, read_jsonl, require_complete, return_inputs,
                            trajectory_files, write_json, write_jsonl)
-from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
+from drift.rundir import Lock, config_record, ensure_writable, file_record, read_record, record, weights_record
+
+log = logging.getLogger(__name__)
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
-SWIFT_EPS = 1e-6
+STD_EPS = 1e-6  # added to a group's std before dividing by it (Swift, GRPO)
 
 
 @dataclass
@@ -64,6 +72,13 @@ class ReturnConfig:
     format_penalty: float = option(-0.1, "added to the return for every unparseable turn (drift format)")
     repeat_penalty: float = option(0.5, "lambda: subtract lambda * (1 - unique/answered) for repeated answers")
     timeout_penalty: float = option(0.0, "added to the return for every turn whose check timed out (drift format)")
+
+    def check_returns(self) -> None:
+        """The return keys' rules, for every stage that scores conversations (weights, online)."""
+        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise DriftError(f"config key '{key}' must be a finite number, got {getattr(self, key)}")
+        check_unit_interval(self, "gamma")
 
 
 def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
@@ -127,11 +142,23 @@ def auto_beta(groups: Sequence[Sequence[float]], target: float) -> tuple[float, 
     return beta, ess_share(live, beta)
 
 
+def spread(returns: Sequence[float]) -> float:
+    """Population standard deviation of a group's returns."""
+    mean = sum(returns) / len(returns)
+    return math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+
+
+def standardized(returns: Sequence[float], eps: float = STD_EPS) -> list[float]:
+    """(R - mean) / (population std + eps) within the group: Swift's weights, and the online
+    arm's advantages with scale_by_std (GRPO)."""
+    mean = sum(returns) / len(returns)
+    std = spread(returns)
+    return [(r - mean) / (std + eps) for r in returns]
+
+
 def swift_weights(returns: Sequence[float]) -> list[float]:
     """(R - mean) / (population std + 1e-6) within the group."""
-    mean = sum(returns) / len(returns)
-    std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
-    return [(r - mean) / (std + SWIFT_EPS) for r in returns]
+    return standardized(returns)
 
 
 def refit_weights(returns: Sequence[float]) -> list[float]:
@@ -175,14 +202,10 @@ class WeightsConfig(ReturnConfig):
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
-        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target"):
-            if not math.isfinite(getattr(self, key)):
-                raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
+        self.check_returns()
         if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
             raise DriftError(f"beta must be a finite number > 0 or auto, got {self.beta}")
-        if not 0 < self.gamma <= 1:
-            raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 < self.ess_target < 1:
+        if not (math.isfinite(self.ess_target) and 0 < self.ess_target < 1):
             raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
 
     @property
@@ -197,9 +220,9 @@ def _input_files(path: str) -> list[Path]:
     return files
 
 
-def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
-    """Read the input, return (rows with 'return'/'weight' added, diagnostics)."""
-    rows: list[dict] = []
+def compute(cfg: WeightsConfig) -> tuple[list[WeightedRow], dict]:
+    """Read the input, return (the weighted rows, diagnostics)."""
+    rows: list[WeightedRow] = []
     where: list[str] = []
     first_seen: dict[tuple[str, object], str] = {}  # (prompt_id, sample_idx) -> where it was read
     skipped = 0
@@ -227,48 +250,66 @@ def compute(cfg: WeightsConfig) -> tuple[list[dict], dict]:
                     raise DriftError(f"{loc}: duplicate trajectory (prompt_id={key[0]!r}, sample_idx={key[1]!r}), "
                                      f"also at {first_seen[key]}")
                 first_seen[key] = loc
-            rows.append({**row, "return": ret})
+            rows.append(WeightedRow(row, 0.0, ret))
             where.append(loc)
     if not rows:
         raise DriftError(f"{cfg.input}: no rows to weight (empty input)")
+    order = sorted(range(len(rows)), key=lambda i: canonical_key(rows[i]))
+    rows, where = [rows[i] for i in order], [where[i] for i in order]
 
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, row in enumerate(rows):
-        groups.setdefault(str(row["prompt_id"]), []).append(i)
+        groups.setdefault(str(row.fields["prompt_id"]), []).append(i)
     beta, reached = cfg.beta, None
     if beta == "auto":
-        beta, reached = auto_beta([[rows[i]["return"] for i in idx] for idx in groups.values()], cfg.ess_target)
+        beta, reached = auto_beta([[rows[i].ret for i in idx] for idx in groups.values()], cfg.ess_target)
+        if reached is not None and not target_met(reached, cfg.ess_target):
+            log.warning("weights: beta auto cannot reach the ESS/N target %g on these groups: it took beta %.4g, the "
+                        "end of its range [%g, %g], where ESS/N is %.3g", cfg.ess_target, beta, *BETA_RANGE, reached)
     per_group = []
     for pid, idx in groups.items():
-        rets = [rows[i]["return"] for i in idx]
-        solved = [is_success(rows[i]) for i in idx]
+        rets = [rows[i].ret for i in idx]
+        solved = [rows[i].success_turn is not None for i in idx]
         degenerate = is_degenerate(rets)
         try:
             ws = group_weights(cfg.method, rets, solved, beta)
         except ValueError:
-            bad = next(i for i in idx if rows[i]["return"] < 0)
+            bad = next(i for i in idx if rows[i].ret < 0)
             raise DriftError(
-                f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad]['return']:.4g} "
+                f"{where[bad]}: refit needs returns >= 0, but this trajectory's return is {rows[bad].ret:.4g} "
                 "(penalties make returns negative: use --format-penalty 0 --repeat-penalty 0 with refit)") from None
         dropped = is_dropped(cfg.degenerate, degenerate, solved)
         if dropped:
             ws = [0.0] * len(ws)
         for i, w in zip(idx, ws):
-            rows[i]["weight"] = w
+            rows[i].weight = w
         per_group.append({"prompt_id": pid, "size": len(idx), "degenerate": degenerate, "unsolved": not any(solved),
                           "dropped": dropped, "ess": effective_sample_size(ws), "max_weight": max(ws),
                           "solved": sum(solved)})
     return rows, diagnostics(cfg, rows, per_group, skipped, beta, reached)
 
 
-def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], skipped: int, beta: float,
+def canonical_key(row: WeightedRow) -> tuple[str, int]:
+    """(prompt_id, sample_idx): the order rows are written in; rows without a sample_idx (the
+    reference's format) keep their order within their group."""
+    idx = row.fields.get("sample_idx")
+    return str(row.fields["prompt_id"]), idx if isinstance(idx, int) else -1
+
+
+def target_met(reached: float, target: float) -> bool:
+    """Did beta auto's ESS/N reach its target (to the bisection's tolerance)?"""
+    return abs(reached - target) <= 1e-6 * max(1.0, target)
+
+
+def diagnostics(cfg: WeightsConfig, rows: list[WeightedRow], per_group: list[dict], skipped: int, beta: float,
                 reached: float | None) -> dict:
-    weights = [r["weight"] for r in rows]
+    weights = [r.weight for r in rows]
     ess = [g["ess"] for g in per_group]
     qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
     return {
         "method": cfg.method, "beta": beta, "beta_setting": cfg.beta, "ess_target": cfg.ess_target,
-        "ess_share_reached": reached, "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
+        "ess_share_reached": reached, "ess_target_met": None if reached is None else target_met(reached, cfg.ess_target),
+        "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
         "repeat_penalty": cfg.repeat_penalty, "degenerate_rule": cfg.degenerate,
         "rows": len(rows), "skipped_rows": skipped, "groups": len(per_group),
         "degenerate_groups": sum(g["degenerate"] for g in per_group),
@@ -276,8 +317,8 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
         "unsolved_groups": sum(g["unsolved"] for g in per_group),
         "unsolved_share": sum(g["unsolved"] for g in per_group) / len(per_group),
         "dropped_groups": sum(g["dropped"] for g in per_group),
-        "solved_share": sum(is_success(r) for r in rows) / len(rows),
-        "return_mean": statistics.fmean(r["return"] for r in rows),
+        "solved_share": sum(r.success_turn is not None for r in rows) / len(rows),
+        "return_mean": statistics.fmean(r.ret for r in rows),
         "weight_sum": sum(weights), "weight_min": min(weights), "weight_max": max(weights),
         "weight_quantiles": {"p10": qs[0], "p50": qs[4], "p90": qs[8]},
         "rows_weight_below_1e-3": sum(abs(w) < 1e-3 for w in weights),
@@ -287,16 +328,16 @@ def diagnostics(cfg: WeightsConfig, rows: list[dict], per_group: list[dict], ski
     }
 
 
-def weight_share_by_success_turn(rows: list[dict]) -> dict[str, float]:
+def weight_share_by_success_turn(rows: list[WeightedRow]) -> dict[str, float]:
     """The share of the total absolute weight on trajectories solved at each turn ("1", "2", ...)
     and on unsolved ones ("unsolved"): what the training data teaches at each turn (absolute,
     because Swift's weights sum to zero per group). gamma < 1 moves weight to early successes,
     and a turn with little weight is a turn the model hardly learns."""
     by: dict[str, float] = {}
     for r in rows:
-        t = success_turn(r)
+        t = r.success_turn
         key = "unsolved" if t is None else str(t)
-        by[key] = by.get(key, 0.0) + abs(r["weight"])
+        by[key] = by.get(key, 0.0) + abs(r.weight)
     total = sum(by.values())
     order = sorted((k for k in by if k != "unsolved"), key=int) + (["unsolved"] if "unsolved" in by else [])
     return {k: by[k] / total if total else 0.0 for k in order}
@@ -313,8 +354,9 @@ def run_weights(cfg: WeightsConfig) -> dict:
         with measure(cost):
             rows, diag = compute(cfg)
             weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
-            write_jsonl(out, rows)
-        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
+            write_jsonl(out, (r.to_json() for r in rows))
+        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json(),
+                "files": file_record(out.parent, [out])}
         write_json(weights_record(out), diag)
     return diag
 
@@ -356,6 +398,7 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
     return [
         ("method", f"{diag['method']} (beta {diag['beta']:.4g}"
                    + (f", auto: ESS/N {diag['ess_share_reached']}" if diag["beta_setting"] == "auto" else "")
+                   + (" NOT the target: the end of its range" if diag["ess_target_met"] is False else "")
                    + f", gamma {diag['gamma']})"),
         ("rows / groups", f"{diag['rows']} / {diag['groups']}" + (f"  ({diag['skipped_rows']} skipped)" if diag["skipped_rows"] else "")),
         ("solved trajectories", f"{diag['solved_share']:.1%}"),

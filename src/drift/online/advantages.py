@@ -15,20 +15,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-STD_EPS = 1e-6
+from drift.weights import spread, standardized
+
 ZERO_SPREAD = 1e-12
 
 
-def spread(returns: Sequence[float]) -> float:
-    """Population standard deviation of a group's returns."""
-    mean = sum(returns) / len(returns)
-    return math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
-
-
 def group_advantages(returns: Sequence[float], std: bool = False) -> list[float]:
+    """Centred returns; with std, standardized as Swift's weights are (`drift.weights.standardized`)."""
+    if std:
+        return standardized(returns)
     mean = sum(returns) / len(returns)
-    scale = spread(returns) + STD_EPS if std else 1.0
-    return [(r - mean) / scale for r in returns]
+    return [r - mean for r in returns]
 
 
 @dataclass

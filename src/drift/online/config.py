@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from drift import DriftError
+from drift.bounds import check_bounds, check_unit_interval
 from drift.config import option
 from drift.rollout.config import RolloutConfig
 from drift.weights import ReturnConfig
@@ -63,11 +64,14 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("iterations", "batch_prompts", "minibatches", "update_epochs", "micro_batch_size", "save_every",
-                    "lora_r"):
+        self.check_returns()
+        check_bounds(self, ("lr", "weight_decay", "max_grad_norm", "negative_nll_cap", "kl_coef", "max_length",
+                            "lora_r", "lora_alpha"))
+        check_unit_interval(self, "lora_dropout", open_low=False)
+        for key in ("iterations", "batch_prompts", "minibatches", "update_epochs", "micro_batch_size", "save_every"):
             if getattr(self, key) < 1:
                 raise DriftError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "weight_decay", "max_grad_norm", "beta", "clip_low", "clip_high"):
+        for key in ("beta", "clip_low", "clip_high"):
             v = getattr(self, key)
             if not (math.isfinite(v) and v >= 0) or (key in ("lr", "beta") and v == 0):
                 raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'beta') else '>= 0'}"
@@ -81,9 +85,6 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
             raise DriftError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
         if self.backend == "openai":
             raise DriftError("the online arm generates from the policy it trains: use backend hf or vllm")
-        if self.backend == "vllm" and not self.lora:
-            raise DriftError("backend vllm follows the policy by loading its LoRA adapter after every update: set "
-                             "lora = true (a full-weight sync into vLLM is not implemented)")
         if self.n < 2:
             raise DriftError("the online arm needs n >= 2 samples per prompt (advantages are relative to the group)")
 

@@ -14,38 +14,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from drift.records import write_json
+from drift.rundir import OnlineDir
 
-STATE, TMP, OLD = "state", "state.tmp", "state.old"
-
-
-def save(directory: Path, policy_state: dict[str, Any], progress: dict[str, Any]) -> None:
-    tmp, cur, old = directory / TMP, directory / STATE, directory / OLD
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(policy_state, tmp / "policy.pt")
-    write_json(tmp / "progress.json", progress)
-    for f in tmp.iterdir():
+def save(out: OnlineDir, policy_state: dict[str, Any], progress: dict[str, Any]) -> None:
+    tmp, cur, old = out.state_tmp, out.state, out.state_old
+    shutil.rmtree(tmp.path, ignore_errors=True)
+    tmp.path.mkdir(parents=True)
+    torch.save(policy_state, tmp.policy)
+    write_json(tmp.progress, progress)
+    for f in tmp.path.iterdir():
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
-    if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        cur.rename(old)
-    tmp.rename(cur)
-    shutil.rmtree(old, ignore_errors=True)
+    if cur.path.exists():
+        shutil.rmtree(old.path, ignore_errors=True)
+        cur.path.rename(old.path)
+    tmp.path.rename(cur.path)
+    shutil.rmtree(old.path, ignore_errors=True)
 
 
-def load(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def load(out: OnlineDir) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(policy state, progress) of the last complete iteration, or None for a fresh run."""
-    shutil.rmtree(directory / TMP, ignore_errors=True)
-    for name in (STATE, OLD):
-        d = directory / name
-        if (d / "progress.json").is_file() and (d / "policy.pt").is_file():
-            progress = json.loads((d / "progress.json").read_text())
-            return torch.load(d / "policy.pt", map_location="cpu", weights_only=True), progress
+    shutil.rmtree(out.state_tmp.path, ignore_errors=True)
+    for d in (out.state, out.state_old):
+        if d.progress.is_file() and d.policy.is_file():
+            progress = json.loads(d.progress.read_text())
+            return torch.load(d.policy, map_location="cpu", weights_only=True), progress
     return None

@@ -26,7 +26,6 @@ padded or packed, gives sum_i w_i * mean-token-NLL_i.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
@@ -38,19 +37,11 @@ import torch
 
 from drift import DriftError
 from drift.chat import end_of_turn_ids, render
-from drift.records import check_row_schema, jsonl_files, read_jsonl
+from drift.records import RowError, WeightedRow, check_messages, check_row_schema, jsonl_files, read_jsonl
 
 Turns = Literal["last", "all"]
 Batching = Literal["group", "pack", "random"]
 MEGA_BATCHES = 50  # length grouping sorts within windows of this many global batches
-
-
-class RowError(DriftError):
-    """A problem with one data row; `reason` is the key under which skips are counted."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -173,31 +164,6 @@ def truncate(input_ids: list[int], mask: list[int], max_length: int) -> tuple[li
     return ids, m, left, right
 
 
-def check_weight(row: dict[str, Any], allow_negative: bool) -> float:
-    """The row's weight; missing, non-numeric, non-finite or (unless allowed) negative -> RowError."""
-    if "weight" not in row:
-        raise RowError("no 'weight' (weight the trajectories with `drift weights` first)", "weight_missing")
-    w = row["weight"]
-    if isinstance(w, bool) or not isinstance(w, (int, float)):
-        raise RowError(f"'weight' is not a number: {w!r}", "weight_invalid")
-    if not math.isfinite(w):
-        raise RowError(f"'weight' is not finite: {w!r}", "weight_invalid")
-    if w < 0 and not allow_negative:
-        raise RowError(f"negative weight {w}: the weighting method forbids it (allow_negative_weights "
-                       "admits standardized weights such as swift's)", "weight_negative")
-    return float(w)
-
-
-def check_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RowError("no 'messages' list", "messages_invalid")
-    for j, m in enumerate(msgs):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise RowError(f"message {j} is not an object with string 'role' and 'content'", "messages_invalid")
-    return msgs
-
-
 def tokenize_row(row: dict[str, Any], tokenizer: Any, turns: Turns) -> tuple[list[int], list[int], int]:
     """(input_ids, mask, trained turns that hit max_new_tokens) of one weighted row."""
     messages = check_messages(row)
@@ -237,7 +203,7 @@ def load_examples(path: str | Path, tokenizer: Any, turns: Turns = "last", max_l
             stats.rows_read += 1
             check_row_schema(row, f"{f}:{line}")
             try:
-                weight = check_weight(row, allow_negative_weights)
+                weight = WeightedRow.from_json(row, allow_negative_weights).weight
                 ids, mask, cut = tokenize_row(row, tokenizer, turns)
                 ids, mask, left, right = truncate(ids, mask, max_length)
             except RowError as e:

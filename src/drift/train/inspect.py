@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from drift import DriftError
 from drift.config import option
-from drift.records import check_row_schema, read_jsonl
-from drift.train.data import RowError, check_weight, tokenize_row, truncate
+from drift.records import RowError, WeightedRow, check_row_schema, read_jsonl
+from drift.train.data import tokenize_row, truncate
 
 OPEN, CLOSE = "[[", "]]"
 
@@ -48,7 +48,7 @@ def inspect_row(data: str, model: str, row: int, turns: str = "last", max_length
     check_row_schema(found, f"{data}:{row}")
     tokenizer = load_tokenizer(model)
     try:
-        weight = check_weight(found, allow_negative=True)
+        weight = WeightedRow.from_json(found, allow_negative=True).weight
         ids, mask, cut = tokenize_row(found, tokenizer, turns)
         ids, mask, left, right = truncate(ids, mask, max_length)
     except RowError as e:
