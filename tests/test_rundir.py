@@ -17,19 +17,22 @@ PROBLEMS = [Problem(id="p0", question="What is 1 + 7?", answer="8", checker="num
 
 def test_rollout_record_is_unchanged():
     cfg = RolloutConfig(output="/tmp/x", tasks="mc-arith", num_problems=1, dtype="float32")
-    settings = ('{"max_turns": 5, "feedback": "Incorrect. Please think again.", "system_prompt": "You\'re a helpful '
+    # the environment's identity (env, env_args, env_failures; env_factory, env_version) since environments became
+    # plug-ins; every other key as before
+    settings = ('{"env": "try-again", "env_args": {}, "env_failures": "stop", "max_turns": 5, "feedback": "Incorrect. Please think again.", "system_prompt": "You\'re a helpful '
                 'assistant.", "instruction": null, "check_timeout": 5.0, "tasks": "mc-arith", "num_problems": 1, '
                 '"task_seed": 0, "split": "all", "checker": null, "model": "smollm2-135m", "backend": "hf", "n": 8, '
                 '"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 256, "seed": 0, "dtype": "float32", '
-                '"adapter": null, "max_model_len": null, "extra_body": {}, "problems": "6fc6c54bf10c660c"}')
+                '"adapter": null, "max_model_len": null, "extra_body": {}, "env_factory": "drift.envs.try_again:TryAgain", '
+                '"env_version": "1", "problems": "6fc6c54bf10c660c"}')
     assert json.dumps(stage_record(cfg, PROBLEMS, None)) == (
         '{"stage": "rollout", "status": "running", "schema_version": 1, "settings": ' + settings
-        + ', "input": null, "digest": "21ac6e8b930da701"}')
+        + ', "input": null, "digest": "fe31203810eee435"}')
     trained = stage_record(cfg, PROBLEMS, {"digest": "abc"})
     assert json.dumps(trained) == (
         '{"stage": "rollout", "status": "running", "schema_version": 1, "settings": '
         + settings.replace('"model": "smollm2-135m"', '"model": "trained:abc"')
-        + ', "input": {"path": "smollm2-135m", "digest": "abc"}, "digest": "3dc36e8090ddae77"}')
+        + ', "input": {"path": "smollm2-135m", "digest": "abc"}, "digest": "e01b99845ce080d9"}')
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pytest
 
 from drift import DriftError
 from drift.config import apply_overrides, build, option
-from drift.env import EnvConfig, Episode, check_golds, check_responses
+from drift.env import EnvConfig, Episode
+from drift.envs.runner import EnvRunner
 from drift.records import Trajectory
 from drift.tasks import Problem, TaskSpec, load_tasks
 from drift.tasks.problem import split_of
@@ -152,55 +153,72 @@ def mul_problem():
     return load_tasks(TaskSpec(tasks="mul", num_problems=1, split="train"))[0]
 
 
+def episode(p, cfg, sample_idx=0):
+    runner = EnvRunner(cfg)
+    return runner, Episode(p, sample_idx, runner.resets([p])[0], cfg.max_turns)
+
+
+def say(runner, ep, response):
+    ep.answer(response)
+    return ep.apply(runner.steps([ep])[0])
+
+
 def test_episode_feedback_then_success():
     p = mul_problem()
-    ep = Episode(p, 0, EnvConfig(max_turns=3))
+    runner, ep = episode(p, EnvConfig(max_turns=3))
     assert ep.messages[0] == {"role": "system", "content": "You're a helpful assistant."}
     assert ep.messages[1]["content"].endswith("Answer with just the number.")
-    ep.step("I think 1")
+    say(runner, ep, "I think 1")
     assert ep.messages[-1] == {"role": "user", "content": "Incorrect. Please think again."}
-    ep.step("no idea")
+    say(runner, ep, "no idea")
     assert ep.trajectory.turns[1].status == "unparseable" and not ep.done
-    ep.step(f"It is {p.answer}.")
+    say(runner, ep, f"It is {p.answer}.")
     t = ep.trajectory
     assert ep.done and t.success_turn == 3 and t.format_errors == 1
     assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
-    assert Trajectory.from_json(json.loads(json.dumps(t.to_json()))) == t
+    row = t.to_json()
+    assert all("reward" not in turn and "info" not in turn for turn in row["turns"])  # 0/1 rewards: the old rows
+    assert Trajectory.from_json(json.loads(json.dumps(row))) == t
 
 
 def test_episode_turn_limit_and_config():
-    ep = Episode(mul_problem(), 1, EnvConfig(max_turns=2, feedback="Try again.", system_prompt=None, instruction="Be brief."))
+    cfg = EnvConfig(max_turns=2, feedback="Try again.", system_prompt=None, instruction="Be brief.")
+    runner, ep = episode(mul_problem(), cfg, 1)
     assert ep.messages[0]["role"] == "user" and ep.messages[0]["content"].endswith("Be brief.")
-    ep.step("0")
-    ep.step("0")
+    say(runner, ep, "0")
+    say(runner, ep, "0")
     assert ep.done and ep.trajectory.success_turn is None
     assert ep.messages[-1]["role"] == "assistant"  # no feedback after the last turn
     assert [m["content"] for m in ep.messages if m["role"] == "user"][1:] == ["Try again."]
     with pytest.raises(RuntimeError):
-        ep.step("1")
+        ep.answer("1")
     with pytest.raises(DriftError, match="max_turns"):
         EnvConfig(max_turns=0)
 
 
-def test_check_responses_then_step_with_their_results():
+def test_a_batch_of_steps_judged_together():
     p = mul_problem()
-    episodes = [Episode(p, i, EnvConfig(max_turns=2)) for i in range(3)]
-    responses = ["no idea", "It is 0", f"It is {p.answer}"]
-    results = check_responses(episodes, responses)
-    assert [r.status for r in results] == ["unparseable", "wrong", "correct"]
-    for ep, response, result in zip(episodes, responses, results):
-        ep.step(response, result=result)
+    cfg = EnvConfig(max_turns=2)
+    runner = EnvRunner(cfg)
+    episodes = [Episode(p, i, runner.resets([p])[0], cfg.max_turns) for i in range(3)]
+    for ep, response in zip(episodes, ["no idea", "It is 0", f"It is {p.answer}"]):
+        ep.answer(response)
+    steps = runner.steps(episodes)
+    assert [s.info["status"] for s in steps] == ["unparseable", "wrong", "correct"]
+    assert [s.reward for s in steps] == [0.0, 0.0, 1.0]
+    for ep, s in zip(episodes, steps):
+        ep.apply(s)
     assert [ep.done for ep in episodes] == [False, False, True]
     assert [ep.trajectory.turns[0].status for ep in episodes] == ["unparseable", "wrong", "correct"]
 
 
-def test_check_golds_names_the_problem_and_its_gold():
+def test_check_problems_names_the_problem_and_its_gold():
     ok = [Problem(id="m1", question="q", answer=r"\frac{1}{2}", checker="math"),
           Problem(id="n1", question="q", answer="12", checker="numeric")]
-    check_golds(ok, EnvConfig())
+    EnvRunner(EnvConfig()).check_problems(ok)
     bad = ok + [Problem(id="m2", question="q", answer="#", checker="math")]
     with pytest.raises(DriftError, match=r"problem 'm2': math checker: math-verify cannot parse the gold answer '#'"):
-        check_golds(bad, EnvConfig())
+        EnvRunner(EnvConfig()).check_problems(bad)
     with pytest.raises(DriftError, match="check_workers must be >= 1"):
         EnvConfig(check_workers=0)
 

@@ -17,7 +17,7 @@ from drift.rundir import is_space_error, space_error
 # subcommand -> (module, config class, run function, positional field, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
     "rollout": ("drift.rollout.engine", "RolloutConfig", "run_rollout", None,
-                "sample multi-turn try-again conversations once from a reference model"),
+                "sample multi-turn conversations once from a reference model, in an environment (try-again by default)"),
     "weights": ("drift.weights", "WeightsConfig", "run_weights", "input",
                 "score trajectories (returns) and add per-group importance weights"),
     "train": ("drift.train.trainer", "TrainConfig", "run_train", None,

@@ -163,6 +163,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if origin is dict or base is dict:
             if isinstance(value, str):
                 value = json.loads(value)
+            elif isinstance(value, list):  # key=value items from the command line; values read as JSON where they parse
+                value = dict(_key_value(item, key) for item in value)
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
@@ -234,6 +236,13 @@ def apply_overrides(data: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return out
 
 
+def _key_value(item: Any, key: str) -> tuple[str, Any]:
+    if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+        raise DriftError(f"config key '{key}' takes key=value items, got {item!r}")
+    name, value = item.split("=", 1)
+    return name.strip(), _parse_scalar(value)
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return json.loads(text)
@@ -265,6 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, positional: tuple[
         if base is bool:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {default})")
+        elif base is dict and "flag" in f.metadata:  # one key=value per use, e.g. --env-arg level=3
+            parser.add_argument(flag, dest=f.name, default=None, action="append", metavar="KEY=VALUE",
+                                help=f"{help_text} (default: {default})")
         else:
             choices = list(typing.get_args(base)) if typing.get_origin(base) is typing.Literal else None
             parser.add_argument(flag, dest=f.name, default=None, choices=choices,
@@ -277,8 +289,14 @@ def from_cli(cls: type[C], ns: argparse.Namespace, config_file: str | None = Non
     data = read_config_file(config_file) if config_file else {}
     data = apply_overrides(data, sets or [])
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for name in names:
         value = getattr(ns, name, None)
+        if isinstance(value, list) and _base_type(hints[name])[0] is dict:  # --env-arg k=v items join the file's table
+            file_value = data.get(name) or {}
+            if not isinstance(file_value, dict):
+                raise DriftError(f"config key '{name}' must be a table")
+            value = {**file_value, **coerce(hints[name], value, name)}
         if value is not None:
             data[name] = value
     return build(cls, data)

@@ -38,6 +38,8 @@ class Turn:
     status: str  # one of STATUSES
     tokens: int = 0  # generated tokens for this turn (0 if unknown)
     finish_reason: str = "stop"  # "stop" (end-of-turn) or "length" (hit max_new_tokens)
+    reward: float | None = None  # the environment's reward where it is not the status's 0/1 (None: 1 if correct else 0)
+    info: dict[str, Any] = field(default_factory=dict)  # what the environment recorded with the turn
 
     @property
     def correct(self) -> bool:
@@ -72,6 +74,11 @@ class Trajectory:
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for t in d["turns"]:  # absent when unused: the rows of a 0/1 environment are those it always wrote
+            if t["reward"] is None:
+                del t["reward"]
+            if not t["info"]:
+                del t["info"]
         d["format_errors"] = self.format_errors
         d["timeouts"] = self.timeouts
         return d
@@ -116,7 +123,8 @@ def return_inputs(row: dict[str, Any], where: str) -> ReturnInputs:
         if not isinstance(turns, list):
             raise DriftError(f"{where}: 'turns' must be a list")
         try:
-            rewards = [1.0 if t["status"] == "correct" else 0.0 for t in turns]
+            rewards = [float(t["reward"]) if t.get("reward") is not None else 1.0 if t["status"] == "correct" else 0.0
+                       for t in turns]
             norms = [t["answer_norm"] for t in turns if t.get("answer_norm")]
             errors = sum(t["status"] == "unparseable" for t in turns)
             timeouts = sum(t["status"] == "timeout" for t in turns)

@@ -110,13 +110,13 @@ def _evals(recs: Records) -> dict[str, dict[str, Any]]:
 
 
 def environment_table(recs: Records) -> str:
-    """The try-again environment of the training rollout and of each evaluation; differences in bold."""
+    """The environment of the training rollout and of each evaluation; differences in bold."""
     # a key recorded only when changed (`option(result="changed")`) is at its default when absent
     defaults = {f.name: f.default for f in dataclasses.fields(EnvConfig) if f.metadata.get("result") == "changed"}
     roll = {**defaults, **(recs.get(str(StepId("rollout"))) or {}).get("settings", {})}
     evals = {name: {**defaults, **s} for name, s in _evals(recs).items()}
     lines = ["| key | rollout | " + " | ".join(evals) + " |", "|---|---|" + "---|" * len(evals)]
-    for key in ENVIRONMENT_KEYS:
+    for key in (*ENVIRONMENT_KEYS, "env_version"):
         cells = []
         for s in evals.values():
             v = repr(s.get(key))

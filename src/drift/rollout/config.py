@@ -5,7 +5,7 @@ samples problems with it (rollout, eval, online).
 `RolloutConfig` extends `TaskSpec` and `EnvConfig`: their fields (`tasks`, `num_problems`,
 `max_turns`, `feedback`, ...) are flat fields of the rollout config, so every one of them is a
 CLI flag with its help text written once; `task_spec` and `env_config` take them back out for
-`load_tasks` and `Episode`.
+`load_tasks` and the environment (`drift.envs.runner.EnvRunner`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, Literal
 from drift import DriftError
 from drift.config import option
 from drift.env import EnvConfig
+from drift.envs.runner import env_identity
 from drift.hardware import default_device, resolve_dtype
 from drift.rollout.endpoints import endpoint_urls
 from drift.rollout.protocol import Backend, SamplingParams
@@ -172,6 +173,7 @@ def tasks_fingerprint(problems: list[Problem]) -> str:
 def sampling_record(stage: str, cfg: RolloutConfig, problems: list[Problem],
                     model_record: dict[str, Any] | None) -> dict[str, Any]:
     """The record of a stage that samples `problems` with `cfg.model` (`drift.rundir`): its settings
-    with the problems' fingerprint and the resolved dtype; a model drift trained is its input."""
-    return config_record(stage, cfg, model_record, cfg.model, model_record=model_record,
+    with the environment's factory and version, the problems' fingerprint and the resolved dtype; a
+    model drift trained is its input."""
+    return config_record(stage, cfg, model_record, cfg.model, model_record=model_record, **env_identity(cfg),
                          problems=tasks_fingerprint(problems), dtype=resolved_dtype(cfg))

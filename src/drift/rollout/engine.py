@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 from drift import DriftError, __version__
 from drift.config import to_dict
-from drift.env import Episode, check_golds, check_responses
+from drift.env import Episode
+from drift.envs.runner import EnvRunner
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
 from drift.records import Trajectory, read_trajectories, write_json
@@ -87,7 +88,7 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
     problems = load_tasks(task_spec(cfg)) if problems is None else problems
     if not problems:
         raise DriftError("rollout: no problems to sample")
-    check_golds(problems, env_config(cfg))
+    EnvRunner(env_config(cfg)).check_problems(problems)
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     created = not out.path.exists()
     ensure_writable(out.path)  # before the model loads: a bad --output fails in a second, not after minutes
@@ -255,7 +256,8 @@ class _Conversations:
 
     def __init__(self, cfg: RolloutConfig, todo: list[tuple[Problem, list[int]]], backend: Backend,
                  writer: ShardWriter, on_written: Callable[[int], None], bar: Any):
-        self.env, self.backend, self.writer = env_config(cfg), backend, writer
+        self.env, self.max_turns, self.backend, self.writer = EnvRunner(env_config(cfg)), cfg.max_turns, backend, writer
+        self.oracle = cfg.oracle
         self.on_written, self.bar = on_written, bar
         # each worker process keeps as many conversations in flight as one process would: with half
         # as many, its slots empty faster than the next turns arrive (docs/benchmarks.md)
@@ -268,14 +270,29 @@ class _Conversations:
 
     def admit(self) -> list[GenRequest]:
         """The turn-1 requests of the prompt groups that fit under `max_live` now (at least one if none is live)."""
+        groups, live = [], len(self.live)
+        while self.queue and (not live or live + len(self.queue[0][1]) <= self.max_live):
+            groups.append(self.queue.popleft())
+            live += len(groups[-1][1])
         requests = []
-        while self.queue and (not self.live or len(self.live) + len(self.queue[0][1]) <= self.max_live):
-            problem, indices = self.queue.popleft()
-            group = {(problem.id, i): Episode(problem, i, self.env) for i in indices}
-            first = next(iter(group.values()))  # a planted answer is turn 1: the model starts at turn 2
+        for (problem, indices), opening in zip(groups, self.env.resets([p for p, _ in groups])):
+            group = {(problem.id, i): Episode(problem, i, opening, self.max_turns, self.oracle) for i in indices}
+            if problem.planted is not None:  # a planted answer is turn 1: the model starts at turn 2
+                self._plant(problem, list(group.values()))
+            first = next(iter(group.values()))
             requests.append(GenRequest(list(group), list(first.messages), len(first.trajectory.turns) + 1))
             self.live.update(group)
         return requests
+
+    def _plant(self, problem: Problem, episodes: list[Episode]) -> None:
+        """Answer turn 1 of each episode with the problem's planted answer, judged by the environment."""
+        for ep in episodes:
+            ep.answer(problem.planted)
+        for ep, step in zip(episodes, self.env.steps(episodes)):
+            ep.apply(step)
+            if ep.done:
+                raise DriftError(f"problem {problem.id}: its planted answer ends the conversation at once "
+                                 "(it is correct, or max_turns is 1): nothing is left to answer")
 
     def skip(self, keys: list[ConvId]) -> None:
         """These conversations' histories do not fit the model context: end them unwritten."""
@@ -285,13 +302,14 @@ class _Conversations:
         self._end(keys)
 
     def judge(self, answers: list[tuple[ConvId, GenOutput]]) -> list[GenRequest]:
-        """Check the answers (all at once), step their episodes, write the trajectories that ended;
+        """Judge the answers (the environment's steps, all at once), write the trajectories that ended;
         return the next-turn requests of the others."""
-        results = check_responses([self.live[key] for key, _ in answers], [out.text for _, out in answers])
+        episodes = [self.live[key] for key, _ in answers]
+        for ep, (_, out) in zip(episodes, answers):
+            ep.answer(out.text)
         finished, requests = [], []
-        for (key, out), result in zip(answers, results):
-            ep = self.live[key]
-            ep.step(out.text, out.tokens, out.finish_reason, result)
+        for (key, out), ep, step in zip(answers, episodes, self.env.steps(episodes)):
+            ep.apply(step, out.tokens, out.finish_reason)
             if ep.done:
                 finished.append(self.live.pop(key).trajectory)
             else:

@@ -1,9 +1,11 @@
 """Tasks: a problem (id, question or messages, gold answer) plus the name of its checker.
 
 Sources, chosen by the `tasks` string:
-- a built-in generator: `mc-arith`, `arith`, `mul` (see `generators.py`), deterministic by seed;
+- a built-in generator: `mc-arith`, `arith`, `mul` (see `generators.py`), `code` (300 small Python
+  functions with unit tests, `code.py`), deterministic by seed;
 - a local `.jsonl` / `.json` / `.parquet` file (rows: `id`, `question` or `messages`, `answer`,
   optional `checker`, `extract`); GSM8K (`#### 42`) and MATH (`\\boxed{..}`) gold answers understood;
+  code tasks (rows with `description`, `entry_point`, `tests`, optional `solution`) for `env = "code"`;
 - `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset (needs the hub; tests use local files).
 
 `split` (train | test | all) takes a fixed half of any source by a hash of the problem's

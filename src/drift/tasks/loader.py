@@ -10,6 +10,8 @@ from typing import Any
 from drift import DriftError
 from drift.checkers import last_boxed
 from drift.records import read_jsonl
+from drift.tasks.code import NAME as CODE_TASKS
+from drift.tasks.code import code_problem, generate_code
 from drift.tasks.generators import GENERATORS, generate
 from drift.tasks.problem import SPLITS, Problem, TaskSpec, split_of
 
@@ -17,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _GSM8K = re.compile(r"####\s*(.+?)\s*$", re.S)
 _ROW_KEYS = ("id", "question", "answer", "messages", "checker", "extract", "instruction")
+_CODE_KEYS = ("id", "description", "entry_point", "tests", "solution")
 
 
 def gold_from_text(answer: str) -> str:
@@ -53,7 +56,22 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]] | None:
     return [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
 
 
+def _code_from_row(row: dict[str, Any], where: str, default_id: str) -> Problem:
+    """A code task row: description, entry_point, tests (a list of Python statements), optional id and solution."""
+    description, entry = _text(row, "description", where), _text(row, "entry_point", where)
+    tests = row.get("tests")
+    if not description or not entry or not entry.isidentifier():
+        raise DriftError(f"{where}: a code task needs 'description' and 'entry_point' (a function name)")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise DriftError(f"{where}: field 'tests' must be a non-empty list of Python statements (strings)")
+    return code_problem(entry, description, tests, _text(row, "solution", where) or "",
+                        _text(row, "id", where, numbers=True) or default_id,
+                        {k: v for k, v in row.items() if k not in _CODE_KEYS})
+
+
 def _problem_from_row(row: dict[str, Any], where: str, default_id: str) -> Problem:
+    if "entry_point" in row:
+        return _code_from_row(row, where, default_id)
     answer = _text(row, "answer", where, numbers=True)
     if answer is None:
         raise DriftError(f"{where}: missing field 'answer'")
@@ -115,10 +133,15 @@ def _load_hf(spec: str) -> list[Problem]:
 def _load_source(name: str) -> list[Problem]:
     if name.startswith("hf:"):
         return _load_hf(name)
+    if name.startswith("verifiers:"):
+        # an optional dependency: imported only for a verifiers task source
+        from drift.envs.verifiers_env import verifiers_problems
+
+        return verifiers_problems(name.removeprefix("verifiers:"))
     path = Path(name)
     if not path.is_file():
-        raise DriftError(f"tasks {name!r}: not a built-in generator ({', '.join(GENERATORS)}), "
-                         "not an existing file, and not hf:NAME")
+        raise DriftError(f"tasks {name!r}: not a built-in generator ({', '.join([*GENERATORS, CODE_TASKS])}), "
+                         "not an existing file, and not hf:NAME or verifiers:NAME")
     return _load_file(path)
 
 
@@ -142,6 +165,8 @@ def load_tasks(spec: TaskSpec) -> list[Problem]:
     name = spec.tasks
     if name in GENERATORS:
         problems = generate(name, spec.num_problems, spec.task_seed, spec.split)
+    elif name == CODE_TASKS:
+        problems = generate_code(spec.num_problems, spec.task_seed, spec.split)
     else:
         problems = _load_source(name)
         seen: set[str] = set()

@@ -37,7 +37,8 @@ class Problem:
 class TaskSpec:
     """Which problems to use. Shared by rollout, eval and the pipeline."""
 
-    tasks: str = option("mc-arith", "built-in generator (mc-arith, arith, mul), a .jsonl/.parquet file, or hf:NAME[:CONFIG][@SPLIT]")
+    tasks: str = option("mc-arith", "built-in generator (mc-arith, arith, mul, code), a .jsonl/.parquet file, "
+                        "hf:NAME[:CONFIG][@SPLIT], or verifiers:NAME (an installed verifiers taskset)")
     num_problems: int | None = option(None, "use at most this many problems (generators: how many to make)")
     task_seed: int = option(0, "seed of the built-in generators and of shuffling")
     split: str = option("all", "train, test or all: a fixed half of the problems by a hash of their identity "
