@@ -29,6 +29,9 @@ def option(default: Any, help: str, result: bool = True, **kw: Any) -> Any:
 
     `result=False` marks a key that cannot change what the stage produces (paths, threads,
     batch sizes of inference, logging, retries): it is left out of the stage's `settings`.
+    `unrecorded=value` (a key added to a stage later): while the key holds the value that the
+    stage's records made before it existed meant, it is left out of `settings`, so those
+    records still match.
     """
     meta = {"help": help, "result": result, **kw}
     if isinstance(default, (list, dict)):
@@ -41,7 +44,8 @@ def settings(cfg: Any) -> dict[str, Any]:
 
     A stage stores them next to its output; a rerun compares them before reusing that output.
     """
-    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("result", True)}
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.metadata.get("result", True)
+            and not ("unrecorded" in f.metadata and getattr(cfg, f.name) == f.metadata["unrecorded"])}
 
 
 def _plain(value: Any) -> Any:
