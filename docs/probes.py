@@ -4,10 +4,13 @@
 
 Every probe runs the real CLI (`python -m drift.cli ...`) in a fresh directory, on a tiny random
 model built here (the tests' byte tokenizer and 2-layer Llama), and records the exit status and
-the last line drift printed. Three kinds:
+the last line drift printed. Four kinds:
   1. bad input to every command: one clear line (exit 2) and nothing written is lost;
   2. SIGKILL inside each stage of `drift run`, then the same command again: it resumes;
-  3. the same `drift run` with one setting changed: it refuses to reuse the old output.
+  3. the same `drift run` with one setting changed: it refuses to reuse the old output;
+  4. untruthful checkers, a full disk (a small tmpfs: needs root, else skipped), damaged outputs,
+     settings the online arm shares with other stages, and surprising defaults.
+`--only bad|killed|changed|seams` runs one kind.
 """
 
 from __future__ import annotations
@@ -168,22 +171,107 @@ def changed(work: Path, model: Path) -> list[tuple[str, str]]:
     return out
 
 
+CHECKERS = '''def says_yes(answer, gold):
+    return "yes"
+
+
+def false_in_a_list(answer, gold):
+    return [False]
+'''
+
+
+def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
+    """Kind 4: (command, case, exit, what drift said); a warning is quoted instead of "ok"."""
+    (work / "probe_checkers.py").write_text(CHECKERS)
+    out = []
+
+    def probe(command: str, what: str, *args: str, warning: str | None = None) -> subprocess.CompletedProcess:
+        p = drift(*args, cwd=work)
+        said = last_line(p)
+        if warning and p.returncode == 0:
+            said = next((x.split(": ", 1)[-1] for x in p.stderr.splitlines() if warning in x), said)
+        out.append((command, what, p.returncode, said))
+        return p
+
+    sample = ["--n", "2", "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]
+    for fn in ("says_yes", "false_in_a_list"):
+        tasks = work / f"{fn}.jsonl"
+        tasks.write_text(json.dumps({"id": "a", "question": "11 + 4?", "answer": "15", "checker": f"probe_checkers:{fn}",
+                                     "extract": "full"}) + "\n")
+        probe("rollout", f"custom checker returns {fn}", "rollout", "--model", str(model), "--tasks", str(tasks),
+              "--output", f"r-{fn}", *sample)
+    weighted = work / "seams-w.jsonl"
+    weighted.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + {i}?"},
+                                                         {"role": "assistant", "content": str(2 * i)}],
+                                            "weight": 1.0}) + "\n" for i in range(8)))
+    train = ["--data", str(weighted), "--batch-size", "2", "--max-steps", "1"]
+    disk = work / "small-disk"
+    disk.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True).returncode:
+        out.append(("train/weights/rollout", "full disk", 0, "(skipped: cannot mount a tmpfs here)"))
+    else:
+        try:
+            probe("train", "128 KiB free, the model needs ~360 KiB", "train", "--model", str(model), *train,
+                  "--output", str(disk / "t"))
+            with open(disk / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+            good = work / "tasks.jsonl"
+            probe("rollout", "disk full", "rollout", "--model", str(model), "--tasks", str(good), "--output",
+                  str(disk / "r"), *sample)
+            probe("weights", "disk full", "weights", str(work / "r-says_yes"), "--output", str(disk / "w.jsonl"))
+        finally:
+            subprocess.run(["umount", str(disk)], check=False)
+    trained = work / "seams-t"
+    if probe("train", "(a model to damage)", "train", "--model", str(model), *train, "--output", str(trained)).returncode == 0:
+        data = (trained / "model.safetensors").read_bytes()
+        (trained / "model.safetensors").write_bytes(data[: len(data) // 2])
+        probe("train", "from a model whose model.safetensors was truncated", "train", "--model", str(trained), *train,
+              "--output", str(work / "seams-t2"))
+        probe("rollout", "a model whose model.safetensors was truncated", "rollout", "--model", str(trained),
+              "--tasks", str(work / "tasks.jsonl"), "--output", "r-damaged", *sample)
+    for flags in (["--kl", "matched", "--kl-coef", "-1"], ["--gamma", "0"], ["--gamma", "2"],
+                  ["--negative-nll-cap", "-1"], ["--max-length", "0"]):
+        probe("online", " ".join(flags), "online", "--model", str(model), "--tasks", "mc-arith", "--output", "o-bad",
+              *flags)
+    pairs = work / "n2.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt_id": f"p{g}", "sample_idx": i, "turn_rewards": {"t1": float(i)}})
+                             + "\n" for g in range(3) for i in range(2)))
+    probe("weights", "beta auto with n = 2 (ESS/N >= 0.5 > target 0.25)", "weights", str(pairs), "--output",
+          "n2-w.jsonl", "--beta", "auto", warning="cannot reach")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=None, help="where to run (default: a temporary directory)")
+    p.add_argument("--only", choices=("bad", "killed", "changed", "seams"), default=None, help="run one kind")
     args = p.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="drift-probes-"))
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="drift-probes-"))).absolute()
     work.mkdir(parents=True, exist_ok=True)
+    ENV["PYTHONPATH"] += os.pathsep + str(work)  # the probes' custom checkers
     model = tiny_model(work / "tiny-model")
-    print("## Bad input\n\n| command | input | exit | what drift said |\n|---|---|---:|---|")
-    for command, what, code, line in bad_inputs(work, model):
-        print(f"| {command} | {what} | {code} | `{line}` |")
-    print("\n## SIGKILL inside a stage of `drift run`, then the same command\n\n| stage | kill | rerun |\n|---|---|---|")
-    for name, state, outcome in killed(work, model):
-        print(f"| {name} | {state} | {outcome} |")
-    print("\n## The same `drift run` with one setting changed\n\n| change | what drift said |\n|---|---|")
-    for what, line in changed(work, model):
-        print(f"| {what} | `{line}` |")
+    (work / "tasks.jsonl").write_text('{"id": "a", "question": "2+2?", "answer": "4"}\n')
+    if args.only in (None, "bad"):
+        print("## Bad input\n\n| command | input | exit | what drift said |\n|---|---|---:|---|")
+        for command, what, code, line in bad_inputs(work, model):
+            print(f"| {command} | {what} | {code} | `{line}` |")
+    if args.only in (None, "killed"):
+        print("\n## SIGKILL inside a stage of `drift run`, then the same command\n\n| stage | kill | rerun |\n|---|---|---|")
+        for name, state, outcome in killed(work, model):
+            print(f"| {name} | {state} | {outcome} |")
+    if args.only in (None, "changed"):
+        print("\n## The same `drift run` with one setting changed\n\n| change | what drift said |\n|---|---|")
+        for what, line in changed(work, model):
+            print(f"| {what} | `{line}` |")
+    if args.only in (None, "seams"):
+        print("\n## Checkers, a full disk, damaged outputs, shared settings, defaults\n\n"
+              "| command | case | exit | what drift said |\n|---|---|---:|---|")
+        for command, what, code, line in seams(work, model):
+            print(f"| {command} | {what} | {code} | `{line}` |")
 
 
 if __name__ == "__main__":

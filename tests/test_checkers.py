@@ -220,3 +220,41 @@ def test_unreadable_gold_names_its_problem():
 def test_worker_count_is_validated():
     with pytest.raises(DriftError, match="check workers must be >= 1, got 0"):
         get_checker("math", workers=0)
+
+
+def says_yes(answer: str, gold: str) -> str:
+    return "yes"
+
+
+def false_in_a_list(answer: str, gold: str) -> list:
+    return [False]
+
+
+@pytest.mark.parametrize("fn,shown", [(says_yes, "'yes' (str)"), (false_in_a_list, "[False] (list)")])
+def test_a_custom_function_that_returns_no_bool_is_an_error_naming_it(fn, shown):
+    with pytest.raises(DriftError) as e:
+        get_checker(spec(fn), "full").check("11.", "15")
+    assert str(e.value) == (f"custom checker {spec(fn)} returned {shown}; it must return True (correct), "
+                            "False (wrong) or None (unparseable)")
+
+
+CAFE_NFC, CAFE_NFD = "caf\u00e9", "cafe\u0301"
+
+
+@pytest.mark.parametrize("name,response,gold", [
+    ("exact", CAFE_NFC, CAFE_NFD), ("exact", CAFE_NFD, CAFE_NFC), ("math", CAFE_NFD, CAFE_NFC),
+    ("exact", "\uff22", "B"),  # full-width B (NFKC)
+    ("exact", "Stra\u00dfe", "STRASSE"),  # case-folded
+    ("choice", "The answer is \uff23", "C"),
+    ("numeric", "\uff11\uff15", "15"),  # full-width digits
+])
+def test_every_text_checker_reads_unicode_normalized(name, response, gold):
+    assert get_checker(name, "full" if name != "numeric" else "number").check(response, gold).status == "correct"
+
+
+def test_a_custom_function_gets_nfc_text():
+    assert get_checker(spec(is_cafe_nfc), "full").check(CAFE_NFD, CAFE_NFD).status == "correct"
+
+
+def is_cafe_nfc(answer: str, gold: str) -> bool:
+    return answer == gold == CAFE_NFC

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from online_task import write_tasks
-from test_vllm_backend import fake_vllm  # noqa: F401 (a fixture)
 from transformers import AutoModelForCausalLM
 
 from drift import DriftError
@@ -231,24 +230,6 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-7)
     assert a["cost"]["trained_tokens"] == b["cost"]["trained_tokens"]
     assert torch.allclose(params(tmp_path / "one"), params(tmp_path / "two"), atol=1e-5)
-
-
-def test_vllm_follows_the_policy_through_its_lora_adapter(tmp_path, tiny_model_dir, fake_vllm):
-    """Without a GPU: the sync path against a stand-in vLLM (answers 'ok'): after every iteration
-    the adapter is saved and served under a new LoRARequest id."""
-    with pytest.raises(DriftError, match="set lora = true"):
-        config(tmp_path, tiny_model_dir, backend="vllm")
-    cfg = config(tmp_path, tiny_model_dir, backend="vllm", lora=True, lora_r=8, max_model_len=4096, iterations=2)
-    summary = run_online(cfg)
-    llm = fake_vllm.instances[-1]
-    assert llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] == 8
-    adapters = Path(cfg.output) / "adapters"
-    assert sorted(p.name for p in adapters.iterdir()) == ["00001", "00002"]
-    assert (adapters / "00002" / "adapter_config.json").is_file()
-    requests = [call[2] for call in llm.calls]
-    assert requests[0] is None  # iteration 1 samples the base
-    assert requests[-1] == ("lora", "drift-adapter-2", 2, str(adapters / "00002"))  # the final eval: after 2
-    assert summary["status"] == "complete"
 
 
 def test_the_curve_is_held_out_problems_of_the_training_task(tmp_path, tiny_model_dir):

@@ -241,7 +241,7 @@ def test_missing_input_and_bad_config():
 @pytest.mark.parametrize("key", ["beta", "gamma", "format_penalty", "repeat_penalty"])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_non_finite_settings_are_refused(key, value):
-    with pytest.raises(DriftError, match=f"{key} must be a finite number( > 0 or auto)?, got {value}"):
+    with pytest.raises(DriftError, match=f"{key}'? must be a finite number( > 0 or auto)?, got {value}"):
         WeightsConfig(input="x", output="o", **{key: value})
 
 

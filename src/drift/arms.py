@@ -366,7 +366,8 @@ class OnlineArm(Arm):
         a = self.config
         ret = {k: v for k, v in {**run.weights, **a.weights}.items() if k in ReturnConfig.__dataclass_fields__
                or (k == "beta" and v != "auto")}  # an auto beta is chosen from DRIFT's rollouts: set it here
-        shared = {k: v for k, v in run.rollout.items() if k != "workers"}  # it samples in memory, in one process
+        shared = {k: v for k, v in run.rollout.items()  # it samples in memory, in one process
+                  if k not in ("workers", "executor", "num_actors", "num_cpus", "num_gpus", "ray_address")}
         optim = {k: v for k, v in {**run.train, **a.train}.items() if k in OPTIM_KEYS}  # lr, LoRA, ...: as written
         return build(OnlineConfig, {**shared, **optim, **ret, **a.online, "model": run.model, "eval": run.eval,
                                     "output": str(run.dir.online(self.name).path), "resume": True},

@@ -12,6 +12,7 @@ from typing import Any
 
 from drift import DriftError, __version__
 from drift.config import add_arguments, from_cli
+from drift.rundir import is_space_error, space_error
 
 # subcommand -> (module, config class, run function, positional field, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str | None, str]] = {
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         _barrier()
     except DriftError as e:
         print(f"drift {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_space_error(e):
+            raise
+        # a full disk anywhere in a stage: the file it was writing, not a traceback
+        print(f"drift {args.command}: error: {space_error(e.filename or '.')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"drift {args.command}: interrupted", file=sys.stderr)

@@ -58,10 +58,10 @@ def threads_per_job(jobs: int) -> int:
     return max(1, cores() // jobs)
 
 
-def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
+def run_jobs(graph: list[Job], jobs: int, finished: set[str], ray: dict[str, Any] | None = None) -> None:
     """Run every job of `graph` on `jobs` worker processes, each after the jobs it reads from
-    (`finished`: names of work done before, which jobs may read from too)."""
-    from pebble import ProcessPool
+    (`finished`: names of work done before, which jobs may read from too). With `ray` (the
+    keywords of `drift.ray_tasks.RayTaskPool`), each job is a Ray task instead, `jobs` at once."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -71,11 +71,10 @@ def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
         raise ValueError(f"jobs read from work that is neither finished nor in the graph: {unknown}")
     waiting = sorted(graph, key=lambda j: -len(_downstream(graph, j.name)))  # stable: plan order among equals
     running: dict[concurrent.futures.Future, tuple[Job, float]] = {}
-    threads = threads_per_job(jobs)
-    log.info("%d jobs on %d worker processes, %d torch thread(s) each; each job logs to its own file in %s",
-             len(graph), jobs, threads, graph[0].log_file.parent if graph else "-")
-    pool = ProcessPool(max_workers=jobs, initializer=_init_worker, initargs=(threads, logging.getLogger().level),
-                       context=multiprocessing.get_context("spawn"))
+    pool = _pool(jobs, ray)
+    log.info("%d jobs, %d at once %s; each job logs to its own file in %s", len(graph), jobs,
+             "as Ray tasks" if ray is not None else f"on worker processes, {threads_per_job(jobs)} torch thread(s) each",
+             graph[0].log_file.parent if graph else "-")
     try:
         with logging_redirect_tqdm(), tqdm(total=len(graph), unit="stage", desc="stages") as bar:
             while waiting or running:
@@ -99,6 +98,19 @@ def run_jobs(graph: list[Job], jobs: int, finished: set[str]) -> None:
             future.cancel()  # pebble stops the worker running it
         pool.stop()
         pool.join()
+
+
+def _pool(jobs: int, ray: dict[str, Any] | None) -> Any:
+    """Where the jobs run: spawned worker processes, or Ray tasks (`drift.ray_tasks`, an optional extra)."""
+    if ray is not None:
+        from drift.ray_tasks import RayTaskPool
+
+        return RayTaskPool(**ray)
+    from pebble import ProcessPool
+
+    return ProcessPool(max_workers=jobs, initializer=_init_worker,
+                       initargs=(threads_per_job(jobs), logging.getLogger().level),
+                       context=multiprocessing.get_context("spawn"))
 
 
 def _downstream(graph: list[Job], name: str) -> set[str]:

@@ -17,23 +17,24 @@ instruction, checker and its timeout, turn limit) unless `[eval]` sets a key its
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import shutil
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drift import DriftError, jobs, report
 from drift.arms import BASE, Arm, ArmConfig, BaseArm, Plan, Step, StepId, check_arm_name, make_arm
-from drift.config import build, option, read_config_file
+from drift.config import build, differences, option, read_config_file
 from drift.env import ENVIRONMENT_KEYS
 from drift.evaluate import EvalConfig
 from drift.records import write_json
 from drift.rollout import engine
 from drift.rollout.config import RolloutConfig, task_spec
-from drift.rundir import Lock, RunDir, ensure_writable, is_complete, mismatches, read_record
+from drift.rundir import Lock, RunDir, damaged, ensure_writable, is_complete, mismatches, read_record
 from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ class RunConfig:
                        "and its own log file in the run directory's logs/ (1: one after another in this process)",
                        result=False)
     title: str = option("drift run", "title of report.md", result=False)
+    executor: Literal["local", "ray"] = option(
+        "local", "local: stages in this process or, with jobs > 1, in worker processes; ray: every stage a Ray task "
+        "on the cluster, `jobs` at once (`drift.ray_tasks`; [rollout] executor = \"ray\" also spreads the sampling)",
+        result=False)
+    ray_address: str | None = option(None, "executor ray: the cluster (auto, host:port, ray://host:10001; none: "
+                                     "$RAY_ADDRESS, else a Ray started on this machine)", result=False)
+    num_cpus: float = option(1.0, "executor ray: CPUs per stage task (its torch threads)", result=False)
+    num_gpus: float = option(0.0, "executor ray: GPUs per stage task", result=False)
 
     def __post_init__(self) -> None:
         if self.start_from is not None and self.start_from not in STAGES:
@@ -71,6 +80,8 @@ class RunConfig:
             raise DriftError("config key 'arms' needs at least one arm")
         if self.jobs < 1:
             raise DriftError(f"config key 'jobs' must be >= 1, got {self.jobs}")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise DriftError("executor 'ray' needs Ray: pip install 'drift-rl[ray]'")
         self.arms = {check_arm_name(name): arm if isinstance(arm, ArmConfig) else
                      build(ArmConfig, arm, f"arms.{name}.") for name, arm in self.arms.items()}
         for arm in self.kinds.values():  # unknown keys and bad values fail now, not hours later
@@ -130,7 +141,23 @@ def plan(cfg: RunConfig, train_problems: list[Problem], test_problems: list[Prob
     return steps
 
 
-def check(steps: list[Step]) -> list[Step]:
+PLAN_KEYS = ("rounds", "round_data")  # arm keys that shape the plan (which steps, on which inputs), in no record
+
+
+def plan_changes(cfg: RunConfig) -> list[str]:
+    """'arms.X.rounds: 2 -> 3' for every plan key of an arm that differs from the config that last
+    ran in this directory (config.json): these keys are in no stage's settings, so a change shows
+    in the records only as other inputs."""
+    try:
+        before = json.loads(cfg.dir.config.read_text(encoding="utf-8")).get("arms") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    now = dataclasses.asdict(cfg)["arms"]
+    return [f"arms.{name}.{d}" for name in sorted(set(before) & set(now)) if isinstance(before[name], dict)
+            for d in differences({k: before[name].get(k) for k in PLAN_KEYS}, {k: now[name].get(k) for k in PLAN_KEYS})]
+
+
+def check(steps: list[Step], changed_plan: list[str] = ()) -> list[Step]:
     """The steps to run; raise one error if any output on disk was made otherwise.
 
     The error names each stage whose own settings differ, with the keys; stages that differ only
@@ -147,8 +174,12 @@ def check(steps: list[Step]) -> list[Step]:
             built_on.append(step)
         elif not is_complete(rec):
             todo.append(step)
-    if not own and built_on:  # nothing changed its own settings: an input was redone under it
-        own, built_on = [(built_on[0], ["made from another input: an earlier stage was redone"])], built_on[1:]
+        elif harm := damaged(step.record_path.parent, rec):
+            log.warning("stage %s: complete, but its files are damaged (%s): redoing it", step.name, "; ".join(harm))
+            todo.append(step)
+    if not own and built_on:  # nothing changed its own settings: the plan changed, or an input was redone under it
+        why = list(changed_plan) or ["made from another input: an earlier stage was redone"]
+        own, built_on = [(built_on[0], why)], built_on[1:]
     if own:
         first = min(STAGES.index(s.stage) for s, _ in own)
         named = "; ".join(f"{s.name} ({', '.join(d)})" for s, d in own)
@@ -179,18 +210,20 @@ def run_pipeline(cfg: RunConfig) -> str:
         train_problems, test_problems = check_disjoint(cfg)
         _clear(cfg)
         steps = plan(cfg, train_problems, test_problems)
-        todo = check(steps)
+        todo = check(steps, plan_changes(cfg))
         write_json(cfg.dir.config, dataclasses.asdict(cfg))
         log.info("run %s: %d training problems, %d held-out problems, arms %s; %d of %d stages to run",
                  cfg.dir.root, len(train_problems), len(test_problems), list(cfg.arms), len(todo), len(steps))
         for step in steps:
             if step not in todo:
                 log.info("stage %s: complete, skipped", step.name)
-            elif cfg.jobs == 1:
+            elif cfg.jobs == 1 and cfg.executor == "local":
                 _run_step(step)
-        if cfg.jobs > 1 and todo:
+        if (cfg.jobs > 1 or cfg.executor == "ray") and todo:
             graph = [jobs.Job(s.name, s.after, run_step, (cfg, s.name), cfg.dir.log(s.name)) for s in todo]
-            jobs.run_jobs(graph, cfg.jobs, {s.name for s in steps if s not in todo})
+            ray = (dict(address=cfg.ray_address, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
+                   if cfg.executor == "ray" else None)
+            jobs.run_jobs(graph, cfg.jobs, {s.name for s in steps if s not in todo}, ray)
         return report.write_report(cfg, records(steps))
 
 

@@ -21,18 +21,24 @@ train_summary.json, metrics.json), the same fields:
     settings   the stage config's keys that shape the output (`drift.config.settings`),
     input      the path and digest of the record it consumed (None for a first stage),
     digest     a hash of settings and input digest: what a consumer records as its input,
-    cost       the cost ledger (`drift.ledger.Cost`).
+    cost       the cost ledger (`drift.ledger.Cost`),
+    files      (train, weights) the size and sha256 of each file the record vouches for, by its
+               path relative to the record's folder (`file_record`).
 
-A reader trusts an output only when its record says complete; `drift run` compares settings and
-input digest before reusing one.
+A reader trusts an output only when its record says complete and its files are as recorded
+(`damaged`): `drift run` redoes a stage whose files were truncated or changed, and loading a
+model that drift trained refuses one; `drift run` compares settings and input digest before
+reusing an output.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +156,10 @@ class OnlineDir:
     def adapter(self, k: int) -> Path:
         """The LoRA adapter after iteration k (what a vLLM sampler loads)."""
         return self.path / "adapters" / f"{k:05d}"
+
+    def sync_weights(self, k: int) -> Path:
+        """The full weights after iteration k (what a vLLM sampler reloads when the arm trains no adapter)."""
+        return self.path / "weights" / f"{k:05d}"
 
     @property
     def state(self) -> StateDir:
@@ -310,6 +320,36 @@ def check_schema(version: Any, where: Any, supported: int = RECORD_SCHEMA) -> No
                          f"{supported}: upgrade drift to read it")
 
 
+def file_record(folder: str | Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """{path relative to `folder`: {"bytes", "sha256"}} of `files`: what a record vouches for."""
+    root = Path(folder)
+    return {str(f.relative_to(root)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(files)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damaged(folder: str | Path, rec: dict[str, Any] | None) -> list[str]:
+    """How the files a record vouches for (`files`, relative to `folder`) differ from what it
+    recorded: missing, another size (truncated), or another digest. Empty: all intact (or the
+    record vouches for no files)."""
+    out = []
+    for name, want in ((rec or {}).get("files") or {}).items():
+        f = Path(folder) / name
+        if not f.is_file():
+            out.append(f"{name} is missing")
+        elif (size := f.stat().st_size) != want["bytes"]:
+            out.append(f"{name} has {size} bytes, its record says {want['bytes']} (truncated or replaced)")
+        elif _sha256(f) != want["sha256"]:
+            out.append(f"{name} differs from the file its record vouches for (sha256)")
+    return out
+
+
 def is_complete(rec: dict[str, Any] | None) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
@@ -367,8 +407,41 @@ def ensure_writable(path: str | Path, is_file: bool = False) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        if is_space_error(e):
+            raise space_error(target) from None
         raise DriftError(f"cannot write to {target}: {e.strerror or e}") from None
     return p
+
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the filesystem holding `path` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def space_error(path: str | Path, needed: int | None = None, rerun: str = "rerun the same command") -> DriftError:
+    """The one line for a full disk at `path`: what is free, what was needed (when known), and
+    that nothing written is lost, so the same command resumes once space is freed."""
+    want = f", about {mib(needed)} needed" if needed else ""
+    return DriftError(f"no space left on device writing {path} ({mib(free_bytes(path))} free{want}); what is "
+                      f"already written is kept: free space (or choose another output) and {rerun}")
+
+
+def is_space_error(e: BaseException) -> bool:
+    """A full disk or quota. safetensors' writer reports one as its own error type without an
+    errno, naming the OS error number in its message."""
+    if isinstance(e, OSError):
+        return e.errno in SPACE_ERRORS
+    return any(f"(os error {n})" in str(e) for n in SPACE_ERRORS)
 
 
 class Lock:
@@ -384,8 +457,12 @@ class Lock:
         self._fd: int | None = None
 
     def __enter__(self) -> Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path.parent}: {e.strerror or e}")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -395,8 +472,13 @@ class Lock:
                 raise DriftError(f"{self.path.parent} is being written by another drift process (pid {holder}); "
                                  "wait for it to finish or choose another output") from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise (space_error(self.path) if is_space_error(e) else
+                   DriftError(f"cannot write to {self.path}: {e.strerror or e}")) from None
         self._fd = fd
         return self
 

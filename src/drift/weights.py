@@ -20,7 +20,11 @@ is set to `ess_target` (default 0.25) by bisection on log beta. ESS/N = 1 / (N s
 p = softmax(R / beta) rises monotonically with beta (from the share of the group's best
 returns at beta -> 0 to 1 at beta -> infinity), so the search is exact up to its tolerance; a
 target outside the reachable range takes the nearer end of [1e-4, 1e4]. The beta chosen and the
-ESS/N reached are in the diagnostics.
+ESS/N reached are in the diagnostics; a target it cannot reach (n = 2: ESS/N >= 0.5 always) is
+logged as a warning and recorded (`ess_target_met` false).
+Rows are written in canonical order, (prompt_id, sample_idx), whatever order the rollout's
+shards hold them in (a resumed rollout finishes its conversations in another order), so the same
+trajectories always give the same bytes, and the same training.
 Two kinds of groups may deserve no training, and they differ:
     unsolved:    no trajectory of the group succeeded (drift: the least bad failures get the
                  most weight; with equal returns, plain SFT on failures);
@@ -36,6 +40,7 @@ The diagnostics count both kinds of groups whatever the rule.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -47,12 +52,15 @@ from pathlib import Path
 from typing import Literal
 
 from drift import DriftError
+from drift.bounds import check_unit_interval
 from drift.checkers import normalize_answer
 from drift.config import option
 from drift.ledger import Cost, measure
 from drift.records import (ReturnInputs, WeightedRow, read_jsonl, require_complete, return_inputs,
                            trajectory_files, write_json, write_jsonl)
-from drift.rundir import Lock, config_record, ensure_writable, read_record, record, weights_record
+from drift.rundir import Lock, config_record, ensure_writable, file_record, read_record, record, weights_record
+
+log = logging.getLogger(__name__)
 
 METHODS = ("drift", "sft", "rft", "refit", "swift")
 STD_EPS = 1e-6  # added to a group's std before dividing by it (Swift, GRPO)
@@ -64,6 +72,13 @@ class ReturnConfig:
     format_penalty: float = option(-0.1, "added to the return for every unparseable turn (drift format)")
     repeat_penalty: float = option(0.5, "lambda: subtract lambda * (1 - unique/answered) for repeated answers")
     timeout_penalty: float = option(0.0, "added to the return for every turn whose check timed out (drift format)")
+
+    def check_returns(self) -> None:
+        """The return keys' rules, for every stage that scores conversations (weights, online)."""
+        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty"):
+            if not math.isfinite(getattr(self, key)):
+                raise DriftError(f"config key '{key}' must be a finite number, got {getattr(self, key)}")
+        check_unit_interval(self, "gamma")
 
 
 def trajectory_return(x: ReturnInputs, cfg: ReturnConfig) -> float:
@@ -187,14 +202,10 @@ class WeightsConfig(ReturnConfig):
     skip_bad_rows: bool = option(False, "skip (and count) malformed lines instead of stopping")
 
     def __post_init__(self) -> None:
-        for key in ("gamma", "format_penalty", "repeat_penalty", "timeout_penalty", "ess_target"):
-            if not math.isfinite(getattr(self, key)):
-                raise DriftError(f"{key} must be a finite number, got {getattr(self, key)}")
+        self.check_returns()
         if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
             raise DriftError(f"beta must be a finite number > 0 or auto, got {self.beta}")
-        if not 0 < self.gamma <= 1:
-            raise DriftError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not 0 < self.ess_target < 1:
+        if not (math.isfinite(self.ess_target) and 0 < self.ess_target < 1):
             raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
 
     @property
@@ -243,6 +254,8 @@ def compute(cfg: WeightsConfig) -> tuple[list[WeightedRow], dict]:
             where.append(loc)
     if not rows:
         raise DriftError(f"{cfg.input}: no rows to weight (empty input)")
+    order = sorted(range(len(rows)), key=lambda i: canonical_key(rows[i]))
+    rows, where = [rows[i] for i in order], [where[i] for i in order]
 
     groups: OrderedDict[str, list[int]] = OrderedDict()
     for i, row in enumerate(rows):
@@ -250,6 +263,9 @@ def compute(cfg: WeightsConfig) -> tuple[list[WeightedRow], dict]:
     beta, reached = cfg.beta, None
     if beta == "auto":
         beta, reached = auto_beta([[rows[i].ret for i in idx] for idx in groups.values()], cfg.ess_target)
+        if reached is not None and not target_met(reached, cfg.ess_target):
+            log.warning("weights: beta auto cannot reach the ESS/N target %g on these groups: it took beta %.4g, the "
+                        "end of its range [%g, %g], where ESS/N is %.3g", cfg.ess_target, beta, *BETA_RANGE, reached)
     per_group = []
     for pid, idx in groups.items():
         rets = [rows[i].ret for i in idx]
@@ -273,6 +289,18 @@ def compute(cfg: WeightsConfig) -> tuple[list[WeightedRow], dict]:
     return rows, diagnostics(cfg, rows, per_group, skipped, beta, reached)
 
 
+def canonical_key(row: WeightedRow) -> tuple[str, int]:
+    """(prompt_id, sample_idx): the order rows are written in; rows without a sample_idx (the
+    reference's format) keep their order within their group."""
+    idx = row.fields.get("sample_idx")
+    return str(row.fields["prompt_id"]), idx if isinstance(idx, int) else -1
+
+
+def target_met(reached: float, target: float) -> bool:
+    """Did beta auto's ESS/N reach its target (to the bisection's tolerance)?"""
+    return abs(reached - target) <= 1e-6 * max(1.0, target)
+
+
 def diagnostics(cfg: WeightsConfig, rows: list[WeightedRow], per_group: list[dict], skipped: int, beta: float,
                 reached: float | None) -> dict:
     weights = [r.weight for r in rows]
@@ -280,7 +308,8 @@ def diagnostics(cfg: WeightsConfig, rows: list[WeightedRow], per_group: list[dic
     qs = statistics.quantiles(weights, n=10, method="inclusive") if len(weights) > 1 else weights * 9
     return {
         "method": cfg.method, "beta": beta, "beta_setting": cfg.beta, "ess_target": cfg.ess_target,
-        "ess_share_reached": reached, "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
+        "ess_share_reached": reached, "ess_target_met": None if reached is None else target_met(reached, cfg.ess_target),
+        "gamma": cfg.gamma, "format_penalty": cfg.format_penalty,
         "repeat_penalty": cfg.repeat_penalty, "degenerate_rule": cfg.degenerate,
         "rows": len(rows), "skipped_rows": skipped, "groups": len(per_group),
         "degenerate_groups": sum(g["degenerate"] for g in per_group),
@@ -326,7 +355,8 @@ def run_weights(cfg: WeightsConfig) -> dict:
             rows, diag = compute(cfg)
             weights_record(out).unlink(missing_ok=True)  # never an old record beside new rows
             write_jsonl(out, (r.to_json() for r in rows))
-        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json()}
+        diag = {**stage_record(cfg, trajectory_files(cfg.input)[1]), "status": "complete", **diag, "cost": cost.to_json(),
+                "files": file_record(out.parent, [out])}
         write_json(weights_record(out), diag)
     return diag
 
@@ -368,6 +398,7 @@ def diagnostics_table(diag: dict) -> list[tuple[str, str]]:
     return [
         ("method", f"{diag['method']} (beta {diag['beta']:.4g}"
                    + (f", auto: ESS/N {diag['ess_share_reached']}" if diag["beta_setting"] == "auto" else "")
+                   + (" NOT the target: the end of its range" if diag["ess_target_met"] is False else "")
                    + f", gamma {diag['gamma']})"),
         ("rows / groups", f"{diag['rows']} / {diag['groups']}" + (f"  ({diag['skipped_rows']} skipped)" if diag["skipped_rows"] else "")),
         ("solved trajectories", f"{diag['solved_share']:.1%}"),

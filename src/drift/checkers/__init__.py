@@ -10,7 +10,13 @@ extracts and judges it, returning a `CheckResult` whose status is one of:
 
 Checkers: `math` (math-verify), `numeric`, `choice`, `exact`, and `module:function` (a user
 function `fn(answer: str, gold: str) -> bool | None` called with the extracted answer; use
-`extract="full"` to receive the whole response instead).
+`extract="full"` to receive the whole response instead). A user function must return a bool or
+None: any other value is an error naming the function and the value, never a verdict by its truth.
+
+Unicode: responses and gold answers are read in NFC, so composed and decomposed spellings (`café`)
+are one answer to every checker; `exact` and `choice` also fold compatibility forms (NFKC:
+full-width letters and digits, ligatures) and `exact` case-folds. `math` and `numeric` keep NFC
+only: NFKC would read `x²` as `x2`.
 
 math-verify and user functions run in a pool of worker processes (pebble): math-verify's own
 timeouts use SIGALRM, which only works in the main thread, and a stuck sympy call or user

@@ -14,8 +14,8 @@ from fractions import Fraction
 from functools import partial
 
 from drift import DriftError
-from drift.checkers.extract import (CHOICE_LETTERS, EXTRACT_MODES, extract_answer, find_letter, last_number,
-                                    normalize_answer, number_text, to_number)
+from drift.checkers.extract import (CHOICE_LETTERS, EXTRACT_MODES, canonical_text, compatible_text, extract_answer,
+                                    find_letter, folded_text, last_number, normalize_answer, number_text, to_number)
 from drift.checkers.pool import FunctionByName, default_check_workers, outcome_of, resolve_function, schedule
 
 BUILTIN_CHECKERS = ("math", "numeric", "choice", "exact")
@@ -74,14 +74,18 @@ class Checker:
         return [p.result() for p in pending]
 
     def submit(self, response: str, gold: str) -> PendingCheck:
-        """Extract and read the answer and start judging it (in a worker process if it needs one)."""
-        raw = extract_answer(response, self.extract)
+        """Extract and read the answer and start judging it (in a worker process if it needs one).
+
+        Response and gold are read in Unicode NFC (`canonical_text`): composed and decomposed
+        spellings of the same text are the same answer to every checker, user functions included."""
+        raw = extract_answer(canonical_text(response), self.extract)
         answer = self.read(raw) if raw is not None else None
-        return PendingCheck(answer, self.judge(answer, str(gold)) if answer is not None else "unparseable")
+        gold = canonical_text(str(gold))
+        return PendingCheck(answer, self.judge(answer, gold) if answer is not None else "unparseable")
 
     def check_golds(self, golds: Sequence[tuple[str, str]]) -> None:
         """Raise DriftError naming the first (problem id, gold answer) this checker cannot judge against."""
-        for (problem_id, _), error in zip(golds, self.gold_errors([str(gold) for _, gold in golds])):
+        for (problem_id, _), error in zip(golds, self.gold_errors([canonical_text(str(gold)) for _, gold in golds])):
             if error is not None:
                 raise DriftError(f"problem {problem_id!r}: {error}")
 
@@ -122,32 +126,34 @@ class NumericChecker(Checker):
 
 
 class ChoiceChecker(Checker):
-    """Multiple choice: the answer's letter (A-D) against the gold letter, case-insensitive."""
+    """Multiple choice: the answer's letter (A-D) against the gold letter, case-insensitive; both
+    read in NFKC (a full-width `Ｂ` is `B`)."""
 
     name = "choice"
 
     def read(self, answer: str) -> str | None:
-        return find_letter(answer)
+        return find_letter(compatible_text(answer))
 
     def gold_error(self, gold: str) -> str | None:
-        if find_letter(gold) is not None:
+        if find_letter(compatible_text(gold)) is not None:
             return None
         return f"choice checker: gold answer {gold!r} is not a choice letter ({', '.join(CHOICE_LETTERS)})"
 
     def judge(self, answer: str, gold: str) -> str:
-        g = find_letter(gold)
+        g = find_letter(compatible_text(gold))
         if g is None:
             raise DriftError(self.gold_error(gold))
         return "correct" if answer == g else "wrong"
 
 
 class ExactChecker(Checker):
-    """Normalized strings equal (lower-case, no whitespace, one trailing period ignored)."""
+    """Strings equal after `folded_text` (Unicode NFKC, case-folded, no whitespace), one trailing
+    period ignored."""
 
     name = "exact"
 
     def judge(self, answer: str, gold: str) -> str:
-        same = normalize_answer(answer).removesuffix(".") == normalize_answer(gold).removesuffix(".")
+        same = folded_text(answer).removesuffix(".") == folded_text(gold).removesuffix(".")
         return "correct" if same else "wrong"
 
 
@@ -252,9 +258,11 @@ def math_gold_status(gold: str, seconds: int) -> str:
 class FunctionChecker(Checker):
     """A user function `module:function` called as fn(answer, gold) in a worker process.
 
-    It returns True (correct), False (wrong) or None (unparseable); any other value counts by
-    its truth. It runs under the same outer timeout as math-verify; if it raises, the check
-    raises DriftError naming the function.
+    It receives the extracted answer and the gold answer in Unicode NFC and must return True
+    (correct), False (wrong) or None (unparseable). Any other value (`"yes"`, `[False]`, 1,
+    numpy's bool: wrap it in `bool(...)`) is not taken by its truth: the check raises DriftError naming the
+    function and the value. It runs under the same outer timeout as math-verify; if it raises,
+    the check raises DriftError naming the function.
     """
 
     def __init__(self, spec: str, extract: str = "auto", timeout: float = 5.0, workers: int | None = None):
@@ -271,7 +279,13 @@ class FunctionChecker(Checker):
             raise DriftError(f"custom checker {self.name} failed: {value}")
         if outcome == "timeout":
             return "timeout"
-        return "unparseable" if value is None else "correct" if value else "wrong"
+        if value is None:
+            return "unparseable"
+        if isinstance(value, bool):
+            return "correct" if value else "wrong"
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise DriftError(f"custom checker {self.name} returned {shown} ({type(value).__name__}); it must return "
+                         "True (correct), False (wrong) or None (unparseable)")
 
 
 _CHECKERS: dict[tuple[str, str, float, int], Checker] = {}

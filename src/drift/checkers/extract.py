@@ -6,6 +6,7 @@ normalized string (`normalize_answer`). `<think>...</think>` reasoning is droppe
 from __future__ import annotations
 
 import re
+import unicodedata
 from fractions import Fraction
 
 from drift import DriftError
@@ -15,9 +16,28 @@ CHOICE_LETTERS = "ABCD"
 SHORT_ANSWER_CHARS = 64  # `auto` takes the whole response as the answer only up to this length
 
 
+def canonical_text(s: str) -> str:
+    """`s` in Unicode NFC: one spelling for canonically equal text (`café` composed or as `e` +
+    combining accent), so no checker tells them apart. Every checker reads responses and gold
+    answers through it; NFC changes no character's meaning (NFKC would turn `x²` into `x2`)."""
+    return unicodedata.normalize("NFC", s)
+
+
 def normalize_answer(s: str) -> str:
-    """Lower-case with all whitespace removed (answers are compared this way for uniqueness)."""
-    return re.sub(r"\s+", "", s.lower())
+    """NFC, lower-case, all whitespace removed (answers are compared this way for uniqueness)."""
+    return re.sub(r"\s+", "", canonical_text(s).lower())
+
+
+def compatible_text(s: str) -> str:
+    """`s` in Unicode NFKC: compatibility forms folded (full-width `Ｂ` is `B`, the ligature `ﬁ` is
+    `fi`). The choice and exact checkers read answers this way; math and numeric do not (`x²`)."""
+    return unicodedata.normalize("NFKC", s)
+
+
+def folded_text(s: str) -> str:
+    """The exact checker's reading: NFKC (`compatible_text`), case-folded (`Straße` is `strasse`),
+    all whitespace removed."""
+    return re.sub(r"\s+", "", compatible_text(s).casefold())
 
 
 def strip_think(text: str) -> str:

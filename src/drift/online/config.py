@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from drift import DriftError
+from drift.bounds import check_bounds
 from drift.config import option
 from drift.rollout.config import RolloutConfig
 from drift.train.optim import OnlineOptim, check_optim
@@ -55,7 +56,9 @@ class OnlineConfig(RolloutConfig, ReturnConfig, OnlineOptim):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_returns()
         check_optim(self)
+        check_bounds(self, ("kl_coef",))
         for key in ("iterations", "batch_prompts", "minibatches", "update_epochs", "micro_batch_size", "save_every"):
             if getattr(self, key) < 1:
                 raise DriftError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
@@ -73,9 +76,6 @@ class OnlineConfig(RolloutConfig, ReturnConfig, OnlineOptim):
             raise DriftError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
         if self.backend == "openai":
             raise DriftError("the online arm generates from the policy it trains: use backend hf or vllm")
-        if self.backend == "vllm" and not self.lora:
-            raise DriftError("backend vllm follows the policy by loading its LoRA adapter after every update: set "
-                             "lora = true (a full-weight sync into vLLM is not implemented)")
         if self.n < 2:
             raise DriftError("the online arm needs n >= 2 samples per prompt (advantages are relative to the group)")
 

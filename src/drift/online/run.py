@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import torch
 
 from drift import DriftError
 from drift.config import build, derive_seed, to_dict
+from drift.distributed import require_requested_engine
 from drift.ledger import Cost, measure, parameter_count
 from drift.online import state as saved
 from drift.online.advantages import group_advantages, select_groups
@@ -48,6 +50,7 @@ from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
 from drift.train.optim import add_lora
+from drift.train.output import model_files
 from drift.weights import trajectory_return
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,25 @@ def eval_config(cfg: OnlineConfig, model: str, output: Path) -> Any:
                               "output": str(output), "resume": True}, "eval.")
 
 
+def evaluation_count(cfg: OnlineConfig) -> int:
+    """How many held-out evaluations the run makes: every eval_every iterations and after the last."""
+    if not cfg.eval_every:
+        return 1
+    return cfg.iterations // cfg.eval_every + (cfg.iterations % cfg.eval_every != 0)
+
+
+def announce_evaluations(cfg: OnlineConfig, ec: Any, problems: int) -> None:
+    """Say at start what the learning curve's evaluations cost (the whole held-out split unless
+    eval.num_problems bounds it: mc-arith's is 4,025 problems), and warn when they score the
+    problems the arm trains on."""
+    log.info("online: %d held-out evaluation(s), each of %d problems x %d sample(s), up to %d turns (%d "
+             "conversations)%s", evaluation_count(cfg), problems, ec.n, ec.max_turns, problems * ec.n,
+             "" if "num_problems" in cfg.eval else "; bound them with --eval '{\"num_problems\": N}'")
+    if "all" in (ec.split, cfg.split) or (ec.split == cfg.split and ec.tasks == cfg.tasks):
+        log.warning("online: the held-out evaluations (eval split %r) score problems the arm trains on (split %r): "
+                    "its learning curve is not held out", ec.split, cfg.split)
+
+
 def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     """Run (or resume) the online arm; return its summary (also written to train_summary.json)."""
     from accelerate import Accelerator
@@ -92,7 +114,9 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     out = OnlineDir(ensure_writable(cfg.output))
     problems = load_tasks(task_spec(cfg))
     prompt_batch(problems, cfg.batch_prompts, cfg.seed, 0)  # B fits the task, before any work
-    held_out = load_tasks(task_spec(eval_config(cfg, cfg.model, out.path)))
+    held_out_cfg = eval_config(cfg, cfg.model, out.path)
+    held_out = load_tasks(task_spec(held_out_cfg))
+    announce_evaluations(cfg, held_out_cfg, len(held_out))
     expected = stage_record(cfg, problems, trained_record(cfg.model))
     # accelerate keeps process-wide state: a Trainer that ran earlier in this process (an offline
     # arm of the same `drift run`) would otherwise impose its mixed precision on this model. Reset it
@@ -101,9 +125,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # several CPU processes join a gloo group
+    require_requested_engine(accelerator, "the online arm")
     lock = Lock(out.path) if accelerator.is_main_process else None
     with lock or contextlib.nullcontext():
         previous = read_record(out.summary)
+        if previous is not None and not previous.get("iterations_done") and previous.get("status") != "complete":
+            # a start that failed before its first iteration finished: nothing to keep or to refuse
+            log.info("online %s: the run there stopped before its first iteration; starting afresh", out.path)
+            previous = None
         if previous is not None:
             differ = mismatch(previous, expected)
             if differ:
@@ -149,7 +178,7 @@ def _vllm(cfg: OnlineConfig) -> Any:
 
     return VLLMBackend(resolve_model(cfg.model), seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                       dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r)
+                       dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r if cfg.lora else None, extra=cfg.vllm_args)
 
 
 def _fresh_progress(parameters: int) -> dict[str, Any]:
@@ -183,7 +212,10 @@ class _Loop:
             acc.wait_for_everyone()
             cost = Cost(parameters=self.progress["cost"]["parameters"])
             with measure(cost, str(acc.device)):
+                began = time.perf_counter()
                 trajs, rollout_cost = self._sample(it, backend)
+                if it == self.progress["iterations_done"]:
+                    self._estimate(len(trajs), time.perf_counter() - began)
                 entry = self._learn(it, trajs, cost)
             cost = cost + dataclasses.replace(rollout_cost, wall_seconds=0.0, cpu_seconds=0.0, peak_memory_bytes=0)
             backend = self._sync(k)
@@ -202,10 +234,19 @@ class _Loop:
                 write_json(self.out.summary, {**self.expected, **_summary_fields(self.progress)})
             acc.wait_for_everyone()
 
+    def _estimate(self, conversations: int, seconds: float) -> None:
+        """After the first iteration sampled: what one held-out evaluation will take at that pace."""
+        ec = eval_config(self.cfg, self.cfg.model, self.out.path)
+        todo = len(self.held_out) * ec.n
+        log.info("online: iteration sampled %d conversations in %.1f s; each held-out evaluation (%d conversations) "
+                 "will take about %.0f s at that pace", conversations, seconds, todo,
+                 todo * seconds / max(conversations, 1))
+
     # step 1
     def _sync(self, k: int) -> Any:
         """The generation backend with the policy after k iterations: the hf backend over an
-        in-memory copy of the live weights; vLLM serving the LoRA adapter saved after iteration k."""
+        in-memory copy of the live weights; vLLM serving the LoRA adapter saved after iteration k,
+        or with lora = false reloading the full weights saved after it (only the latest kept)."""
         from drift.rollout.hf import HFBackend
 
         if self.vllm is None:
@@ -213,11 +254,21 @@ class _Loop:
             return HFBackend.from_model(self.policy.generator(), self.tokenizer, batch_size=self.cfg.batch_size,
                                         pack=True)
         if k > 0:
-            path = self.out.adapter(k)
+            path = self.out.adapter(k) if self.cfg.lora else self.out.sync_weights(k)
+            root = path.parent
             if self.acc.is_main_process:
-                self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
+                if self.cfg.lora:
+                    self.policy.unwrapped.save_pretrained(path)  # peft writes the adapter alone
+                else:
+                    self.policy.generator().save_pretrained(path)  # in the generation dtype
+                    for old in root.iterdir():
+                        if old != path:
+                            shutil.rmtree(old)
             self.acc.wait_for_everyone()
-            self.vllm.use_adapter(str(path), k)
+            if self.cfg.lora:
+                self.vllm.use_adapter(str(path), k)
+            else:
+                self.vllm.load_weights(str(path))
         return self.vllm
 
     def _sample(self, it: int, backend: Any) -> tuple[list[Trajectory], Cost]:
@@ -353,6 +404,6 @@ class _Loop:
         if acc.is_main_process:
             self.policy.generator(torch.float32).save_pretrained(self.out.path)
             self.tokenizer.save_pretrained(self.out.path)
-            write_json(self.out.summary, summary)
+            write_json(self.out.summary, {**summary, "files": model_files(self.out.path)})
         acc.wait_for_everyone()
         return summary

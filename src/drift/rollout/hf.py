@@ -221,7 +221,7 @@ class HFBackend:
         position_ids = ((T - start)[:, None] + in_mask.cumsum(1) - 1).clamp(min=0)
         mask = torch.cat([past_mask, in_mask], 1)
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=position_ids.to(self.device), cache=cache, use_cache=True,
+                         position_ids=position_ids.to(self.device), past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         self.stats.prefill_tokens += sum(len(s) for s in suffixes)
         logits = out.logits[:, -1].float()
@@ -415,7 +415,7 @@ class _Decoding:
         dev = self.b.device
         mask = torch.arange(self.T + 1, device=dev)[None] >= self.start_dev[:, None]
         out = self.b.model(input_ids=self.last[:, None], attention_mask=mask.long(),
-                           position_ids=(self.T - self.start_dev)[:, None], cache=self.cache,
+                           position_ids=(self.T - self.start_dev)[:, None], past_key_values=self.cache,
                            use_cache=True)
         self.T += 1
         self.last = sample_tokens(out.logits[:, -1], self.params, self.seeds, self.counts)

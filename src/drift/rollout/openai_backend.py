@@ -8,9 +8,11 @@ compute a group's shared prompt once all the same.
 
 Requests run on a bounded thread pool. The official client retries connection errors,
 timeouts, 408, 409, 429 and 5xx `max_retries` times with exponential backoff (honouring
-Retry-After; it logs each retry); when it gives up, or on any other refusal, the request is a
-one-line DriftError. The API key is read from an environment variable and handed to the client
-only: it is never logged or saved.
+Retry-After; it logs each retry). With several servers (`drift.rollout.endpoints`), each
+conversation stays on the server it started on, and when the client gives up on a server its
+conversations go on at the others; when it gives up on the last one, or on any other refusal,
+the request is a one-line DriftError. The API key is read from an environment variable and
+handed to the clients only: it is never logged or saved.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from drift import DriftError
+from drift.rollout.endpoints import Endpoint, EndpointPool, LostAll, check_models
 from drift.rollout.protocol import BackendStats, ConvId, GenOutput, GenRequest, PromptTooLong, SamplingParams, sample_seed
 
 # How servers word "the prompt does not fit" (vLLM, SGLang, TGI, OpenAI).
@@ -37,28 +40,43 @@ class _ContextOverflow(Exception):
     pass
 
 
+class _GaveUp(Exception):
+    """The client gave up on a server (its retries spent): the server is lost for this run."""
+
+
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 timeout: float = 60.0, max_retries: int = 3, extra_body: dict[str, Any] | None = None):
+    def __init__(self, base_url: str | list[str], model: str, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3,
+                 extra_body: dict[str, Any] | None = None):
         try:
             import openai
         except ImportError:
             raise DriftError("the openai backend needs the OpenAI client: pip install 'drift-rl[openai]'") from None
 
-        self.base_url, self.model = base_url, model
-        self.api_key_env, self.max_retries = api_key_env, max_retries
+        self.urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self.model, self.api_key_env, self.max_retries = model, api_key_env, max_retries
         self.extra_body = dict(extra_body or {})
         self.stats = BackendStats()
         self._lock = threading.Lock()
-        self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
-                                     max_retries=max_retries, timeout=timeout)
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="drift-openai")
+        key = os.environ.get(api_key_env) or "EMPTY"
+        self.endpoints = EndpointPool(
+            self.urls, lambda url: openai.OpenAI(base_url=url, api_key=key, max_retries=max_retries, timeout=timeout))
+        # `concurrency` requests in flight per server
+        self._pool = ThreadPoolExecutor(max_workers=concurrency * len(self.urls), thread_name_prefix="drift-openai")
+
+    def check(self) -> None:
+        """Before anything is generated: every server answers and serves the model (one DriftError if not)."""
+        check_models(self.endpoints, self.model, _reason)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Each server's requests, tokens and state (live, or lost and why), for the manifest."""
+        return self.endpoints.report()
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[GenOutput]]:
         jobs: list[tuple[ConvId, GenRequest]] = [(conv, req) for req in requests for conv in req.conv_ids]
-        futures = [self._pool.submit(self._complete, req.messages, params, sample_seed(params.seed, conv, req.turn))
+        futures = [self._pool.submit(self._complete, conv, req.messages, params, sample_seed(params.seed, conv, req.turn))
                    for conv, req in jobs]
         results, too_long, detail = [], [], ""
         try:
@@ -77,33 +95,56 @@ class OpenAIBackend:
         it = iter(results)
         return [[next(it) for _ in req.conv_ids] for req in requests]
 
-    def _complete(self, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> GenOutput:
+    def _complete(self, conv: ConvId, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> GenOutput:
+        """One answer, from the conversation's server; from another one if the client gives up on it."""
+        while True:
+            try:
+                ep = self.endpoints.acquire(conv)
+            except LostAll as e:
+                raise DriftError(self._all_lost(str(e))) from None
+            try:
+                response = self._request(ep, messages, params, seed)
+            except _GaveUp as e:
+                self.endpoints.failed(ep, str(e))
+                continue
+            except BaseException:
+                self.endpoints.failed(ep, None)
+                raise
+            self.endpoints.done(ep, response.usage)
+            return self._output(ep, response)
+
+    def _request(self, ep: Endpoint, messages: list[dict[str, str]], params: SamplingParams, seed: int) -> Any:
         import openai  # present: __init__ checked it
 
         try:
-            response = self._client.chat.completions.create(
+            return ep.client.chat.completions.create(
                 model=self.model, messages=messages, n=1, temperature=params.temperature, top_p=params.top_p,
                 max_tokens=params.max_new_tokens,
                 seed=seed % 2**31,  # some servers keep seeds in 32-bit integers
                 extra_body=self.extra_body or None)
         except openai.APIConnectionError as e:  # timeouts included
-            raise self._gave_up(e) from None
+            raise _GaveUp(self._gave_up(e)) from None
         except openai.APIStatusError as e:
             reason = _reason(e)
             if e.status_code in _RETRIED or e.status_code >= 500:
-                raise self._gave_up(e) from None
+                raise _GaveUp(self._gave_up(e)) from None
             if e.status_code in (400, 413, 422) and _CONTEXT.search(reason):
                 raise _ContextOverflow(reason) from None
             hint = f" (is ${self.api_key_env} set to the server's key?)" if e.status_code in (401, 403) else ""
-            raise DriftError(f"server {self.base_url} refused the request: HTTP {e.status_code}: {reason}{hint}") from None
-        return self._output(response)
+            raise DriftError(f"server {ep.url} refused the request: HTTP {e.status_code}: {reason}{hint}") from None
 
-    def _gave_up(self, e: Exception) -> DriftError:
-        return DriftError(f"server {self.base_url} failed after {self.max_retries + 1} attempt(s): {_reason(e)}")
+    def _gave_up(self, e: Exception) -> str:
+        return f"failed after {self.max_retries + 1} attempt(s): {_reason(e)}"
 
-    def _output(self, response: Any) -> GenOutput:
+    def _all_lost(self, reasons: str) -> str:
+        if len(self.urls) == 1:
+            return f"server {reasons}"
+        return (f"all {len(self.urls)} servers stopped answering ({reasons}); the trajectories written so far are "
+                "kept: resume once a server is back")
+
+    def _output(self, ep: Endpoint, response: Any) -> GenOutput:
         if not response.choices:
-            raise DriftError(f"server {self.base_url} returned no choices for model {self.model!r}")
+            raise DriftError(f"server {ep.url} returned no choices for model {self.model!r}")
         choice = response.choices[0]
         usage = response.usage
         tokens = usage.completion_tokens if usage else 0
@@ -114,11 +155,12 @@ class OpenAIBackend:
                          finish_reason="length" if choice.finish_reason == "length" else "stop")
 
     def release(self, conv_ids: list[ConvId]) -> None:
-        """The server keeps no per-conversation state for us."""
+        """The servers keep no per-conversation state for us; only the routing forgets them."""
+        self.endpoints.release(conv_ids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self.endpoints.close()
 
 
 def _reason(e: Exception) -> str:

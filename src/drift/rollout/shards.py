@@ -30,16 +30,17 @@ def is_complete(directory: str | Path) -> bool:
 
 
 class ShardWriter:
-    """Appends trajectories to `shard-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
+    """Appends trajectories to `<prefix>-NNNNN.jsonl` files of `shard_size` lines; every write is flushed and fsynced.
 
-    After a resume it continues the last shard on disk (whose torn tail `scan_shards` removed).
+    After a resume it continues its last shard on disk (whose torn tail `scan_shards` removed).
+    Writers side by side (the Ray actors of `drift.rollout.ray_exec`) each have a prefix of their own.
     """
 
-    def __init__(self, directory: Path, shard_size: int):
-        self.directory, self.shard_size = directory, shard_size
+    def __init__(self, directory: Path, shard_size: int, prefix: str = "shard"):
+        self.directory, self.shard_size, self.prefix = directory, shard_size, prefix
         directory.mkdir(parents=True, exist_ok=True)
-        shards = sorted(directory.glob("shard-*.jsonl"))
-        self.index = int(shards[-1].stem.split("-")[1]) if shards else 0
+        shards = sorted(directory.glob(f"{prefix}-[0-9]*.jsonl"))
+        self.index = int(shards[-1].stem.rsplit("-", 1)[1]) if shards else 0
         self.count = sum(1 for _ in read_jsonl(shards[-1])) if shards else 0
         self._file = None
 
@@ -58,7 +59,7 @@ class ShardWriter:
             self._file.close()
         if self.count >= self.shard_size:
             self.index, self.count = self.index + 1, 0
-        self._file = (self.directory / f"shard-{self.index:05d}.jsonl").open("a", encoding="utf-8")
+        self._file = (self.directory / f"{self.prefix}-{self.index:05d}.jsonl").open("a", encoding="utf-8")
 
     def _sync(self) -> None:
         self._file.flush()
@@ -71,10 +72,11 @@ class ShardWriter:
             self._file = None
 
 
-def scan_shards(directory: Path) -> set[ConvId]:
-    """Keys of the trajectories on disk. A torn last line (a write cut by a kill) is cut off the file."""
+def scan_shards(directory: Path, pattern: str = "shard-*.jsonl") -> set[ConvId]:
+    """Keys of the trajectories on disk (in the files matching `pattern`). A torn last line (a write
+    cut by a kill) is cut off the file."""
     done: set[ConvId] = set()
-    for path in sorted(directory.glob("shard-*.jsonl")):
+    for path in sorted(directory.glob(pattern)):
         data = path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):

@@ -23,6 +23,7 @@ import torch
 from transformers import SchedulerType, get_scheduler
 
 from drift import DriftError
+from drift.bounds import check_bounds, check_unit_interval
 from drift.config import option
 
 
@@ -70,24 +71,11 @@ def _preset(name: str, base: type, values: dict[str, Any], unrecorded: dict[str,
 OnlineOptim = _preset("OnlineOptim", OptimConfig, ONLINE_PRESET, _ONLINE_UNRECORDED)
 
 
-# numeric keys: (name, lowest allowed value, whether the lowest value itself is allowed)
-_LOWER_BOUNDS = (("lr", 0.0, False), ("weight_decay", 0.0, True), ("max_grad_norm", 0.0, True),
-                 ("negative_nll_cap", 0.0, True))
-
-
 def check_optim(cfg: OptimConfig) -> None:
-    """One clear error for a bad optimization key (both stages)."""
-    for name in ("max_length", "lora_r", "lora_alpha"):
-        if getattr(cfg, name) < 1:
-            raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name, low, inclusive in _LOWER_BOUNDS:
-        value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            raise DriftError(f"config key '{name}' must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                             f"got {value}")
-    for name in ("warmup_ratio", "lora_dropout"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise DriftError(f"config key '{name}' must be in [0, 1), got {getattr(cfg, name)}")
+    """One clear error for a bad optimization key (both stages; the bounds are `drift.bounds`')."""
+    check_bounds(cfg, ("lr", "weight_decay", "max_grad_norm", "negative_nll_cap", "max_length", "lora_r", "lora_alpha"))
+    check_unit_interval(cfg, "warmup_ratio", open_low=False)
+    check_unit_interval(cfg, "lora_dropout", open_low=False)
     schedulers = [s.value for s in SchedulerType]
     if cfg.lr_scheduler not in schedulers:
         raise DriftError(f"config key 'lr_scheduler' must be one of {schedulers}, got {cfg.lr_scheduler!r}")

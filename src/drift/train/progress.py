@@ -64,13 +64,17 @@ class Progress(TrainerCallback):
                                                        "counters": counters, "cost": cost.to_json()})
 
     def counters(self) -> dict[str, float]:
-        """COUNTERS summed over processes plus the resumed checkpoint's, and the training-loop
-        seconds. A collective: every process must call it."""
+        """COUNTERS summed over processes plus the resumed checkpoint's, the training-loop seconds
+        and the sum of the step losses (`loss_sum`; train_loss is its mean over the run's steps).
+        A collective: every process must call it."""
         trainer = self.trainer
         local = trainer.accelerator.reduce(trainer.counts.to(trainer.args.device), reduction="sum").tolist()
         before = self.carried.get("counters", {})
         out: dict[str, float] = {k: int(before.get(k, 0) + v) for k, v in zip(COUNTERS, local)}
         out["seconds"] = before.get("seconds", 0.0) + time.perf_counter() - self.loop_started
+        # the step losses, averaged over processes as the Trainer logs them, summed over the whole run
+        loss = trainer.accelerator.reduce(trainer.loss_sum.to(trainer.args.device).float(), reduction="mean").item()
+        out["loss_sum"] = before.get("loss_sum", 0.0) + loss
         return out
 
     def cost(self, measured: Cost, counters: dict[str, float]) -> Cost:

@@ -50,14 +50,16 @@ from transformers import Trainer
 
 from drift import DriftError
 from drift.config import option
+from drift.distributed import require_requested_engine
 from drift.hardware import default_device, resolve_dtype
 from drift.ledger import Cost, measure, parameter_count
 from drift.records import write_json
-from drift.rundir import Lock, TrainDir, config_record, ensure_writable, read_record, trained_record, weights_record
+from drift.rundir import (Lock, TrainDir, config_record, damaged, ensure_writable, is_space_error, read_record,
+                          space_error, trained_record, weights_record)
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
 from drift.train.optim import OptimConfig, add_lora, check_optim
-from drift.train.output import resume_checkpoint, start_output
+from drift.train.output import check_space, model_files, resume_checkpoint, space_needed, start_output
 from drift.train.progress import COUNTERS, Progress
 
 log = logging.getLogger(__name__)
@@ -111,9 +113,17 @@ class WeightedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.normalize, self.batching, self.nll_cap = normalize, batching, nll_cap
         self.counts = torch.zeros(len(COUNTERS), dtype=torch.float64)  # [COUNTERS] of this process, this run
+        self.loss_sum = torch.zeros((), dtype=torch.float64)  # sum of the step losses of this process, this run
         a = self.args
         rows = a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         self.constant = rows * statistics.fmean(abs(e.weight) for e in self.train_dataset)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The step's loss, also added to `loss_sum` (the Trainer's own sum covers only the steps
+        since a resume; `Progress` carries this one across resumes)."""
+        loss = super().training_step(*args, **kwargs)
+        self.loss_sum = self.loss_sum.to(loss.device) + loss.detach().double()
+        return loss
 
     def get_train_dataloader(self) -> DataLoader:
         args = self.args
@@ -180,20 +190,15 @@ def _check(cfg: TrainConfig) -> None:
         raise DriftError("merge_lora needs lora")
 
 
-# numeric keys: (name, lowest allowed value, whether the lowest value itself is allowed)
-_LOWER_BOUNDS = (("epochs", 0.0, True), ("min_weight", 0.0, True))
-
-
 def _check_numbers(cfg: TrainConfig) -> None:
     check_optim(cfg)
     for name in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
-    for name, low, inclusive in _LOWER_BOUNDS:
+    for name in ("epochs", "min_weight"):
         value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            raise DriftError(f"config key '{name}' must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                             f"got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise DriftError(f"config key '{name}' must be a finite number >= 0, got {value}")
     if cfg.max_steps < 1 and cfg.max_steps != -1:
         raise DriftError(f"config key 'max_steps' must be -1 (run all epochs) or >= 1, got {cfg.max_steps}")
     if cfg.epochs == 0 and cfg.max_steps == -1:
@@ -274,6 +279,8 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
     with measure(cost, str(args.device)):
         # step 2
         rows = read_record(weights_record(cfg.data)) or rows_record(cfg.data)
+        if harm := damaged(Path(cfg.data).parent, rows):
+            raise DriftError(f"{cfg.data}: damaged weighted rows: {'; '.join(harm)}; write them again with drift weights")
         rec = stage_record(cfg, rows, trained_record(cfg.model))
         checkpoint, carried = resume_checkpoint(cfg.resume_from_checkpoint, out, rec)
         # step 3
@@ -290,25 +297,37 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
             raise DriftError(f"{cfg.data}: every kept row has weight 0: nothing to learn")
         # step 4 (after the arguments: under DeepSpeed ZeRO-3 they make from_pretrained load sharded)
         model = _load_model(path, cfg)
+        needed = space_needed(model, path, max(cfg.save_total_limit, 1) if cfg.save_steps > 0 else 0, cfg.lora,
+                              cfg.merge_lora)
+        check_space(out, needed, fresh=checkpoint is None)
         # step 5
         trainer = WeightedTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer,
                                   normalize=cfg.normalize, batching=cfg.batching, nll_cap=cfg.negative_nll_cap)
+        require_requested_engine(trainer.accelerator, "drift train")
         progress = Progress(trainer, rec, carried, started, parameter_count(model))
         trainer.add_callback(progress)
         if trainer.is_world_process_zero():
             start_output(out, {**rec, "config": asdict(cfg)}, fresh=checkpoint is None)
-        result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
-        counters = progress.counters()
-        # step 6
-        trainer.save_model(str(out))
-        if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(out)
-            if cfg.merge_lora:
-                _save_merged(path, out, tokenizer)
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint and str(checkpoint))
+            counters = progress.counters()
+            # step 6
+            trainer.save_model(str(out))
+            if trainer.is_world_process_zero():
+                tokenizer.save_pretrained(out)
+                if cfg.merge_lora:
+                    _save_merged(path, out, tokenizer)
+        except Exception as e:  # a checkpoint's or the model's save; safetensors has its own error type
+            if not is_space_error(e):
+                raise
+            saved = any(out.glob("checkpoint-*/drift_checkpoint.json"))
+            rerun = ("rerun with --resume-from-checkpoint latest (drift run does so itself)" if saved
+                     else "rerun the same command")
+            raise space_error(out, sum(needed.values()), rerun) from None
     summary = {**rec, "status": "complete", **_summary(cfg, stats, trainer, result, counters),
                "resumed_from": checkpoint and str(checkpoint), "cost": progress.cost(cost, counters).to_json()}
     if trainer.is_world_process_zero():
-        write_json(TrainDir(out).summary, summary)
+        write_json(TrainDir(out).summary, {**summary, "files": model_files(out)})
     trainer.accelerator.wait_for_everyone()  # no rank leaves (and drops its connections) while another writes
     log.info("train: %d steps, final loss %s, %.0f tokens/s, saved to %s", summary["steps"], summary["final_loss"],
              summary["tokens_per_second"], out)
@@ -326,7 +345,9 @@ def _summary(cfg: TrainConfig, stats: Any, trainer: WeightedTrainer, result: Any
         "hardware": {"device": trainer.args.device.type, "dtype": "bfloat16" if trainer.args.bf16 else "float32"},
         "distributed_type": trainer.accelerator.distributed_type.value,
         "constant_normalizer": trainer.constant if cfg.normalize == "constant" else None,
-        "train_loss": result.training_loss, "final_loss": history[-1]["loss"] if history else result.training_loss,
+        # the mean step loss over the whole run, resumed or not (the Trainer's covers this process's steps)
+        "train_loss": counters["loss_sum"] / max(trainer.state.global_step, 1),
+        "final_loss": history[-1]["loss"] if history else result.training_loss,
         "history": history,
         "seconds": seconds, "trained_tokens": trained, "tokens": real, "capped_tokens": counters["capped_tokens"],
         "padding_share": 1 - real / slots if slots else 0.0,

@@ -1,0 +1,338 @@
+"""Reliability through the real CLI (`drift.cli.main`): a custom checker's answer must be a bool,
+a full disk and a damaged output are one clear line with nothing lost, and resumes are exact.
+
+The checker functions below are imported by name (`test_reliability:fn`) in checker workers.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from drift.cli import main
+
+
+def says_yes(answer: str, gold: str) -> str:
+    return "yes"
+
+
+def write_tasks(path, checker: str) -> str:
+    rows = [{"id": f"q{i}", "question": f"What is {i} + 11?", "answer": str(i + 11), "checker": checker,
+             "extract": "full"} for i in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def error_lines(capsys) -> list[str]:
+    return [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("drift ")]
+
+
+def test_a_custom_checker_that_answers_yes_stops_the_rollout_with_one_line(tmp_path, capsys, tiny_model_dir):
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "test_reliability:says_yes")
+    rc = main(["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(tmp_path / "r"),
+               "--n", "1", "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"])
+    assert rc == 2
+    assert error_lines(capsys)[-1] == ("drift rollout: error: custom checker test_reliability:says_yes returned 'yes' "
+                                       "(str); it must return True (correct), False (wrong) or None (unparseable)")
+
+
+# --- a full disk -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size mounted under tmp_path (needs root; skipped where mount is refused)."""
+    mounted = []
+
+    def mount(kib: int):
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def fill(disk) -> Path:
+    """Fill `disk` to the last byte with one file; removing it frees the space again."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def weighted_rows(path, n=8):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"<answer>{2 * i}</answer>"}], "weight": 1.0 + i % 2}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", str(model), "--data", data, "--output", str(out), "--batch-size", "2", "--lr", "1e-3",
+            "--logging-steps", "1", "--warmup-ratio", "0", *extra]
+
+
+def test_train_refuses_a_disk_too_small_before_training(tmp_path, capsys, tiny_model_dir, small_disk):
+    disk = small_disk(128)  # the tiny model's float32 weights alone are ~360 KiB
+    out = disk / "t"
+    rc = main(train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "2"))
+    line = error_lines(capsys)[-1]
+    assert rc == 2 and line.startswith(f"drift train: error: not enough space for {out}: ")
+    assert "free, the run writes about" in line and "model " in line
+    assert not (out / "train_summary.json").exists()  # refused before the output was marked running
+
+
+def test_train_full_disk_at_save_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    """The model's save meets a full disk (monkeypatched: the save raises ENOSPC as the OS would),
+    after checkpoints were saved: one line, the checkpoints kept, the rerun resumes from them."""
+    from drift.train import trainer
+
+    out = tmp_path / "t"
+
+    real = trainer.WeightedTrainer.save_model
+
+    def full(self, output_dir=None, *args, **kwargs):
+        if output_dir == str(out):  # the model's save; the checkpoints' go through
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+        return real(self, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.WeightedTrainer, "save_model", full)
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "3",
+                      "--save-steps", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift train: error: no space left on device writing {out} (")
+    assert line.endswith("rerun with --resume-from-checkpoint latest (drift run does so itself)")
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "running"
+    assert (out / "checkpoint-2" / "drift_checkpoint.json").is_file()
+    monkeypatch.setattr(trainer.WeightedTrainer, "save_model", real)  # space freed
+    assert main([*args, "--resume-from-checkpoint", "latest"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
+
+
+def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, capsys, tiny_model_dir, small_disk):
+    disk = small_disk(256)
+    filler = fill(disk)
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    rollout = ["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(disk / "r"), "--n", "2",
+               "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]
+    assert main(rollout) == 2
+    assert error_lines(capsys)[-1].startswith(f"drift rollout: error: no space left on device writing {disk / 'r'}")
+    weights = ["weights", str(tmp_path / "r0"), "--output", str(disk / "w.jsonl")]
+    assert main(["rollout", *rollout[1:-10], "--output", str(tmp_path / "r0"), *rollout[-8:]]) == 0
+    capsys.readouterr()
+    assert main(weights) == 2
+    assert error_lines(capsys)[-1].startswith(f"drift weights: error: no space left on device writing {disk}")
+    filler.unlink()
+    assert main(rollout) == 0 and main(weights) == 0
+    assert (disk / "w.jsonl").read_text()
+
+
+# --- damaged outputs ---------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_model_is_refused_by_every_loader_and_retrained(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "t"
+    data = weighted_rows(tmp_path / "w.jsonl")
+    assert main(train_args(tiny_model_dir, data, out, "--max-steps", "1")) == 0
+    files = json.loads((out / "train_summary.json").read_text())["files"]
+    assert set(files) == {"model.safetensors"} and files["model.safetensors"]["bytes"] > 0
+    truncate(out / "model.safetensors")
+    capsys.readouterr()
+    # a command that loads the model refuses it: here, training on from it
+    assert main(train_args(out, data, tmp_path / "t2", "--max-steps", "1")) == 2
+    line = error_lines(capsys)[-1]
+    assert line.startswith(f"drift train: error: {out}: damaged model: model.safetensors has ")
+    assert "its record says" in line and "truncated" in line
+    assert main(train_args(tiny_model_dir, data, out, "--max-steps", "1")) == 0  # the same command mends it
+    assert main(train_args(out, data, tmp_path / "t2", "--max-steps", "1")) == 0
+
+
+def test_drift_train_refuses_damaged_weighted_rows(tmp_path, capsys, tiny_model_dir):
+    rollout = tmp_path / "r"
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    assert main(["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(rollout), "--n", "2",
+                 "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]) == 0
+    assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl"), "--method", "sft"]) == 0
+    (tmp_path / "w.jsonl").write_text((tmp_path / "w.jsonl").read_text().replace('"weight": 1.0', '"weight": 9.0', 1))
+    capsys.readouterr()
+    assert main(train_args(tiny_model_dir, str(tmp_path / "w.jsonl"), tmp_path / "t")) == 2
+    assert error_lines(capsys)[-1] == (f"drift train: error: {tmp_path / 'w.jsonl'}: damaged weighted rows: w.jsonl "
+                                       "differs from the file its record vouches for (sha256); write them again with "
+                                       "drift weights")
+
+
+def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, tiny_model_dir):
+    from test_pipeline import config
+
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(data))
+    assert main(["run", str(cfg)]) == 0
+    model = tmp_path / "run/train/drift/model.safetensors"
+    whole = model.read_bytes()
+    truncate(model)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="drift")
+    assert main(["run", str(cfg)]) == 0
+    said = caplog.text
+    assert "stage train/drift: complete, but its files are damaged (model.safetensors has" in said
+    assert "stage train/drift: complete, skipped" not in said and "stage rollout: complete, skipped" in said
+    assert model.stat().st_size == len(whole)
+
+
+# --- exact resumes -----------------------------------------------------------------------
+
+
+def test_train_loss_after_a_resume_covers_the_whole_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "t"
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "4", "--save-steps", "1",
+                      "--save-total-limit", "4")
+    assert main(args) == 0
+    whole = json.loads((out / "train_summary.json").read_text())
+    losses = [h["loss"] for h in whole["history"]]
+    assert len(losses) == 4 and whole["train_loss"] == pytest.approx(sum(losses) / 4, rel=1e-4)
+    # killed after checkpoint 2 (3's record was never written), then resumed: steps 3 and 4 are redone
+    (out / "checkpoint-3" / "drift_checkpoint.json").unlink()
+    assert main([*args, "--resume-from-checkpoint", "latest"]) == 0
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+
+
+def reference_rows(groups: int, n: int) -> list[dict]:
+    return [{"prompt_id": f"p{g}", "sample_idx": i, "messages": [], "turn_rewards": {"t1": float((g + i) % 2)},
+             "answer_norms": [str(i)], "format_penalty": 0.0, "t_star": 1 if (g + i) % 2 else None}
+            for g in range(groups) for i in range(n)]
+
+
+def test_the_weighted_file_is_in_canonical_order_whatever_the_completion_order(tmp_path):
+    rows = reference_rows(3, 4)
+    written = []
+    shuffled = random.Random(1).sample(rows, len(rows))  # a resumed rollout's completion order
+    assert shuffled != rows
+    for name, order in [("in-order", rows), ("completed-otherwise", shuffled)]:
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in order))
+        assert main(["weights", str(src), "--output", str(tmp_path / f"{name}-w.jsonl")]) == 0
+        written.append((tmp_path / f"{name}-w.jsonl").read_bytes())
+    assert written[0] == written[1]
+    keys = [(r["prompt_id"], r["sample_idx"]) for r in map(json.loads, written[0].decode().splitlines())]
+    assert keys == sorted(keys)
+
+
+def test_beta_auto_that_cannot_reach_its_target_says_so(tmp_path, caplog):
+    src = tmp_path / "n2.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in reference_rows(3, 2)))  # n = 2: ESS/N >= 0.5
+    with caplog.at_level(logging.WARNING, logger="drift.weights"):
+        assert main(["weights", str(src), "--output", str(tmp_path / "w.jsonl"), "--beta", "auto"]) == 0
+    assert "beta auto cannot reach the ESS/N target 0.25 on these groups: it took beta 0.0001" in caplog.text
+    diag = json.loads((tmp_path / "w.weights.json").read_text())
+    assert diag["ess_target_met"] is False and diag["ess_share_reached"] == pytest.approx(0.5)
+    assert main(["weights", str(src), "--output", str(tmp_path / "w2.jsonl"), "--beta", "auto",
+                 "--ess-target", "0.75"]) == 0
+    assert json.loads((tmp_path / "w2.weights.json").read_text())["ess_target_met"] is True
+
+
+# --- surprising defaults -----------------------------------------------------------------
+
+
+def test_online_says_what_its_evaluations_cost_and_warns_on_the_training_split(tmp_path, caplog, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    tasks = online_tasks(tmp_path / "tasks.jsonl", 4)
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={tasks}", f"--output={tmp_path / 'o'}", "--n=2",
+            "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=1", "--eval-every=0",
+            "--dtype=float32", '--eval={"split": "train", "max_new_tokens": 3}']
+    with caplog.at_level(logging.INFO, logger="drift.online"):
+        assert main(args) == 0
+    said = caplog.text
+    assert "online: the held-out evaluations (eval split 'train') score problems the arm trains on (split 'train')" in said
+    assert "online: 1 held-out evaluation(s), each of " in said and """bound them with --eval '{"num_problems": N}'""" in said
+    assert "each held-out evaluation (" in said and "will take about" in said
+
+
+# --- messages that name the key ----------------------------------------------------------
+
+
+def test_changing_an_arms_rounds_or_round_data_names_the_key(tmp_path, capsys, tiny_model_dir):
+    from test_pipeline import config
+
+    data = config(tmp_path, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(data))
+    assert main(["run", str(cfg)]) == 0
+    stamp = (tmp_path / "run/eval/drift/metrics.json").read_bytes()
+    for change, named in [({"rounds": 2}, "arms.drift.rounds: 1 -> 2"),
+                          ({"rounds": 2, "round_data": "union"}, "arms.drift.round_data: 'continue' -> 'union', "
+                                                                 "arms.drift.rounds: 1 -> 2")]:
+        cfg.write_text(json.dumps({**data, "arms": {"drift": {**data["arms"]["drift"], **change}}}))
+        capsys.readouterr()
+        assert main(["run", str(cfg)]) == 2
+        line = error_lines(capsys)[-1]
+        assert f"eval/drift ({named})" in line and "an earlier stage was redone" not in line, line
+    assert (tmp_path / "run/eval/drift/metrics.json").read_bytes() == stamp  # nothing touched
+
+
+# --- one rule per shared setting ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--kl", "matched", "--kl-coef", "-1"], "config key 'kl_coef' must be a finite number >= 0 (or none), got -1.0"),
+    (["--kl", "ufo", "--kl-coef", "-1"], "config key 'kl_coef' must be a finite number >= 0 (or none), got -1.0"),
+    (["--gamma", "0"], "config key 'gamma' must be in (0, 1], got 0.0"),
+    (["--gamma", "2"], "config key 'gamma' must be in (0, 1], got 2.0"),
+    (["--gamma", "-1"], "config key 'gamma' must be in (0, 1], got -1.0"),
+    (["--negative-nll-cap", "-1"], "config key 'negative_nll_cap' must be a finite number >= 0 (or none), got -1.0"),
+    (["--max-length", "0"], "config key 'max_length' must be >= 1, got 0"),
+])
+def test_online_checks_every_shared_setting_by_the_other_stages_rule(tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    assert main(["online", "--tasks", "mc-arith", "--output", str(out), *flags]) == 2
+    assert error_lines(capsys) == [f"drift online: error: {message}"]
+    assert not out.exists()  # before anything was written (and before any model was loaded)
+    stage = {"--gamma": ["weights", "x.jsonl", "--output", str(tmp_path / "w.jsonl")]}.get(flags[0])
+    if stage is None and flags[0] in ("--negative-nll-cap", "--max-length"):
+        stage = ["train", "--data", "x.jsonl", "--output", str(tmp_path / "t")]
+    if stage:  # the stage that shares the setting says the same
+        assert main([*stage, *flags]) == 2
+        assert error_lines(capsys) == [f"drift {stage[0]}: error: {message}"]
+
+
+def test_a_failed_online_start_does_not_block_the_corrected_command(tmp_path, capsys, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    out = tmp_path / "o"
+    args = [f"--model={tiny_model_dir}", f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1",
+            "--max-new-tokens=3", "--iterations=1", "--eval-every=0", "--dtype=float32", "--resume",
+            '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    bad = online_tasks(tmp_path / "bad.jsonl", 4, checker="test_reliability:says_yes")
+    assert main(["online", f"--tasks={bad}", *args]) == 2  # fails in its first rollout
+    assert "returned 'yes' (str)" in error_lines(capsys)[-1]
+    good = online_tasks(tmp_path / "good.jsonl", 4)
+    assert main(["online", f"--tasks={good}", *args]) == 0
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "complete"
