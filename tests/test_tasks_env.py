@@ -258,11 +258,13 @@ def test_hf_tasks_without_datasets_name_the_extra(monkeypatch):
 
 def test_episode_without_oracle_goes_on_after_a_right_answer():
     p = mul_problem()
-    ep = Episode(p, 0, EnvConfig(max_turns=3, oracle=False, feedback="Please check your answer and answer again."))
-    ep.step(f"It is {p.answer}.")
+    cfg = EnvConfig(max_turns=3, oracle=False, feedback="Please check your answer and answer again.")
+    runner = EnvRunner(cfg)
+    ep = Episode(p, 0, runner.resets([p])[0], cfg.max_turns, cfg.oracle)
+    say(runner, ep, f"It is {p.answer}.")
     assert not ep.done and ep.messages[-1] == {"role": "user", "content": "Please check your answer and answer again."}
-    ep.step("It is 0.")
-    ep.step(f"{p.answer}")
+    say(runner, ep, "It is 0.")
+    say(runner, ep, f"{p.answer}")
     t = ep.trajectory
     assert ep.done and t.success_turn == 1  # the first correct turn, though turn 2 was wrong
     assert [turn.status for turn in t.turns] == ["correct", "wrong", "correct"]
@@ -270,19 +272,21 @@ def test_episode_without_oracle_goes_on_after_a_right_answer():
 
 def test_episode_with_a_planted_answer_starts_after_it():
     p = dataclasses.replace(mul_problem(), planted="I think it is 1.")
-    ep = Episode(p, 0, EnvConfig(max_turns=3))
+    runner, ep = episode(p, EnvConfig(max_turns=3))
+    runner.plant([ep])
     t = ep.trajectory
     assert t.metadata == {"planted": True} and not ep.done
     assert t.turns[0].response == "I think it is 1." and t.turns[0].status == "wrong" and t.turns[0].tokens == 0
     assert [m["role"] for m in t.messages] == ["system", "user", "assistant", "user"]
     assert t.messages[2:] == [{"role": "assistant", "content": "I think it is 1."},
                               {"role": "user", "content": "Incorrect. Please think again."}]
-    ep.step(p.answer)
+    say(runner, ep, p.answer)
     assert ep.done and t.success_turn == 2
     with pytest.raises(DriftError, match="planted answer ends the conversation"):
-        Episode(dataclasses.replace(p, planted=p.answer), 0, EnvConfig(max_turns=3))
+        right, = [dataclasses.replace(p, planted=p.answer)]
+        runner.plant([episode(right, EnvConfig(max_turns=3))[1]])
     with pytest.raises(DriftError, match="planted answer ends the conversation"):
-        Episode(p, 0, EnvConfig(max_turns=1))
+        runner.plant([episode(p, EnvConfig(max_turns=1))[1]])
 
 
 def test_a_key_added_later_is_recorded_only_when_changed():

@@ -45,6 +45,7 @@ from drift.rollout.config import RolloutConfig
 from drift.rundir import EvalDir, RunDir, TrainDir, read_record
 from drift.tasks import Problem
 from drift.train import trainer
+from drift.train.optim import OPTIM_KEYS
 from drift.train.trainer import TrainConfig
 from drift.weights import ReturnConfig, WeightsConfig, stage_record as weights_stage_record
 from drift.weights import run_weights, union, union_record, weights_record
@@ -351,8 +352,10 @@ def resumed(t: TrainConfig) -> TrainConfig:
 @dataclass(frozen=True)
 class OnlineArm(Arm):
     """Online RL: [rollout]'s problems, environment and sampling, [weights]' return and beta,
-    [train]'s and its own `train` optimization keys, its own `online` keys; its learning curve is
-    evaluated on [eval]'s held-out problems."""
+    the optimization keys (`OPTIM_KEYS`) written in [train] and its own `train` table, then its
+    own `online` keys, which win; a key written nowhere keeps the online default
+    (`drift.train.optim.ONLINE_PRESET`). Its learning curve is evaluated on [eval]'s held-out
+    problems."""
 
     methods: ClassVar[tuple[str, ...]] = ("online",)
 
@@ -365,7 +368,8 @@ class OnlineArm(Arm):
                or (k == "beta" and v != "auto")}  # an auto beta is chosen from DRIFT's rollouts: set it here
         shared = {k: v for k, v in run.rollout.items()  # it samples in memory, in one process
                   if k not in ("workers", "executor", "num_actors", "num_cpus", "num_gpus", "ray_address")}
-        return build(OnlineConfig, {**shared, **ret, **a.online, "model": run.model, "eval": run.eval,
+        optim = {k: v for k, v in {**run.train, **a.train}.items() if k in OPTIM_KEYS}  # lr, LoRA, ...: as written
+        return build(OnlineConfig, {**shared, **optim, **ret, **a.online, "model": run.model, "eval": run.eval,
                                     "output": str(run.dir.online(self.name).path), "resume": True},
                      f"arms.{self.name}.online.")
 

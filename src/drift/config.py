@@ -31,6 +31,9 @@ def option(default: Any, help: str, result: bool | str = True, **kw: Any) -> Any
     batch sizes of inference, logging, retries): it is left out of the stage's `settings`.
     `result="changed"` marks a key added after records were written without it: it is in the
     settings only when set away from its default, so those records still match a rerun.
+    `unrecorded=value` (a key added to a stage later): while the key holds the value that the
+    stage's records made before it existed meant, it is left out of `settings`, so those
+    records still match.
     """
     meta = {"help": help, "result": result, **kw}
     if isinstance(default, (list, dict)):
@@ -47,6 +50,8 @@ def settings(cfg: Any) -> dict[str, Any]:
 
 
 def _recorded(f: dataclasses.Field, value: Any) -> bool:
+    if "unrecorded" in f.metadata and value == f.metadata["unrecorded"]:
+        return False
     result = f.metadata.get("result", True)
     return result == "changed" and value != f.default if isinstance(result, str) else bool(result)
 

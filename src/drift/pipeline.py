@@ -51,7 +51,8 @@ class RunConfig:
     model: str = option("smollm2-135m", "reference model (also the base of every arm)")
     rollout: dict = option({}, "drift rollout keys (tasks, num_problems, split, n, max_turns, temperature, ...)")
     weights: dict = option({}, "drift weights keys shared by all arms (beta, gamma, penalties, degenerate)")
-    train: dict = option({}, "drift train keys shared by all arms (lr, epochs, batch_size, turns, ...)")
+    train: dict = option({}, "drift train keys shared by all arms (lr, epochs, batch_size, turns, ...); online arms "
+                         "take its optimization keys (lr, schedule, weight_decay, max_grad_norm, LoRA, ...)")
     eval: dict = option({}, "drift eval keys (tasks, num_problems, split, ...); the environment keys "
                         f"({', '.join(ENVIRONMENT_KEYS)}) default to [rollout]'s")
     arms: dict[str, ArmConfig] = option({"drift": {"method": "drift"}},

@@ -154,6 +154,16 @@ class EnvRunner:
             out.append([dict(m) for m in value])
         return out
 
+    def plant(self, episodes: Sequence[Episode]) -> None:
+        """Answer turn 1 of each episode with its problem's planted answer, judged like any other."""
+        for ep in episodes:
+            ep.answer(ep.problem.planted)
+        for ep, step in zip(episodes, self.steps(episodes)):
+            ep.apply(step)
+            if ep.done:
+                raise DriftError(f"problem {ep.problem.id}: its planted answer ends the conversation at once "
+                                 "(it is correct, or max_turns is 1): nothing is left to answer")
+
     def steps(self, episodes: Sequence[Episode]) -> list[Step]:
         """Judge each episode's last message (the model's answer)."""
         items = [(ep.row, list(ep.messages)) for ep in episodes]

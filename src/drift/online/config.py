@@ -3,7 +3,10 @@
 Task, environment and sampling keys are the rollout stage's own (`RolloutConfig`): the group
 size is the rollout's `n`, so in a `drift run` config the online arm and DRIFT share one
 [rollout] table and sample in the same environment. The return keys are the weights stage's
-(`ReturnConfig`): both arms score a conversation the same way.
+(`ReturnConfig`): both arms score a conversation the same way. The optimization keys (lr,
+schedule, weight decay, clipping, max_length, the NLL cap, LoRA) are offline training's
+(`drift.train.optim`) with the online preset `ONLINE_PRESET` as their defaults; with LoRA the
+KL's reference is the base model with the adapter disabled.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from drift import DriftError
-from drift.bounds import check_bounds, check_unit_interval
+from drift.bounds import check_bounds
 from drift.config import option
 from drift.rollout.config import RolloutConfig
+from drift.train.optim import OnlineOptim, check_optim
 from drift.weights import ReturnConfig
 
 KL_DEFAULT = {"ufo": 0.001}  # matched: the DRIFT arm's beta
 
 
 @dataclass
-class OnlineConfig(RolloutConfig, ReturnConfig):
+class OnlineConfig(RolloutConfig, ReturnConfig, OnlineOptim):
     output: str = option("", "directory of the online run: the final model, train_summary.json, state/, "
                          "iterations/ (required)", result=False)
     split: str = option("train", "which part of a built-in generator's problem space to train on")
@@ -43,19 +47,7 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
         "the loss with coefficient beta: the KL-regularized objective DRIFT's weights solve in closed form)")
     kl_coef: float | None = option(None, "override the KL coefficient (none: 0.001 for ufo, beta for matched)")
     beta: float = option(0.1, "the DRIFT arm's beta (the coefficient of kl = matched)")
-    lr: float = option(1e-6, "AdamW learning rate, constant")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     micro_batch_size: int = option(8, "conversations per forward/backward pass (gradients accumulate)", result=False)
-    max_length: int = option(1024, "tokens per conversation; longer ones lose earlier tokens from the left")
-    negative_nll_cap: float | None = option(None, "stop pushing down a token of negative advantage once its "
-                                            "NLL exceeds this (none: no cap)")
-    lora: bool = option(False, "train a LoRA adapter (peft) instead of all weights; the reference is then the "
-                        "base with the adapter disabled")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.0, "LoRA dropout")
-    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     eval_every: int = option(10, "evaluate on held-out problems every this many iterations (and after the last; "
                              "0: only after the last)")
     eval: dict = option({"split": "test"}, "drift eval keys of the held-out evaluations (split, num_problems, ...); "
@@ -65,16 +57,15 @@ class OnlineConfig(RolloutConfig, ReturnConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check_returns()
-        check_bounds(self, ("lr", "weight_decay", "max_grad_norm", "negative_nll_cap", "kl_coef", "max_length",
-                            "lora_r", "lora_alpha"))
-        check_unit_interval(self, "lora_dropout", open_low=False)
+        check_optim(self)
+        check_bounds(self, ("kl_coef",))
         for key in ("iterations", "batch_prompts", "minibatches", "update_epochs", "micro_batch_size", "save_every"):
             if getattr(self, key) < 1:
                 raise DriftError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         for key in ("beta", "clip_low", "clip_high"):
             v = getattr(self, key)
-            if not (math.isfinite(v) and v >= 0) or (key in ("lr", "beta") and v == 0):
-                raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key in ('lr', 'beta') else '>= 0'}"
+            if not (math.isfinite(v) and v >= 0) or (key == "beta" and v == 0):
+                raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key == 'beta' else '>= 0'}"
                                  f", got {v}")
         if self.workers > 1:
             raise DriftError("config key 'workers' applies to rollout and eval stages: the online arm samples "

@@ -5,7 +5,8 @@
 - `logprobs()` runs the auxiliary forward passes (the sampling policy's log-probabilities for
   PPO ratios, the reference's for the KL): per example, log p(token t | tokens < t) at each
   trained position t.
-- `update()` is one iteration's optimizer work through the one loss of `drift.train.loss`:
+- `update()` is one iteration's optimizer work (AdamW and its learning-rate schedule from
+  `drift.train.optim`, constant by default) through the one loss of `drift.train.loss`:
   `minibatches` steps per epoch, `update_epochs` epochs, micro-batches accumulated, the
   normalizer counted over the global (all-process) minibatch.
 The reference for the KL is the base model: with LoRA the same model with its adapter disabled,
@@ -25,7 +26,8 @@ import torch
 
 from drift.online.config import OnlineConfig
 from drift.train.data import Example, collate
-from drift.train.loss import LossStats, loss_targets, policy_loss_sum, token_logprobs
+from drift.train.loss import LossStats, loss_targets, policy_loss_sum, row_share, token_logprobs
+from drift.train.optim import make_optimizer
 
 PerToken = list[float]  # aligned with an example's input_ids; the value at t belongs to token t
 
@@ -50,8 +52,8 @@ class Policy:
         if cfg.kl != "none" and not cfg.lora:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        optimizer, self.scheduler = make_optimizer(params, cfg, cfg.iterations * cfg.update_epochs * cfg.minibatches)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)  # the schedule steps once per step, here
         if self.reference is not None:
             self.reference = self.reference.to(accelerator.device)
 
@@ -121,7 +123,7 @@ class Policy:
         cfg, acc = self.cfg, self.accelerator
         world, rank = acc.num_processes, acc.process_index
         mine = list(range(rank, len(examples), world))  # this process's share of the global minibatch
-        normalizer = sum(sum(e.mask) for e in examples) if cfg.normalize == "tokens" else len(examples)
+        normalizer = sum(row_share(cfg.normalize, e.weight, e.mask) for e in examples)
         chunks = _chunks(sorted(mine, key=lambda i: len(examples[i].input_ids)), cfg.micro_batch_size) or [[]]
         step_loss = torch.zeros((), dtype=torch.float64)
         for k, chunk in enumerate(chunks):
@@ -139,6 +141,7 @@ class Policy:
                 step_loss += float(loss.detach())
         norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats.steps += 1
         stats.loss.append(float(acc.reduce(step_loss.to(acc.device), reduction="sum")))
@@ -147,11 +150,12 @@ class Policy:
     def _loss(self, chunk: list[Example], old: list[PerToken] | None,
               ref: list[PerToken] | None) -> tuple[torch.Tensor, LossStats]:
         cfg, dev = self.cfg, self.accelerator.device
-        batch = collate(chunk, self.pad_id)
+        batch = collate(chunk, self.pad_id, normalize=cfg.normalize)
         keep, targets, weights = loss_targets(batch["labels"], batch["token_weight"])
         mass = None
         if cfg.normalize == "sequences":  # 1 / n_i per trained token: a per-conversation mean of the KL too
-            ones = collate([Example(e.input_ids, e.mask, 1.0, e.line) for e in chunk], self.pad_id)
+            ones = collate([Example(e.input_ids, e.mask, 1.0, e.line) for e in chunk], self.pad_id,
+                           normalize=cfg.normalize)
             mass = ones["token_weight"][:, 1:][:, keep].to(dev)
         with self.autocast():
             logits = self.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
@@ -170,13 +174,15 @@ class Policy:
         trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
         weights = {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()
                    if not self.cfg.lora or k in trainable or "lora_" in k}
-        return {"model": weights, "optimizer": self.optimizer.state_dict()}
+        return {"model": weights, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
         missing, unexpected = self.unwrapped.load_state_dict(state["model"], strict=not self.cfg.lora)
         if unexpected:
             raise RuntimeError(f"state holds unknown weights: {unexpected[:3]}")
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # a state saved before the schedule was kept had a constant rate
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _at(values: list[PerToken] | None, batch: dict[str, torch.Tensor], keep: torch.Tensor,

@@ -49,6 +49,7 @@ from drift.rollout.config import sampling_record
 from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, trained_record
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
+from drift.train.optim import add_lora
 from drift.train.output import model_files
 from drift.weights import trajectory_return
 
@@ -147,7 +148,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         model, tokenizer = load_model_and_tokenizer(path, dtype="float32", device=str(accelerator.device))
         model.train()
         if cfg.lora:
-            model = _lora(model, cfg)
+            model = add_lora(model, cfg)
         policy = Policy(cfg, model, tokenizer, accelerator, _gen_dtype(cfg))
         progress = _fresh_progress(parameter_count(policy.unwrapped))
         resume = saved.load(out) if previous is not None else None
@@ -178,16 +179,6 @@ def _vllm(cfg: OnlineConfig) -> Any:
     return VLLMBackend(resolve_model(cfg.model), seed=cfg.seed, tensor_parallel_size=cfg.tensor_parallel_size,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                        dtype=resolved_dtype(cfg), max_lora_rank=cfg.lora_r if cfg.lora else None, extra=cfg.vllm_args)
-
-
-def _lora(model: Any, cfg: OnlineConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
-
-    try:
-        return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
-    except ValueError as e:
-        raise DriftError(f"LoRA: {e}") from None
 
 
 def _fresh_progress(parameters: int) -> dict[str, Any]:
@@ -339,8 +330,7 @@ class _Loop:
                 e = examples[i]
                 if e is None:
                     continue
-                scale = sum(e.mask) if cfg.normalize == "tokens" else 1  # collate divides by the row's tokens
-                train.append(Example(e.input_ids, e.mask, a * scale, e.line))
+                train.append(Example(e.input_ids, e.mask, a, e.line))
         entry = {"iteration": it + 1, "conversations": len(trajs), "groups": len(groups),
                  "groups_trained": len(sel.kept), "groups_zero_spread": len(sel.zero_spread),
                  "groups_filtered": len(sel.filtered), "unrenderable": unrenderable,

@@ -1,6 +1,6 @@
 """The online run's resumable state, replaced atomically after each completed iteration.
 
-    <online>/state/policy.pt      trainable weights + optimizer state (`Policy.state()`)
+    <online>/state/policy.pt      trainable weights + optimizer and learning-rate schedule state (`Policy.state()`)
     <online>/state/progress.json  iterations done, the cost so far, the learning curve, per-iteration stats
 
 A new state is written to state.tmp/ and swapped in by renames (state -> state.old, state.tmp ->

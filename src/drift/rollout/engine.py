@@ -278,21 +278,11 @@ class _Conversations:
         for (problem, indices), opening in zip(groups, self.env.resets([p for p, _ in groups])):
             group = {(problem.id, i): Episode(problem, i, opening, self.max_turns, self.oracle) for i in indices}
             if problem.planted is not None:  # a planted answer is turn 1: the model starts at turn 2
-                self._plant(problem, list(group.values()))
+                self.env.plant(list(group.values()))
             first = next(iter(group.values()))
             requests.append(GenRequest(list(group), list(first.messages), len(first.trajectory.turns) + 1))
             self.live.update(group)
         return requests
-
-    def _plant(self, problem: Problem, episodes: list[Episode]) -> None:
-        """Answer turn 1 of each episode with the problem's planted answer, judged by the environment."""
-        for ep in episodes:
-            ep.answer(problem.planted)
-        for ep, step in zip(episodes, self.env.steps(episodes)):
-            ep.apply(step)
-            if ep.done:
-                raise DriftError(f"problem {problem.id}: its planted answer ends the conversation at once "
-                                 "(it is correct, or max_turns is 1): nothing is left to answer")
 
     def skip(self, keys: list[ConvId]) -> None:
         """These conversations' histories do not fit the model context: end them unwritten."""

@@ -19,8 +19,9 @@ The first token of a row is never a target: with packing, the previous row's las
 would predict it, and padded it would be counted without being trained.
 
 The loss needs, per token, the weight of its example divided by the example's number of
-trained tokens (`token_weight`), so that summing token_weight * NLL over any batch layout,
-padded or packed, gives sum_i w_i * mean-token-NLL_i.
+trained tokens (`token_weight`, from `drift.train.loss.token_weights`), so that summing
+token_weight * NLL over any batch layout, padded or packed, gives sum_i w_i * mean-token-NLL_i
+(the online arm's normalize = tokens puts w_i itself on each token).
 
 A row that `drift weights` marked pruned (`"pruned": true`: its weight is negligible within its
 group) is read, tokenized and placed in the global batches like any other, so the batches, and
@@ -45,6 +46,7 @@ import torch
 from drift import DriftError
 from drift.chat import end_of_turn_ids, render
 from drift.records import RowError, WeightedRow, check_messages, check_row_schema, jsonl_files, read_jsonl
+from drift.train.loss import Normalize, token_weights
 
 Turns = Literal["last", "all"]
 Batching = Literal["group", "pack", "random"]
@@ -268,8 +270,10 @@ def rescale(examples: list[Example], stats: DataStats) -> None:
         e.weight *= stats.weight_scale
 
 
-def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dict[str, torch.Tensor]:
-    """A batch: padded to the longest row (right padding) or packed into one row.
+def collate(examples: Sequence[Example], pad_id: int, pack: bool = False,
+            normalize: Normalize = "mean") -> dict[str, torch.Tensor]:
+    """A batch: padded to the longest row (right padding) or packed into one row; each row's
+    weight spread over its trained tokens as `normalize` says (`drift.train.loss.token_weights`).
 
     Packed rows carry `position_ids` restarting at 0 for each sequence and no attention mask;
     transformers then builds a block-diagonal causal mask so sequences never see each other.
@@ -280,11 +284,10 @@ def collate(examples: Sequence[Example], pad_id: int, pack: bool = False) -> dic
     examples = [e for e in examples if not e.pruned]
     if not examples:  # one padding token, no target: a zero gradient, and the step still happens
         examples = [Example([pad_id], [0], 0.0, 0)]
-    scales = [e.weight / max(sum(e.mask), 1) for e in examples]
     rows = []
-    for e, s in zip(examples, scales):
+    for e in examples:
         labels = [t if m else -100 for t, m in zip(e.input_ids, e.mask)]
-        rows.append((e.input_ids, labels, [s * m for m in e.mask]))
+        rows.append((e.input_ids, labels, token_weights(e.weight, e.mask, normalize)))
     batch: dict[str, torch.Tensor] = {}
     if pack:
         batch["input_ids"] = torch.tensor([[t for r in rows for t in r[0]]])  # [1, T]

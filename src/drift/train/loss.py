@@ -9,9 +9,17 @@ log-probability logp_t of each trained token:
     + KL to a reference (k3):            kl_coef * sum_t m_t * (exp(d_t) - d_t - 1),  d_t = ref_logp_t - logp_t
 
 With one optimizer step per on-policy batch, old_logp = logp (detached): the ratio is exactly 1
-and the PPO form has the same gradient as the first line. The offline arms put w_i / n_i on the
-n_i trained tokens of example i (so the sum is sum_i w_i * mean-token-NLL_i); the online arm puts
-its advantage A_i there. The caller divides the sum by the normalizer of its global batch.
+and the PPO form has the same gradient as the first line. The row weight w_i (an importance
+weight offline, the advantage A_i online) reaches its n_i trained tokens as `token_weights` puts
+it there, and the caller divides the sum by its global batch's normalizer. One vocabulary,
+`normalize`, names both (offline training accepts the first three, the online arm the last two):
+
+    normalize    token weight   global batch B divided by     loss
+    mean         w_i / n_i      |B| (rows)                    sum_i w_i * mean-token-NLL_i / |B|
+    weight_sum   w_i / n_i      sum_i w_i                     ... / sum_i w_i
+    constant     w_i / n_i      G * mean_j |w_j| (fixed)      ... / (G * mean |w|)
+    sequences    w_i / n_i      |B| (rows)                    the same loss as mean
+    tokens       w_i            sum_i n_i (trained tokens)    sum_t w_t * NLL_t / trained tokens
 
 Negative weights (swift, negative advantages) push a token's probability down, without bound
 as training goes on. `nll_cap` bounds that: a negative-weight token whose NLL already exceeds
@@ -20,10 +28,28 @@ the cap contributes nothing more (its term is w_t * min(NLL_t, cap)).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+Normalize = Literal["mean", "weight_sum", "constant", "sequences", "tokens"]
+
+
+def token_weights(weight: float, mask: Sequence[int], normalize: Normalize) -> list[float]:
+    """The weight of each token of one row (0 where mask is 0): w / n over its n trained tokens
+    (the row counts as its mean token loss), or w on each under normalize = tokens."""
+    scale = weight if normalize == "tokens" else weight / sum(mask)
+    return [scale * m for m in mask]
+
+
+def row_share(normalize: Normalize, weight: float, mask: Sequence[int]) -> float:
+    """What one row adds to its global batch's normalizer (constant has no per-row share)."""
+    if normalize == "constant":
+        raise ValueError("normalize = constant divides by a fixed number, not a sum over rows")
+    return {"tokens": float(sum(mask)), "weight_sum": weight}.get(normalize, 1.0)
 
 
 def loss_targets(labels: torch.Tensor, token_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -53,10 +53,9 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import SchedulerType, Trainer
+from transformers import Trainer
 
 from drift import DriftError
-from drift.bounds import check_bounds, check_unit_interval
 from drift.config import option
 from drift.distributed import require_requested_engine
 from drift.hardware import default_device, resolve_dtype
@@ -66,6 +65,7 @@ from drift.rundir import (Lock, TrainDir, config_record, damaged, ensure_writabl
                           space_error, trained_record, weights_record)
 from drift.train.data import Batching, GlobalBatchSampler, collate, load_examples, rows_record
 from drift.train.loss import loss_targets, weighted_nll_sum
+from drift.train.optim import OptimConfig, add_lora, check_optim
 from drift.train.output import check_space, model_files, resume_checkpoint, space_needed, start_output
 from drift.train.progress import COUNTERS, Progress
 
@@ -73,7 +73,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimConfig):
+    """`drift train`'s keys; the optimization keys (lr, schedule, weight decay, clipping, max_length, the
+    NLL cap, dtype, LoRA) are `drift.train.optim.OptimConfig`'s, with its defaults."""
+
     model: str = option("smollm2-135m", "model to fine-tune (the reference policy): hub name, local directory "
                         "or smollm2-135m")
     data: str = option("", "weighted JSONL from `drift weights` (rows with messages and weight), or a directory", result=False)
@@ -85,33 +88,17 @@ class TrainConfig:
         "constant: ... / (global batch size x mean |w| of the data), the same for every step")
     min_weight: float = option(1e-3, "drop rows with |weight| below this before training (0 keeps all)")
     allow_negative_weights: bool = option(False, "admit negative weights (standardized ones such as swift's)")
-    negative_nll_cap: float | None = option(5.0, "a negative-weight token whose NLL exceeds this many nats gets no "
-                                            "more gradient (none: unbounded ascent)")
     skip_bad_rows: bool = option(False, "skip and count bad rows instead of stopping at the first")
-    max_length: int = option(1024, "tokens per example; longer ones lose prompt tokens from the left first")
     batching: Literal["group", "pack", "random"] = option(
         "group", "group: micro-batches of similar length; pack: padding-free rows (best with flash attention); "
         "random: the naive recipe")
-    lr: float = option(1e-5, "peak learning rate")
     epochs: float = option(2.0, "passes over the data")
     max_steps: int = option(-1, "stop after this many optimizer steps (>= 1; -1: run all epochs)")
     batch_size: int = option(8, "examples per micro-batch per process")
     grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
-    warmup_ratio: float = option(0.1, "share of the steps with linear learning-rate warmup (0 <= r < 1)")
-    weight_decay: float = option(0.1, "AdamW weight decay")
-    lr_scheduler: str = option("constant_with_warmup", "transformers scheduler name (linear, cosine, ...)")
-    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
     seed: int = option(0, "seed for initialization and data order")
-    lora: bool = option(False, "train a LoRA adapter (peft) instead of all weights")
-    lora_r: int = option(16, "LoRA rank")
-    lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout")
-    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "modules LoRA adapts")
     merge_lora: bool = option(False, "also save the base model with the adapter merged in output/merged")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory", result=False)
-    dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", "compute dtype; bfloat16: bf16 autocast over fp32 master weights and optimizer state; "
-        "auto: bfloat16 where the device computes it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32")
     attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2; "
                                              "default: the transformers default)", result=False)
     report_to: Literal["none", "tensorboard", "wandb"] = option("none", "where to log (wandb runs offline "
@@ -207,15 +194,12 @@ def _check(cfg: TrainConfig) -> None:
         raise DriftError("report_to=wandb needs the wandb package (pip install wandb)")
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise DriftError("report_to=tensorboard needs the tensorboard package (pip install tensorboard)")
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.lr_scheduler not in schedulers:
-        raise DriftError(f"config key 'lr_scheduler' must be one of {schedulers}, got {cfg.lr_scheduler!r}")
     if cfg.merge_lora and not cfg.lora:
         raise DriftError("merge_lora needs lora")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
-    check_bounds(cfg, ("lr", "weight_decay", "max_grad_norm", "negative_nll_cap", "max_length", "lora_r", "lora_alpha"))
+    check_optim(cfg)
     for name in ("batch_size", "grad_accum", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise DriftError(f"config key '{name}' must be >= 1, got {getattr(cfg, name)}")
@@ -227,8 +211,6 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise DriftError(f"config key 'max_steps' must be -1 (run all epochs) or >= 1, got {cfg.max_steps}")
     if cfg.epochs == 0 and cfg.max_steps == -1:
         raise DriftError("config key 'epochs' must be > 0 (or set max_steps), got 0")
-    check_unit_interval(cfg, "warmup_ratio", open_low=False)
-    check_unit_interval(cfg, "lora_dropout", open_low=False)
 
 
 def _load_model(path: str, cfg: TrainConfig) -> Any:
@@ -240,14 +222,7 @@ def _load_model(path: str, cfg: TrainConfig) -> Any:
     except Exception as e:  # transformers raises many types for a bad checkpoint
         raise DriftError(f"cannot load model {cfg.model!r}: {' '.join(str(e).split())[:300]}") from None
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise DriftError(f"LoRA: {e}") from None
+        model = add_lora(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
