@@ -41,7 +41,7 @@ Normalize = Literal["mean", "weight_sum", "constant", "sequences", "tokens"]
 def token_weights(weight: float, mask: Sequence[int], normalize: Normalize) -> list[float]:
     """The weight of each token of one row (0 where mask is 0): w / n over its n trained tokens
     (the row counts as its mean token loss), or w on each under normalize = tokens."""
-    scale = weight if normalize == "tokens" else weight / sum(mask)
+    scale = weight if normalize == "tokens" else weight / max(sum(mask), 1)  # a row without trained tokens (the all-pruned step's padding) weighs 0
     return [scale * m for m in mask]
 
 
