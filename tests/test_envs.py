@@ -282,3 +282,10 @@ train = {{min_weight = 0.0}}
     trajs = read_trajectories(tmp_path / "run" / "eval" / "base" / "rollout" / "trajectories")
     feedback = {m["content"] for t in trajs for m in t.messages[2:] if m["role"] == "user"}
     assert feedback and feedback <= hints
+
+
+def test_no_oracle_is_refused_for_a_plug_in_environment():
+    from drift.envs.runner import env_spec
+
+    with pytest.raises(DriftError, match="oracle = false .* built-in environments only"):
+        env_spec(EnvConfig(env="tests.envs_for_tests:Echo", oracle=False))

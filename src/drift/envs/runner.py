@@ -69,6 +69,9 @@ def env_spec(cfg: EnvConfig) -> EnvSpec:
         args = {**{k: getattr(cfg, k) for k in COMMON_KEYS}, **preset, **args}
         if not cfg.oracle:  # only then: the default's arguments (and so the stage settings) stay as they were
             args["oracle"] = False
+    elif not cfg.oracle:  # a plug-in decides its own feedback: it might say nothing after a right answer
+        raise DriftError(f"environment {cfg.env}: oracle = false (feedback after right answers) is offered by the "
+                         "built-in environments only")
     elif cfg.env.startswith(VERIFIERS_PREFIX):
         factory = VERIFIERS_FACTORY
         args = {"name": cfg.env[len(VERIFIERS_PREFIX):], "feedback": cfg.feedback, **args}
