@@ -37,20 +37,19 @@ from drift.pipeline import load_run
 
 
 def rows_of(path: Path) -> dict[str, dict[str, Any]]:
-    """Row name -> {"metrics", "cost", "curve"} for one run directory. An online arm stopped before
-    its end gives one row per held-out evaluation of its curve (`online@30`: after iteration 30),
-    with the cost up to that evaluation."""
+    """Row name -> {"arm", "metrics", "cost", "curve"} for one run directory, as the arms give
+    them (labels included). An online arm stopped before its end gives one row per held-out
+    evaluation of its curve (`online@30`: after iteration 30), with the cost up to that evaluation."""
     cfg, recs = load_run(path)
     rows = {}
     for arm in cfg.evaluated_arms():
         curve = arm.curve(recs) if isinstance(arm, OnlineArm) else None
-        rows.update({r.label: {"metrics": recs[r.step], "cost": arm.cost(recs, r.round), "curve": curve}
-                     for r in arm.rows(recs)})
+        rows.update({r.label: {"arm": arm.name, "metrics": recs[r.step], "cost": arm.cost(recs, r.round),
+                               "curve": curve} for r in arm.rows(recs)})
         if isinstance(arm, OnlineArm) and arm.name not in rows and curve:
             for i, point in enumerate(curve):
-                rows[f"{arm.name}@{point['iteration']}"] = {"metrics": arm.curve_metrics(cfg.dir, point),
-                                                            "cost": Cost.from_json(point["cost"]),
-                                                            "curve": curve[:i + 1]}
+                rows[arm.curve_label(point)] = {"arm": arm.name, "metrics": arm.curve_metrics(cfg.dir, point),
+                                                "cost": Cost.from_json(point["cost"]), "curve": curve[:i + 1]}
     return rows
 
 
@@ -134,7 +133,7 @@ def curve_table(runs: list[dict[str, dict]]) -> str:
     names = list(runs[0])
     for i, n in enumerate(names):
         curves = [r[n]["curve"] for r in runs if n in r and r[n]["curve"]]
-        if not curves or any(m.split("@")[0] == n.split("@")[0] for m in names[i + 1:]):
+        if not curves or any(runs[0][m]["arm"] == runs[0][n]["arm"] for m in names[i + 1:]):
             continue  # a stopped arm's curve is printed once, with its last row
         out += [f"| {n}: iteration | succ@T per seed | training FLOPs per seed |", "|---:|---:|---:|"]
         for i, point in enumerate(curves[0]):
@@ -153,11 +152,11 @@ def figure(runs: list[dict[str, dict]], output: Path) -> None:
     fig = Figure(figsize=(7, 4.5), dpi=120)
     ax = fig.add_subplot()
     markers = "osD^v<>P*X"
-    arms = list(dict.fromkeys(n.split("@")[0] for n in runs[0]))
+    arms = list(dict.fromkeys(row["arm"] for row in runs[0].values()))
     for j, arm in enumerate(arms):
         color = f"C{j % 10}"
         for s, r in enumerate(runs):
-            names = [n for n in r if n.split("@")[0] == arm]
+            names = [n for n, row in r.items() if row["arm"] == arm]
             if not names:
                 continue
             label, marker = (arm if s == 0 else None), markers[s % len(markers)]

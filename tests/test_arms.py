@@ -64,6 +64,13 @@ def test_arm_cost_counts_its_own_steps_and_the_shared_rollout():
     assert [(r.label, r.step, r.round) for r in d.rows(recs)] == [("d@1", "eval/d/round-1", 1), ("d@2", "eval/d", 2)]
 
 
+def test_an_online_arm_labels_the_points_of_its_learning_curve():
+    o = make_arm("o", ArmConfig(method="online"))
+    curve = [{"iteration": 10, "metrics": "evals/00010"}, {"iteration": 30, "metrics": "evals/00030"}]
+    assert o.curve({"online/o": {"curve": curve}}) == curve and o.curve({}) == []
+    assert [o.curve_label(p) for p in curve] == ["o@10", "o@30"]  # docs/tables.py's rows of a stopped arm
+
+
 def test_mismatch_kinds_are_data():
     old = {"settings": {"lr": 1e-4, "model": "trained:abc", "seed": 0}, "input": {"digest": "x"}}
     new = {"settings": {"lr": 2e-4, "model": "trained:def", "seed": 0}, "input": {"digest": "y"}}

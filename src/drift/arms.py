@@ -387,6 +387,10 @@ class OnlineArm(Arm):
         """The learning curve its run recorded: held-out succ@k and cost after each evaluated iteration."""
         return (recs.get(str(StepId("online", self.name))) or {}).get("curve") or []
 
+    def curve_label(self, point: dict[str, Any]) -> str:
+        """The row label of one point of the learning curve: `online@30`, after iteration 30."""
+        return f"{self.name}@{point['iteration']}"
+
     def curve_metrics(self, run_dir: RunDir, point: dict[str, Any]) -> Record | None:
         """The metrics record of one point of the learning curve (its evaluation lies in the online run)."""
         return read_record(EvalDir(run_dir.online(self.name).path / point["metrics"]).metrics)

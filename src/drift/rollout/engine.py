@@ -36,7 +36,7 @@ from drift.records import Trajectory, read_trajectories, write_json
 from drift.rollout.config import RolloutConfig, env_config, make_backend, sampling_params, sampling_record, task_spec
 from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
                                    StreamingBackend)
-from drift.rollout.shards import ShardWriter, check_complete, check_run_dir, scan_shards
+from drift.rollout.shards import ShardWriter, check_complete, check_run_dir, has_shards, scan_shards
 from drift.rundir import Lock, RolloutDir, ensure_writable, trained_record
 from drift.tasks import Problem, load_tasks
 
@@ -97,7 +97,7 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
         try:
             return _run(cfg, out, problems, expected, previous, backend)
         except BaseException:
-            if previous is None and not any(out.shards.glob("shard-*.jsonl")):
+            if previous is None and not has_shards(out.shards):
                 out.manifest.unlink(missing_ok=True)
                 if created:
                     shutil.rmtree(out.path, ignore_errors=True)
@@ -173,7 +173,7 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
         manifest["cost"] = (before + cost).to_json()
         write_json(out.manifest, manifest)  # still "running": counts and timings of this session so far
     # step 4
-    trajectories = read_trajectories(out.shards) if any(out.shards.glob("shard-*.jsonl")) else []
+    trajectories = read_trajectories(out.shards) if has_shards(out.shards) else []
     check_complete(trajectories, problems, cfg.n, skipped)
     if not trajectories:
         raise DriftError(f"rollout produced no trajectories: all {len(skipped)} conversations were skipped "

@@ -18,6 +18,8 @@ from drift.tasks import Problem
 
 log = logging.getLogger(__name__)
 
+SHARD_FILES = "shard-*.jsonl"  # every shard of a rollout directory: the local writer's and each Ray actor's
+
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     return read_record(RolloutDir(Path(directory)).manifest)
@@ -72,7 +74,12 @@ class ShardWriter:
             self._file = None
 
 
-def scan_shards(directory: Path, pattern: str = "shard-*.jsonl") -> set[ConvId]:
+def has_shards(directory: Path) -> bool:
+    """Has any trajectory shard been written into `directory`?"""
+    return any(directory.glob(SHARD_FILES))
+
+
+def scan_shards(directory: Path, pattern: str = SHARD_FILES) -> set[ConvId]:
     """Keys of the trajectories on disk (in the files matching `pattern`). A torn last line (a write
     cut by a kill) is cut off the file."""
     done: set[ConvId] = set()

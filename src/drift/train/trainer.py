@@ -330,7 +330,7 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
         except Exception as e:  # a checkpoint's or the model's save; safetensors has its own error type
             if not is_space_error(e):
                 raise
-            saved = any(out.glob("checkpoint-*/drift_checkpoint.json"))
+            saved = bool(TrainDir(out).complete_checkpoints())
             rerun = ("rerun with --resume-from-checkpoint latest (drift run does so itself)" if saved
                      else "rerun the same command")
             raise space_error(out, sum(needed.values()), rerun) from None
