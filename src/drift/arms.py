@@ -16,7 +16,10 @@ Step names (`StepId`) are built and parsed here and nowhere else:
     rollout                      the shared rollout
     rollout/<arm>/round-<k>      a later round's rollout (k >= 2)
     weights/<arm>[/round-<k>]    its weights (round 1 has no round part)
-    weights/<arm>/round-<k>/union   the union of rounds 1..k (round_data = union)
+    weights/<arm>/round-<k>/union   what round k trains on when it is several parts: the rounds 1..k
+                                 (round_data = union) and the correction contexts (planted)
+    rollout/<arm>[/round-<k>]/planted   the correction contexts of round k (planted = true)
+    weights/<arm>[/round-<k>]/planted   their weights
     train/<arm>[/round-<k>]      its training
     online/<arm>                 an online arm's run
     eval/<arm>                   the evaluation of an arm's model (an iterated arm's last round)
@@ -157,12 +160,18 @@ class ArmConfig:
     round_data: Literal["continue", "union"] = option(
         "continue", "rounds >= 2: continue trains round k-1's model on round k's rows; union trains the base model "
         "on the rows of rounds 1..k (ReST-EM)")
+    planted: bool = option(False, "offline arms: also train on correction contexts. Each round plants its own "
+                           "rollout's most frequent wrong first answer to every training prompt, samples n "
+                           "continuations after it (turns 2..max_turns, the round's model), weights them among "
+                           "themselves (the continuations of the same mistake) and trains on them beside its rows")
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise DriftError(f"config key 'rounds' must be >= 1, got {self.rounds}")
         if self.rounds > 1 and not self.offline:
             raise DriftError("rounds apply to offline arms; an online arm samples afresh at every iteration already")
+        if self.planted and not self.offline:
+            raise DriftError("planted applies to offline arms; an online arm samples its own conversations")
 
     @property
     def offline(self) -> bool:
@@ -295,17 +304,37 @@ class OfflineArm(Arm):
         t = {**run.train, **a.train}
         if a.method == "swift":
             t.setdefault("allow_negative_weights", True)
-        model, data = run.model, w.output
+        model, data = run.model, str(rd.union) if self.parts(run, k)[1:] else w.output
         if k > 1:
             model = run.model if a.round_data == "union" else str(run.dir.round(self.name, k - 1).train.path)
-            data = str(rd.union) if a.round_data == "union" else w.output
         tc = build(TrainConfig, {**t, "model": model, "data": data, "output": str(rd.train.path)},
                    f"arms.{self.name}.train.")
         return rc, w, tc
 
+    def planted_configs(self, run: RunConfig, k: int, rc: RolloutConfig, w: WeightsConfig
+                        ) -> tuple[RolloutConfig, WeightsConfig]:
+        """(rollout, weights) configs of round k's correction contexts: the round's sampling, planted
+        with its own rollout's wrong first answers, under a seed of their own."""
+        rd = run.dir.round(self.name, k)
+        if rc.max_turns < 2:
+            raise DriftError(f"arms.{self.name}.planted needs max_turns >= 2 (turn 1 is the planted answer)")
+        prc = dataclasses.replace(rc, output=str(rd.planted_rollout.path), planted=str(rd.rollout.path), resume=True,
+                                  seed=derive_seed(rc.seed, "planted"))
+        return prc, dataclasses.replace(w, input=str(rd.planted_rollout.shards), output=str(rd.planted_weights))
+
+    def parts(self, run: RunConfig, k: int) -> list[Path]:
+        """The weighted files round k trains on: its own rows (and its correction contexts'), and with
+        round_data = union every earlier round's too."""
+        own = lambda j: [run.dir.round(self.name, j).weights] + (  # noqa: E731
+            [run.dir.round(self.name, j).planted_weights] if self.config.planted else [])
+        rounds = range(1, k + 1) if k > 1 and self.config.round_data == "union" else [k]
+        return [p for j in rounds for p in own(j)]
+
     def check(self, run: RunConfig) -> None:
         for k in range(1, self.config.rounds + 1):
-            self.stage_configs(run, k)
+            rc, w, _ = self.stage_configs(run, k)
+            if self.config.planted:
+                self.planted_configs(run, k, rc, w)
 
     def steps(self, run: RunConfig, plan: Plan) -> list[Step]:
         """Weights, training and evaluation; for an iterated arm, every round's rollout, weights
@@ -327,11 +356,21 @@ class OfflineArm(Arm):
                               lambda w=w: run_weights(w), (sampled,)))
             data_rec, data = w_recs[-1], steps[-1].name
             w_steps.append(data)
-            if k > 1 and a.round_data == "union":
-                parts = [run.dir.round(name, j).weights for j in range(1, k + 1)]
-                data_rec = union_record(w_recs, rd.union)
-                steps.append(Step(StepId("weights", name, k, "union"), weights_record(rd.union), data_rec,
-                                  lambda parts=parts, rd=rd: union(parts, rd.union), tuple(w_steps)))
+            if a.planted:
+                prc, pw = self.planted_configs(run, k, rc, w)
+                p_rec = engine.stage_record(prc, plan.train, t_rec if k > 1 else None, planted_record=rollout)
+                steps.append(Step(StepId("rollout", name, tag, "planted"), rd.planted_rollout.manifest, p_rec,
+                                  lambda prc=prc: engine.run_rollout(prc, plan.train), (sampled,)))
+                w_recs.append(weights_stage_record(pw, p_rec))
+                steps.append(Step(StepId("weights", name, tag, "planted"), weights_record(pw.output), w_recs[-1],
+                                  lambda pw=pw: run_weights(pw), (steps[-1].name,)))
+                w_steps.append(steps[-1].name)
+            parts = self.parts(run, k)
+            if len(parts) > 1:
+                part_recs = w_recs[-len(parts):]
+                data_rec = union_record(part_recs, rd.union)
+                steps.append(Step(StepId("weights", name, tag, "union"), weights_record(rd.union), data_rec,
+                                  lambda parts=parts, rd=rd: union(parts, rd.union), tuple(w_steps[-len(parts):])))
                 data = steps[-1].name
             continued = k > 1 and a.round_data == "continue"
             t_rec = trainer.stage_record(t, data_rec, t_rec if continued else None)

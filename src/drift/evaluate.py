@@ -106,7 +106,7 @@ def inherit_environment(source: dict[str, Any], eval_keys: dict[str, Any]) -> di
 def rollout_config(cfg: EvalConfig) -> RolloutConfig:
     """The rollout of an eval: every shared field as it is, written to <output>/rollout."""
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
-    return RolloutConfig(**{**values, "output": str(EvalDir(Path(cfg.output)).rollout.path)})
+    return RolloutConfig(**{**values, "output": str(EvalDir(Path(cfg.output)).rollout.path), "planted": None})
 
 
 def existing_trajectories(cfg: EvalConfig) -> tuple[list[Trajectory], dict[str, Any] | None]:
@@ -194,7 +194,8 @@ def planted_problems(cfg: EvalConfig, problems: list[Problem], backend: Backend 
     else:
         values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(RolloutConfig)}
         pcfg = RolloutConfig(**{**values, "model": cfg.plant_model, "n": cfg.plant_samples, "temperature": 1.0,
-                                "max_turns": 1, "output": str(out.plant_rollout.path)})
+                                "max_turns": 1, "output": str(out.plant_rollout.path),
+                                "planted": None})
         run_rollout(pcfg, problems=problems, backend=backend if cfg.plant_model == cfg.model else None)
         rows = choose_planted(read_trajectories(out.plant_rollout.shards))
         write_jsonl(out.planted, rows)

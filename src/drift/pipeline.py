@@ -141,7 +141,7 @@ def plan(cfg: RunConfig, train_problems: list[Problem], test_problems: list[Prob
     return steps
 
 
-PLAN_KEYS = ("rounds", "round_data")  # arm keys that shape the plan (which steps, on which inputs), in no record
+PLAN_KEYS = ("rounds", "round_data", "planted")  # arm keys that shape the plan (which steps, on which inputs), in no record
 
 
 def plan_changes(cfg: RunConfig) -> list[str]:

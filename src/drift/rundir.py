@@ -12,6 +12,8 @@ One owner of the layout: the folder and file names below are spelled here and no
                                 iterations/<k>/rollout/, evals/<k>/, adapters/<k>/
       eval/<arm>/               an eval directory (EvalDir): metrics.json, metrics.md, rollout/,
                                 and for the planted protocol planted.jsonl, plant-rollout/
+      rounds/<arm>/round-<k>/   round k of an offline arm (RoundDir): rollout/, weights.jsonl, union.jsonl/,
+                                train/, eval/ (k >= 2); planted-rollout/, planted-weights.jsonl (arms.X.planted)
       logs/<stage>.log          the output of a stage run in a worker process (`jobs > 1`)
       report.md, succ_at_k.png, cost.png
 
@@ -224,6 +226,15 @@ class RoundDir:
     @property
     def union(self) -> Path:
         return self.path / "union.jsonl"
+
+    @property
+    def planted_rollout(self) -> RolloutDir:
+        """Correction contexts: continuations of the round's own most frequent wrong first answers."""
+        return RolloutDir(self.path / "planted-rollout")
+
+    @property
+    def planted_weights(self) -> Path:
+        return self.path / "planted-weights.jsonl"
 
     @property
     def train(self) -> TrainDir:

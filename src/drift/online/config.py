@@ -67,6 +67,9 @@ class OnlineConfig(RolloutConfig, ReturnConfig, OnlineOptim):
             if not (math.isfinite(v) and v >= 0) or (key == "beta" and v == 0):
                 raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key == 'beta' else '>= 0'}"
                                  f", got {v}")
+        if self.planted is not None:
+            raise DriftError("planted answers apply to drift rollout and drift eval; the online arm samples its own "
+                             "conversations from turn 1")
         if self.workers > 1:
             raise DriftError("config key 'workers' applies to rollout and eval stages: the online arm samples "
                              "from its policy in memory, in this process")

@@ -41,6 +41,11 @@ class RolloutConfig(TaskSpec, EnvConfig):
     max_new_tokens: int = option(256, "maximum generated tokens per assistant turn")
     seed: int = option(0, "run seed; every (prompt, sample, turn) samples with its own seed derived from it")
     resume: bool = option(False, "complete an interrupted run in --output (same sampling, task and env settings)", result=False)
+    planted: str | None = option(None, "correction contexts: turn 1 of every conversation is a given wrong answer and "
+                                 "the model answers from turn 2; the answers from a planted.jsonl (rows prompt_id, "
+                                 "response), an eval directory holding one, or a rollout whose most frequent wrong "
+                                 "turn-1 answer per problem is planted (problems without one are left out)",
+                                 result=False)
     shard_size: int = option(256, "trajectories per shard file", result=False)
     max_live: int | None = option(None, "conversations in flight; new prompt groups join as others finish "
                                   "(none: max(n, 4 x batch_size x workers))", result=False)
@@ -171,9 +176,9 @@ def tasks_fingerprint(problems: list[Problem]) -> str:
 
 
 def sampling_record(stage: str, cfg: RolloutConfig, problems: list[Problem],
-                    model_record: dict[str, Any] | None) -> dict[str, Any]:
+                    model_record: dict[str, Any] | None, **resolved: Any) -> dict[str, Any]:
     """The record of a stage that samples `problems` with `cfg.model` (`drift.rundir`): its settings
-    with the environment's factory and version, the problems' fingerprint and the resolved dtype; a
-    model drift trained is its input."""
+    with the environment's factory and version, the problems' fingerprint, the resolved dtype and
+    what else the stage resolved (`resolved`); a model drift trained is its input."""
     return config_record(stage, cfg, model_record, cfg.model, model_record=model_record, **env_identity(cfg),
-                         problems=tasks_fingerprint(problems), dtype=resolved_dtype(cfg))
+                         problems=tasks_fingerprint(problems), dtype=resolved_dtype(cfg), **resolved)

@@ -32,6 +32,7 @@ from drift.env import Episode
 from drift.envs.runner import EnvRunner
 from drift.ledger import Cost, measure
 from drift.metrics import compute_metrics
+from drift.planted import plant, planted_source, read_planted
 from drift.records import Trajectory, read_trajectories, write_json
 from drift.rollout.config import RolloutConfig, env_config, make_backend, sampling_params, sampling_record, task_spec
 from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
@@ -90,6 +91,10 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
         raise DriftError("rollout: no problems to sample")
     EnvRunner(env_config(cfg)).check_problems(problems)
     expected = stage_record(cfg, problems, trained_record(cfg.model))
+    if cfg.planted is not None:
+        problems, missing = plant(problems, read_planted(cfg.planted))
+        log.info("planted wrong first answers from %s: %d problems (%d without one, left out)", cfg.planted,
+                 len(problems), missing)
     created = not out.path.exists()
     ensure_writable(out.path)  # before the model loads: a bad --output fails in a second, not after minutes
     with Lock(out.path):
@@ -104,9 +109,16 @@ def _rollout(cfg: RolloutConfig, problems: list[Problem] | None, backend: Backen
             raise
 
 
-def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict[str, Any] | None) -> dict[str, Any]:
-    """The rollout's stage record (`drift.rundir`): its settings, the problems, the model's origin."""
-    return sampling_record("rollout", cfg, problems, model_record)
+def stage_record(cfg: RolloutConfig, problems: list[Problem], model_record: dict[str, Any] | None,
+                 planted_record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The rollout's stage record (`drift.rundir`): its settings, the problems (before planting),
+    the model's origin; with `cfg.planted`, the digest of the planted answers' source record
+    (`planted_record`, read from `cfg.planted` when not given) as `planted_from`, so that other
+    answers never reuse the output."""
+    if cfg.planted is None:
+        return sampling_record("rollout", cfg, problems, model_record)
+    source = planted_record or planted_source(cfg.planted)
+    return sampling_record("rollout", cfg, problems, model_record, planted_from=source.get("digest"))
 
 
 def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected: dict[str, Any],

@@ -97,14 +97,12 @@ def target_messages(messages: list[dict[str, str]], turns: Turns) -> list[int]:
     return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
 
 
-def length_cut_messages(row: dict[str, Any], messages: list[dict[str, str]]) -> set[int]:
-    """Indices of the assistant messages whose turn hit max_new_tokens (`finish_reason` "length").
-
-    A trajectory's `turns` are its assistant turns in order, the last len(turns) assistant
-    messages (earlier ones are part of the task's opening). Rows without `turns`: none.
-    """
+def turn_messages(row: dict[str, Any], messages: list[dict[str, str]]) -> list[tuple[int, dict[str, Any]]]:
+    """(message index, turn record) of each of a trajectory's turns. Its `turns` are its assistant
+    turns in order, the last len(turns) assistant messages (earlier ones are part of the task's
+    opening). Rows without `turns`: none."""
     if "turns" not in row:
-        return set()
+        return []
     recorded = row["turns"]
     if not isinstance(recorded, list) or not all(isinstance(t, dict) for t in recorded):
         raise RowError("'turns' is not a list of turn records", "turns_invalid")
@@ -112,24 +110,37 @@ def length_cut_messages(row: dict[str, Any], messages: list[dict[str, str]]) -> 
     if len(recorded) > len(assistant):
         raise RowError(f"'turns' has {len(recorded)} entries but the conversation only {len(assistant)} "
                        "assistant messages", "turns_invalid")
-    own = assistant[len(assistant) - len(recorded):]
-    return {i for i, t in zip(own, recorded) if t.get("finish_reason") == "length"}
+    return list(zip(assistant[len(assistant) - len(recorded):], recorded))
+
+
+def length_cut_messages(row: dict[str, Any], messages: list[dict[str, str]]) -> set[int]:
+    """Indices of the assistant messages whose turn hit max_new_tokens (`finish_reason` "length")."""
+    return {i for i, t in turn_messages(row, messages) if t.get("finish_reason") == "length"}
+
+
+def planted_messages(row: dict[str, Any], messages: list[dict[str, str]]) -> set[int]:
+    """The index of a planted first answer (metadata "planted"): given to the model, never trained."""
+    turns = turn_messages(row, messages)
+    return {turns[0][0]} if turns and (row.get("metadata") or {}).get("planted") else set()
 
 
 def tokenize_conversation(messages: list[dict[str, str]], tokenizer: Any, turns: Turns = "last",
-                          cut: Collection[int] = ()) -> tuple[list[int], list[int]]:
+                          cut: Collection[int] = (), given: Collection[int] = ()) -> tuple[list[int], list[int]]:
     """(input_ids, mask) of a conversation ending with an assistant message; mask 1 = train.
 
     `turns="last"` trains the last assistant message (everything before it is the prompt);
     `turns="all"` trains every assistant message. `cut`: indices of assistant messages that hit
-    max_new_tokens, trained without their end-of-turn token. Raises RowError when the
+    max_new_tokens, trained without their end-of-turn token; `given`: indices of assistant
+    messages the model did not write (a planted answer), never trained. Raises RowError when the
     conversation does not end with an assistant message, the template is not append-only or
     nothing is left to train, DriftError when the template does not close assistant turns with
     a special end-of-turn token.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise RowError("the conversation does not end with an assistant message", "no_final_assistant")
-    targets = target_messages(messages, turns)
+    targets = [i for i in target_messages(messages, turns) if i not in given]
+    if not targets:
+        raise RowError("nothing to train: the only trained turn is a planted answer", "nothing_to_train")
     texts = []
     for i in targets:
         texts += [render(tokenizer, messages[:i], True), render(tokenizer, messages[:i + 1], False)]
@@ -181,7 +192,7 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, turns: Turns) -> tuple[lis
     """(input_ids, mask, trained turns that hit max_new_tokens) of one weighted row."""
     messages = check_messages(row)
     cut = length_cut_messages(row, messages) & set(target_messages(messages, turns))
-    ids, mask = tokenize_conversation(messages, tokenizer, turns, cut)
+    ids, mask = tokenize_conversation(messages, tokenizer, turns, cut, planted_messages(row, messages))
     return ids, mask, len(cut)
 
 
