@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -127,6 +128,54 @@ def test_train_full_disk_at_save_is_one_line_and_resumes(tmp_path, capsys, tiny_
     assert main([*args, "--resume-from-checkpoint", "latest"]) == 0
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["status"] == "complete" and summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
+
+
+@pytest.mark.parametrize("left_kib,resume", [
+    (100, False),  # checkpoint-1's weights meet the full disk (safetensors' own error type)
+    (600, False),  # its optimizer state does (torch.save's RuntimeError, which names no errno)
+    (1500, True),  # checkpoint-2's save does, after checkpoint-1 was whole
+])
+def test_train_meeting_a_really_full_disk_mid_run_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir, small_disk,
+                                                                          monkeypatch, left_kib, resume):
+    """Another writer fills the disk right after the space check passed: drift's own saves then
+    meet a real ENOSPC from the filesystem (nothing here raises it for them)."""
+    from drift.train import trainer
+
+    disk = small_disk(8192)
+    out = disk / "t"
+    real = trainer.check_space
+    fillers = []
+
+    def then_fill(output, needed, fresh):
+        real(output, needed, fresh)
+        fillers.append(fill(disk))
+        os.truncate(fillers[0], fillers[0].stat().st_size - left_kib * 1024)
+
+    monkeypatch.setattr(trainer, "check_space", then_fill)
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "3", "--save-steps", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift train: error: no space left on device writing {out} (")
+    assert line.endswith("rerun with --resume-from-checkpoint latest (drift run does so itself)" if resume
+                         else "rerun the same command")
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "running"
+    assert (out / "checkpoint-1" / "drift_checkpoint.json").is_file() == resume  # what was whole is kept
+    monkeypatch.setattr(trainer, "check_space", real)
+    fillers[0].unlink()  # space freed
+    assert main([*args, *(["--resume-from-checkpoint", "latest"] if resume else [])]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 3
+    assert (summary["resumed_from"] or "").endswith("checkpoint-1") == resume
+
+
+def test_a_torch_write_failure_on_a_disk_with_room_is_not_called_full(tmp_path):
+    from drift.rundir import is_space_error
+
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 206848 vs 206740")
+    assert not is_space_error(short, tmp_path, 1024)  # the disk has room: another fault, shown as it is
+    assert not is_space_error(short)  # without the path written, nothing tells
 
 
 def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, capsys, tiny_model_dir, small_disk):

@@ -448,12 +448,22 @@ def space_error(path: str | Path, needed: int | None = None, rerun: str = "rerun
                       f"already written is kept: free space (or choose another output) and {rerun}")
 
 
-def is_space_error(e: BaseException) -> bool:
+# torch.save's zip writer after a short write (the stream's error, then the writer's as it closes)
+TORCH_WRITE_FAILURES = ("file write failed", "unexpected pos", "iostream error")
+
+
+def is_space_error(e: BaseException, path: str | Path | None = None, needed: int = 0) -> bool:
     """A full disk or quota. safetensors' writer reports one as its own error type without an
-    errno, naming the OS error number in its message."""
+    errno, naming the OS error number in its message; torch.save's (a checkpoint's optimizer
+    state) as a RuntimeError naming neither, only that a write came up short: given the `path`
+    written, such a failure counts when its filesystem now has less free than the `needed`
+    bytes (at least 1 MiB)."""
     if isinstance(e, OSError):
         return e.errno in SPACE_ERRORS
-    return any(f"(os error {n})" in str(e) for n in SPACE_ERRORS)
+    if any(f"(os error {n})" in str(e) for n in SPACE_ERRORS):
+        return True
+    return (path is not None and isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE_FAILURES)
+            and free_bytes(path) < max(needed, 2**20))
 
 
 class Lock:
