@@ -278,6 +278,27 @@ def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, ti
     assert model.stat().st_size == len(whole)
 
 
+def test_a_finished_online_run_whose_model_was_truncated_saves_it_again(tmp_path, caplog, capsys, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    out = tmp_path / "o"
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={online_tasks(tmp_path / 'tasks.jsonl', 4)}",
+            f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=1",
+            "--eval-every=0", "--dtype=float32", '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    assert main(args) == 0
+    model = out / "model.safetensors"
+    whole = model.read_bytes()
+    truncate(model)
+    capsys.readouterr()
+    assert main(["eval", f"--model={out}", f"--output={tmp_path / 'e'}", "--tasks=mc-arith"]) == 2  # loaders refuse it
+    assert error_lines(capsys)[-1].startswith(f"drift eval: error: {out}: damaged model: model.safetensors has ")
+    caplog.set_level(logging.INFO, logger="drift")
+    assert main(args) == 0  # the same command
+    assert "complete, but its files are damaged (model.safetensors has" in caplog.text
+    assert "already complete" not in caplog.text
+    assert model.read_bytes() == whole and json.loads((out / "train_summary.json").read_text())["status"] == "complete"
+
+
 # --- exact resumes -----------------------------------------------------------------------
 
 
