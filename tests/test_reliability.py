@@ -259,6 +259,41 @@ def test_drift_train_refuses_damaged_weighted_rows(tmp_path, capsys, tiny_model_
                                        "drift weights")
 
 
+def test_a_damaged_rollout_is_refused_by_its_readers_and_resume_samples_it_again(tmp_path, capsys, caplog,
+                                                                                 tiny_model_dir):
+    rollout = tmp_path / "r"
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    args = ["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(rollout), "--n", "2",
+            "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]
+    assert main(args) == 0
+    shard = rollout / "trajectories/shard-00000.jsonl"
+    files = json.loads((rollout / "manifest.json").read_text())["files"]
+    assert set(files) == {"trajectories/shard-00000.jsonl"} and files["trajectories/shard-00000.jsonl"]["bytes"] > 0
+    whole = shard.read_text().splitlines(keepends=True)
+    keys = sorted(tuple(json.loads(x)[k] for k in ("prompt_id", "sample_idx")) for x in whole)
+    for damage, said in [("".join(whole[:-1]), "trajectories/shard-00000.jsonl has "),  # cut at a line's end
+                         ("".join(whole).replace('"sample_idx": 1', '"sample_idx": 7', 1),  # same size, edited
+                          "trajectories/shard-00000.jsonl differs from the file its record vouches for (sha256)")]:
+        shard.write_text(damage)
+        capsys.readouterr()
+        assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl")]) == 2
+        line = error_lines(capsys)[-1]
+        assert line.startswith(f"drift weights: error: {rollout}: damaged rollout: {said}"), line
+        assert line.endswith("`drift rollout --resume` with the same settings samples those conversations again")
+        assert main(["eval", "--trajectories", str(rollout), "--output", str(tmp_path / "e")]) == 2
+        assert error_lines(capsys)[-1].startswith(f"drift eval: error: {rollout}: damaged rollout: {said}")
+        assert not (tmp_path / "w.jsonl").exists() and not (tmp_path / "e/metrics.json").exists()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="drift"):
+            assert main([*args, "--resume"]) == 0
+        assert f"{rollout}: complete, but its files are damaged ({said}" in caplog.text
+        again = sorted(tuple(json.loads(x)[k] for k in ("prompt_id", "sample_idx"))
+                       for f in (rollout / "trajectories").glob("shard-*.jsonl") for x in f.read_text().splitlines())
+        assert again == keys
+        assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl")]) == 0
+        (tmp_path / "w.jsonl").unlink()
+
+
 def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, tiny_model_dir):
     from test_pipeline import config
 

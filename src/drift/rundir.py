@@ -23,13 +23,14 @@ train_summary.json, metrics.json), the same fields:
     input      the path and digest of the record it consumed (None for a first stage),
     digest     a hash of settings and input digest: what a consumer records as its input,
     cost       the cost ledger (`drift.ledger.Cost`),
-    files      (train, weights) the size and sha256 of each file the record vouches for, by its
-               path relative to the record's folder (`file_record`).
+    files      (rollout, train, online, weights) the size and sha256 of each file the record
+               vouches for, by its path relative to the record's folder (`file_record`).
 
 A reader trusts an output only when its record says complete and its files are as recorded
-(`damaged`): `drift run` redoes a stage whose files were truncated or changed, and loading a
-model that drift trained refuses one; `drift run` compares settings and input digest before
-reusing an output.
+(`damaged`): `drift run` redoes a stage whose files were truncated or changed, loading a model
+that drift trained refuses one, and so do the readers of a rollout's trajectories (`drift
+rollout --resume` samples the damaged shards' conversations again); `drift run` compares
+settings and input digest before reusing an output.
 """
 
 from __future__ import annotations
