@@ -24,6 +24,10 @@ def says_yes(answer: str, gold: str) -> str:
     return "yes"
 
 
+def same_text(answer: str, gold: str) -> bool:
+    return answer == gold
+
+
 def write_tasks(path, checker: str) -> str:
     rows = [{"id": f"q{i}", "question": f"What is {i} + 11?", "answer": str(i + 11), "checker": checker,
              "extract": "full"} for i in range(2)]
@@ -42,6 +46,32 @@ def test_a_custom_checker_that_answers_yes_stops_the_rollout_with_one_line(tmp_p
     assert rc == 2
     assert error_lines(capsys)[-1] == ("drift rollout: error: custom checker test_reliability:says_yes returned 'yes' "
                                        "(str); it must return True (correct), False (wrong) or None (unparseable)")
+
+
+@pytest.mark.parametrize("checker,gold,right,wrong", [
+    ("exact", "caf\u00e9", "cafe\u0301", "the\u0301"),  # gold in NFC, the answer in NFD
+    ("exact", "Stra\u00dfe", "STRASSE", "STRASE"),  # case-folded
+    ("choice", "B", "\uff22", "\uff21"),  # full-width letters (NFKC)
+    ("test_reliability:same_text", "caf\u00e9", "cafe\u0301", "the\u0301"),  # a user function gets NFC text
+])
+def test_every_text_checker_judges_a_planted_answer_unicode_normalized(tmp_path, capsys, tiny_model_dir, checker, gold,
+                                                                       right, wrong):
+    """A planted first answer is judged by the task's checker like a model's, through the real CLI;
+    one judged right ends the conversation at once, which `drift eval` refuses in one line: so the
+    line shows the checker took the otherwise-encoded answer as the gold one."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "u", "question": "Say it.", "answer": gold, "checker": checker,
+                                 "extract": "full"}) + "\n")
+    args = ["eval", "--model", str(tiny_model_dir), "--tasks", str(tasks), "--split", "all", "--protocol", "planted",
+            "--max-turns", "2", "--max-new-tokens", "3"]
+    for name, answer in [("right", right), ("wrong", wrong)]:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt_id": "u", "response": answer}) + "\n")
+    assert main([*args, "--planted", str(tmp_path / "right.jsonl"), "--output", str(tmp_path / "e")]) == 2
+    assert error_lines(capsys) == ["drift eval: error: problem u: its planted answer ends the conversation at once "
+                                   "(it is correct, or max_turns is 1): nothing is left to answer"]
+    assert main([*args, "--planted", str(tmp_path / "wrong.jsonl"), "--output", str(tmp_path / "e2")]) == 0  # control
+    turn1 = json.loads((tmp_path / "e2/rollout/trajectories/shard-00000.jsonl").read_text().splitlines()[0])["turns"][0]
+    assert turn1["status"] == "wrong"
 
 
 # --- a full disk -------------------------------------------------------------------------
