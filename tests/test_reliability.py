@@ -482,6 +482,19 @@ def test_online_checks_every_shared_setting_by_the_other_stages_rule(tmp_path, c
         assert error_lines(capsys) == [f"drift {stage[0]}: error: {message}"]
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_beta_is_one_rule_in_weights_and_online(tmp_path, capsys, value):
+    """DRIFT's beta (the online arm's kl = matched coefficient): the same rule and line in both
+    stages; only the weights stage also takes auto."""
+    rule = f"config key 'beta' must be a finite number > 0{{}}, got {float(value)}"
+    assert main(["online", "--tasks", "mc-arith", "--output", str(tmp_path / "o"), "--kl", "matched",
+                 "--beta", value]) == 2
+    assert error_lines(capsys) == [f"drift online: error: {rule.format('')}"]
+    assert main(["weights", "x.jsonl", "--output", str(tmp_path / "w.jsonl"), "--beta", value]) == 2
+    assert error_lines(capsys) == [f"drift weights: error: {rule.format(' or auto')}"]
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_failed_online_start_does_not_block_the_corrected_command(tmp_path, capsys, tiny_model_dir):
     from online_task import write_tasks as online_tasks
 
