@@ -229,6 +229,42 @@ def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, caps
     assert (disk / "w.jsonl").read_text()
 
 
+def test_online_meeting_a_full_disk_at_its_state_save_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir,
+                                                                              small_disk, monkeypatch):
+    """The disk fills up just before iteration 2's state is saved (torch.save then meets a real
+    ENOSPC): one line, iteration 1's state kept, and --resume finishes the run."""
+    from online_task import write_tasks as online_tasks
+
+    from drift.online import state
+
+    disk = small_disk(8192)
+    out = disk / "o"
+    real = state.save
+    fillers = []
+
+    def fill_then_save(o, policy_state, progress):
+        if progress["iterations_done"] == 2:
+            fillers.append(fill(disk))
+        real(o, policy_state, progress)
+
+    monkeypatch.setattr(state, "save", fill_then_save)
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={online_tasks(tmp_path / 'tasks.jsonl', 4)}",
+            f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=2",
+            "--eval-every=0", "--dtype=float32", '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift online: error: no space left on device writing {out} (")
+    assert line.endswith("rerun the same command with --resume (it goes on from the last saved iteration)")
+    assert json.loads((out / "state/progress.json").read_text())["iterations_done"] == 1
+    fillers[0].unlink()
+    monkeypatch.setattr(state, "save", real)
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["iterations_done"] == 2
+
+
 def test_drift_run_on_a_disk_too_small_for_its_training_is_one_line_then_resumes(tiny_model_dir, capsys, caplog,
                                                                                  small_disk):
     from test_pipeline import config

@@ -48,7 +48,8 @@ from drift.online.config import OnlineConfig
 from drift.online.policy import Policy
 from drift.records import Trajectory, read_trajectories, return_inputs, write_json
 from drift.rollout.config import sampling_record
-from drift.rundir import Lock, OnlineDir, damaged, ensure_writable, mismatch, read_record, trained_record
+from drift.rundir import (Lock, OnlineDir, damaged, ensure_writable, is_space_error, mismatch, read_record,
+                          space_error, trained_record)
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
 from drift.train.optim import add_lora
@@ -166,8 +167,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             write_json(out.summary, {**expected, **_summary_fields(progress)})
         loop = _Loop(cfg, out, policy, accelerator, problems, held_out, progress, expected)
-        loop.run()
-        return loop.finish()
+        try:
+            loop.run()
+            return loop.finish()
+        except Exception as e:  # a full disk; the state's and the model's saves raise their own error types
+            if not is_space_error(e, out.path):
+                raise
+            raise space_error(out.path, rerun="rerun the same command with --resume (it goes on from the last "
+                                              "saved iteration)") from None
 
 
 def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:
