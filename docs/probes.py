@@ -8,8 +8,9 @@ the last line drift printed. Four kinds:
   1. bad input to every command: one clear line (exit 2) and nothing written is lost;
   2. SIGKILL inside each stage of `drift run`, then the same command again: it resumes;
   3. the same `drift run` with one setting changed: it refuses to reuse the old output;
-  4. untruthful checkers, a full disk (a small tmpfs: needs root, else skipped), damaged outputs,
-     settings the online arm shares with other stages, and surprising defaults.
+  4. untruthful checkers and Unicode (through planted answers), a full disk (a small tmpfs: needs
+     root, else skipped), damaged outputs, settings the online arm shares with other stages,
+     surprising defaults, and exact resumes.
 `--only bad|killed|changed|seams` runs one kind.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +170,18 @@ def changed(work: Path, model: Path) -> list[tuple[str, str]]:
                               {**base["rollout"], "batch_size": 4})]:
             cfg.write_text(json.dumps({**base, key: value}))
             out.append((what, last_line(drift("run", str(cfg), cwd=work))))
+    drift_arm = base["arms"]["drift"]
+    for what, arm in [("arms.drift.rounds 1 -> 2", {**drift_arm, "rounds": 2}),
+                      ("arms.drift.round_data continue -> union, rounds 1 -> 2",
+                       {**drift_arm, "rounds": 2, "round_data": "union"})]:
+        cfg.write_text(json.dumps({**base, "arms": {"drift": arm}}))
+        out.append((what, last_line(drift("run", str(cfg), cwd=work))))
+    cfg.write_text(json.dumps(base))
+    model_file = run / "train/drift/model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    p = drift("run", str(cfg), cwd=work)
+    said = next((x.split(": ", 1)[-1] for x in p.stderr.splitlines() if "files are damaged" in x), last_line(p))
+    out.append(("(none; train/drift/model.safetensors truncated)", said if p.returncode == 0 else last_line(p)))
     return out
 
 
@@ -177,6 +191,10 @@ CHECKERS = '''def says_yes(answer, gold):
 
 def false_in_a_list(answer, gold):
     return [False]
+
+
+def same_text(answer, gold):
+    return answer == gold
 '''
 
 
@@ -200,6 +218,20 @@ def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
                                      "extract": "full"}) + "\n")
         probe("rollout", f"custom checker returns {fn}", "rollout", "--model", str(model), "--tasks", str(tasks),
               "--output", f"r-{fn}", *sample)
+    # a planted first answer is judged by the task's checker like a model's: one the checker takes as
+    # right ends the conversation at once, and eval says so
+    for checker, gold, planted, what in [("exact", "caf\u00e9", "cafe\u0301", "exact: gold NFC, answer NFD"),
+                                         ("choice", "B", "\uff22", "choice: answer full-width B"),
+                                         ("probe_checkers:same_text", "caf\u00e9", "cafe\u0301",
+                                          "custom function (==): gold NFC, answer NFD"),
+                                         ("exact", "caf\u00e9", "the\u0301", "exact: a wrong answer (control)")]:
+        name = f"uni-{len(out)}"
+        (work / f"{name}.jsonl").write_text(json.dumps({"id": "u", "question": "Say it.", "answer": gold,
+                                                         "checker": checker, "extract": "full"}) + "\n")
+        (work / f"{name}-planted.jsonl").write_text(json.dumps({"prompt_id": "u", "response": planted}) + "\n")
+        probe("eval", f"planted answer, {what}", "eval", "--model", str(model), "--tasks", str(work / f"{name}.jsonl"),
+              "--split", "all", "--protocol", "planted", "--planted", str(work / f"{name}-planted.jsonl"),
+              "--max-turns", "2", "--max-new-tokens", "3", "--output", name)
     weighted = work / "seams-w.jsonl"
     weighted.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i} + {i}?"},
                                                          {"role": "assistant", "content": str(2 * i)}],
@@ -213,6 +245,16 @@ def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
         try:
             probe("train", "128 KiB free, the model needs ~360 KiB", "train", "--model", str(model), *train,
                   "--output", str(disk / "t"))
+            subprocess.run(["mount", "-o", "remount,size=256k", str(disk)], check=True)
+            small = work / "small-run.json"
+            small.write_text(json.dumps(run_config(model, disk / "run", arms={"drift": {"method": "drift"}},
+                                                   train={"epochs": 1, "batch_size": 2, "save_steps": 0})))
+            probe("run", "256 KiB: room for the rollout, not for training", "run", str(small))
+            subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+            probe("run", "the same command after the disk grew", "run", str(small), warning="stage rollout: complete")
+            for f in (disk / "run", disk / "t"):
+                shutil.rmtree(f, ignore_errors=True)
+            subprocess.run(["mount", "-o", "remount,size=128k", str(disk)], check=True)
             with open(disk / "filler", "wb", buffering=0) as f:
                 try:
                     while True:
@@ -233,8 +275,31 @@ def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
               "--output", str(work / "seams-t2"))
         probe("rollout", "a model whose model.safetensors was truncated", "rollout", "--model", str(trained),
               "--tasks", str(work / "tasks.jsonl"), "--output", "r-damaged", *sample)
-    for flags in (["--kl", "matched", "--kl-coef", "-1"], ["--gamma", "0"], ["--gamma", "2"],
-                  ["--negative-nll-cap", "-1"], ["--max-length", "0"]):
+    rollout = ["rollout", "--model", str(model), "--tasks", str(work / "tasks.jsonl"), "--output", "r-cut", *sample]
+    if probe("rollout", "(a rollout to damage)", *rollout).returncode == 0:
+        shard = work / "r-cut/trajectories/shard-00000.jsonl"
+        shard.write_text("".join(shard.read_text().splitlines(keepends=True)[:-1]))  # cut at a line's end
+        probe("weights", "a rollout whose shard lost its last line", "weights", "r-cut", "--output", "cut-w.jsonl")
+        probe("eval", "--trajectories of that rollout", "eval", "--trajectories", "r-cut", "--output", "e-cut")
+        probe("rollout", "the same command with --resume", *rollout, "--resume", warning="files are damaged")
+    online_tasks = work / "online-tasks.jsonl"
+    online_tasks.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Say something about {i}.", "answer": "x",
+                                                "checker": "online_task:first_char_even", "extract": "full"}) + "\n"
+                                    for i in range(40)))
+    online = ["online", "--model", str(model), "--tasks", str(online_tasks), "--n", "2", "--batch-prompts", "2",
+              "--max-turns", "1", "--max-new-tokens", "3", "--iterations", "1", "--eval-every", "0", "--dtype", "float32"]
+    p = probe("online", "default eval (the whole held-out split)", *online, "--output", "o-eval",
+              warning="held-out evaluation(s), each of")
+    if p.returncode == 0:
+        data = (work / "o-eval/model.safetensors").read_bytes()
+        (work / "o-eval/model.safetensors").write_bytes(data[: len(data) // 2])
+        probe("online", "the same command, its model.safetensors truncated", *online, "--output", "o-eval",
+              warning="files are damaged")
+    probe("online", "--eval '{\"split\": \"train\"}'", *online, "--output", "o-train-eval",
+          '--eval={"split": "train", "num_problems": 2}', warning="score problems the arm trains on")
+    for flags in (["--kl", "matched", "--kl-coef", "-1"], ["--kl", "ufo", "--kl-coef", "-1"], ["--gamma", "0"],
+                  ["--gamma", "2"], ["--gamma", "-1"], ["--negative-nll-cap", "-1"], ["--max-length", "0"],
+                  ["--kl", "matched", "--beta", "0"]):
         probe("online", " ".join(flags), "online", "--model", str(model), "--tasks", "mc-arith", "--output", "o-bad",
               *flags)
     pairs = work / "n2.jsonl"
@@ -242,6 +307,25 @@ def seams(work: Path, model: Path) -> list[tuple[str, str, int, str]]:
                              + "\n" for g in range(3) for i in range(2)))
     probe("weights", "beta auto with n = 2 (ESS/N >= 0.5 > target 0.25)", "weights", str(pairs), "--output",
           "n2-w.jsonl", "--beta", "auto", warning="cannot reach")
+    # exact resumes: train_loss over the whole run; weighted rows in canonical order
+    resumed = ["train", "--model", str(model), "--data", str(weighted), "--batch-size", "2", "--max-steps", "4",
+               "--save-steps", "1", "--save-total-limit", "4", "--output", "loss-t"]
+    if drift(*resumed, cwd=work).returncode == 0:
+        whole = json.loads((work / "loss-t/train_summary.json").read_text())["train_loss"]
+        (work / "loss-t/checkpoint-3/drift_checkpoint.json").unlink()  # killed before checkpoint 3 was whole
+        p = drift(*resumed, "--resume-from-checkpoint", "latest", cwd=work)
+        again = json.loads((work / "loss-t/train_summary.json").read_text())
+        out.append(("train", "--resume-from-checkpoint latest after checkpoint 2 of 4", p.returncode,
+                    f"train_loss {again['train_loss']:.6g} (resumed from {Path(again['resumed_from']).name}); "
+                    f"uninterrupted {whole:.6g}"))
+    ordered = [json.dumps({"prompt_id": f"p{g}", "sample_idx": i, "turn_rewards": {"t1": float((g + i) % 2)}}) + "\n"
+               for g in range(3) for i in range(4)]
+    (work / "order-a.jsonl").write_text("".join(ordered))
+    (work / "order-b.jsonl").write_text("".join(reversed(ordered)))  # completed in another order
+    codes = [drift("weights", f"order-{x}.jsonl", "--output", f"order-{x}-w.jsonl", cwd=work).returncode for x in "ab"]
+    same = (work / "order-a-w.jsonl").read_bytes() == (work / "order-b-w.jsonl").read_bytes()
+    out.append(("weights", "the same rows in reversed order", max(codes),
+                "weighted files byte-identical" if same else "weighted files differ"))
     return out
 
 

@@ -108,7 +108,7 @@ def test_weights_refuses_a_non_finite_beta(capsys, tmp_path, value):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"prompt_id": "p", "turn_rewards": {"t1": 1}}) + "\n")
     fails_with_one_line(capsys, tmp_path, ["weights", str(inp), "--output", str(tmp_path / "w.jsonl"), "--beta", value],
-                        f"beta must be a finite number > 0 or auto, got {value}")
+                        f"config key 'beta' must be a finite number > 0 or auto, got {value}")
 
 
 def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(capsys, tmp_path):

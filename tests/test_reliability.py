@@ -7,8 +7,10 @@ The checker functions below are imported by name (`test_reliability:fn`) in chec
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -20,6 +22,10 @@ from drift.cli import main
 
 def says_yes(answer: str, gold: str) -> str:
     return "yes"
+
+
+def same_text(answer: str, gold: str) -> bool:
+    return answer == gold
 
 
 def write_tasks(path, checker: str) -> str:
@@ -42,6 +48,32 @@ def test_a_custom_checker_that_answers_yes_stops_the_rollout_with_one_line(tmp_p
                                        "(str); it must return True (correct), False (wrong) or None (unparseable)")
 
 
+@pytest.mark.parametrize("checker,gold,right,wrong", [
+    ("exact", "caf\u00e9", "cafe\u0301", "the\u0301"),  # gold in NFC, the answer in NFD
+    ("exact", "Stra\u00dfe", "STRASSE", "STRASE"),  # case-folded
+    ("choice", "B", "\uff22", "\uff21"),  # full-width letters (NFKC)
+    ("test_reliability:same_text", "caf\u00e9", "cafe\u0301", "the\u0301"),  # a user function gets NFC text
+])
+def test_every_text_checker_judges_a_planted_answer_unicode_normalized(tmp_path, capsys, tiny_model_dir, checker, gold,
+                                                                       right, wrong):
+    """A planted first answer is judged by the task's checker like a model's, through the real CLI;
+    one judged right ends the conversation at once, which `drift eval` refuses in one line: so the
+    line shows the checker took the otherwise-encoded answer as the gold one."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "u", "question": "Say it.", "answer": gold, "checker": checker,
+                                 "extract": "full"}) + "\n")
+    args = ["eval", "--model", str(tiny_model_dir), "--tasks", str(tasks), "--split", "all", "--protocol", "planted",
+            "--max-turns", "2", "--max-new-tokens", "3"]
+    for name, answer in [("right", right), ("wrong", wrong)]:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"prompt_id": "u", "response": answer}) + "\n")
+    assert main([*args, "--planted", str(tmp_path / "right.jsonl"), "--output", str(tmp_path / "e")]) == 2
+    assert error_lines(capsys) == ["drift eval: error: problem u: its planted answer ends the conversation at once "
+                                   "(it is correct, or max_turns is 1): nothing is left to answer"]
+    assert main([*args, "--planted", str(tmp_path / "wrong.jsonl"), "--output", str(tmp_path / "e2")]) == 0  # control
+    turn1 = json.loads((tmp_path / "e2/rollout/trajectories/shard-00000.jsonl").read_text().splitlines()[0])["turns"][0]
+    assert turn1["status"] == "wrong"
+
+
 # --- a full disk -------------------------------------------------------------------------
 
 
@@ -60,8 +92,10 @@ def small_disk(tmp_path):
         return d
 
     yield mount
+    gc.collect()  # a failed save's open file lives on in its traceback's frames until collected
     for d in mounted:
-        subprocess.run(["umount", str(d)], check=False)
+        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(d)], check=False)
 
 
 def fill(disk) -> Path:
@@ -129,6 +163,54 @@ def test_train_full_disk_at_save_is_one_line_and_resumes(tmp_path, capsys, tiny_
     assert summary["status"] == "complete" and summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
 
 
+@pytest.mark.parametrize("left_kib,resume", [
+    (100, False),  # checkpoint-1's weights meet the full disk (safetensors' own error type)
+    (600, False),  # its optimizer state does (torch.save's RuntimeError, which names no errno)
+    (1500, True),  # checkpoint-2's save does, after checkpoint-1 was whole
+])
+def test_train_meeting_a_really_full_disk_mid_run_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir, small_disk,
+                                                                          monkeypatch, left_kib, resume):
+    """Another writer fills the disk right after the space check passed: drift's own saves then
+    meet a real ENOSPC from the filesystem (nothing here raises it for them)."""
+    from drift.train import trainer
+
+    disk = small_disk(8192)
+    out = disk / "t"
+    real = trainer.check_space
+    fillers = []
+
+    def then_fill(output, needed, fresh):
+        real(output, needed, fresh)
+        fillers.append(fill(disk))
+        os.truncate(fillers[0], fillers[0].stat().st_size - left_kib * 1024)
+
+    monkeypatch.setattr(trainer, "check_space", then_fill)
+    args = train_args(tiny_model_dir, weighted_rows(tmp_path / "w.jsonl"), out, "--max-steps", "3", "--save-steps", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift train: error: no space left on device writing {out} (")
+    assert line.endswith("rerun with --resume-from-checkpoint latest (drift run does so itself)" if resume
+                         else "rerun the same command")
+    assert json.loads((out / "train_summary.json").read_text())["status"] == "running"
+    assert (out / "checkpoint-1" / "drift_checkpoint.json").is_file() == resume  # what was whole is kept
+    monkeypatch.setattr(trainer, "check_space", real)
+    fillers[0].unlink()  # space freed
+    assert main([*args, *(["--resume-from-checkpoint", "latest"] if resume else [])]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 3
+    assert (summary["resumed_from"] or "").endswith("checkpoint-1") == resume
+
+
+def test_a_torch_write_failure_on_a_disk_with_room_is_not_called_full(tmp_path):
+    from drift.rundir import is_space_error
+
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 206848 vs 206740")
+    assert not is_space_error(short, tmp_path, 1024)  # the disk has room: another fault, shown as it is
+    assert not is_space_error(short)  # without the path written, nothing tells
+
+
 def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, capsys, tiny_model_dir, small_disk):
     disk = small_disk(256)
     filler = fill(disk)
@@ -145,6 +227,63 @@ def test_weights_and_rollout_on_a_full_disk_are_one_line_then_run(tmp_path, caps
     filler.unlink()
     assert main(rollout) == 0 and main(weights) == 0
     assert (disk / "w.jsonl").read_text()
+
+
+def test_online_meeting_a_full_disk_at_its_state_save_is_one_line_and_resumes(tmp_path, capsys, tiny_model_dir,
+                                                                              small_disk, monkeypatch):
+    """The disk fills up just before iteration 2's state is saved (torch.save then meets a real
+    ENOSPC): one line, iteration 1's state kept, and --resume finishes the run."""
+    from online_task import write_tasks as online_tasks
+
+    from drift.online import state
+
+    disk = small_disk(8192)
+    out = disk / "o"
+    real = state.save
+    fillers = []
+
+    def fill_then_save(o, policy_state, progress):
+        if progress["iterations_done"] == 2:
+            fillers.append(fill(disk))
+        real(o, policy_state, progress)
+
+    monkeypatch.setattr(state, "save", fill_then_save)
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={online_tasks(tmp_path / 'tasks.jsonl', 4)}",
+            f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=2",
+            "--eval-every=0", "--dtype=float32", '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"drift online: error: no space left on device writing {out} (")
+    assert line.endswith("rerun the same command with --resume (it goes on from the last saved iteration)")
+    assert json.loads((out / "state/progress.json").read_text())["iterations_done"] == 1
+    fillers[0].unlink()
+    monkeypatch.setattr(state, "save", real)
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "complete" and summary["iterations_done"] == 2
+
+
+def test_drift_run_on_a_disk_too_small_for_its_training_is_one_line_then_resumes(tiny_model_dir, capsys, caplog,
+                                                                                 small_disk):
+    from test_pipeline import config
+
+    disk = small_disk(256)  # room for the rollout, weights and base eval; not for a model (~0.4 MiB)
+    data = config(disk, tiny_model_dir, arms={"drift": {"method": "drift", "train": {"min_weight": 0.0}}})
+    cfg = disk.parent / "run.json"
+    cfg.write_text(json.dumps(data))
+    assert main(["run", str(cfg)]) == 2
+    line = error_lines(capsys)[-1]
+    assert line.startswith(f"drift run: error: stage train/drift: not enough space for {disk / 'run/train/drift'}: ")
+    assert "free, the run writes about" in line
+    stamp = (disk / "run/rollout/manifest.json").read_bytes()
+    assert json.loads(stamp)["status"] == "complete" and (disk / "run/weights/drift.jsonl").is_file()
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space freed
+    caplog.set_level(logging.INFO, logger="drift")
+    assert main(["run", str(cfg)]) == 0
+    assert "stage rollout: complete, skipped" in caplog.text and "stage weights/drift: complete, skipped" in caplog.text
+    assert (disk / "run/rollout/manifest.json").read_bytes() == stamp and (disk / "run/report.md").is_file()
 
 
 # --- damaged outputs ---------------------------------------------------------------------
@@ -186,6 +325,41 @@ def test_drift_train_refuses_damaged_weighted_rows(tmp_path, capsys, tiny_model_
                                        "drift weights")
 
 
+def test_a_damaged_rollout_is_refused_by_its_readers_and_resume_samples_it_again(tmp_path, capsys, caplog,
+                                                                                 tiny_model_dir):
+    rollout = tmp_path / "r"
+    tasks = write_tasks(tmp_path / "tasks.jsonl", "exact")
+    args = ["rollout", "--model", str(tiny_model_dir), "--tasks", tasks, "--output", str(rollout), "--n", "2",
+            "--max-turns", "1", "--max-new-tokens", "4", "--temperature", "1.0"]
+    assert main(args) == 0
+    shard = rollout / "trajectories/shard-00000.jsonl"
+    files = json.loads((rollout / "manifest.json").read_text())["files"]
+    assert set(files) == {"trajectories/shard-00000.jsonl"} and files["trajectories/shard-00000.jsonl"]["bytes"] > 0
+    whole = shard.read_text().splitlines(keepends=True)
+    keys = sorted(tuple(json.loads(x)[k] for k in ("prompt_id", "sample_idx")) for x in whole)
+    for damage, said in [("".join(whole[:-1]), "trajectories/shard-00000.jsonl has "),  # cut at a line's end
+                         ("".join(whole).replace('"sample_idx": 1', '"sample_idx": 7', 1),  # same size, edited
+                          "trajectories/shard-00000.jsonl differs from the file its record vouches for (sha256)")]:
+        shard.write_text(damage)
+        capsys.readouterr()
+        assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl")]) == 2
+        line = error_lines(capsys)[-1]
+        assert line.startswith(f"drift weights: error: {rollout}: damaged rollout: {said}"), line
+        assert line.endswith("`drift rollout --resume` with the same settings samples those conversations again")
+        assert main(["eval", "--trajectories", str(rollout), "--output", str(tmp_path / "e")]) == 2
+        assert error_lines(capsys)[-1].startswith(f"drift eval: error: {rollout}: damaged rollout: {said}")
+        assert not (tmp_path / "w.jsonl").exists() and not (tmp_path / "e/metrics.json").exists()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="drift"):
+            assert main([*args, "--resume"]) == 0
+        assert f"{rollout}: complete, but its files are damaged ({said}" in caplog.text
+        again = sorted(tuple(json.loads(x)[k] for k in ("prompt_id", "sample_idx"))
+                       for f in (rollout / "trajectories").glob("shard-*.jsonl") for x in f.read_text().splitlines())
+        assert again == keys
+        assert main(["weights", str(rollout), "--output", str(tmp_path / "w.jsonl")]) == 0
+        (tmp_path / "w.jsonl").unlink()
+
+
 def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, tiny_model_dir):
     from test_pipeline import config
 
@@ -203,6 +377,27 @@ def test_drift_run_redoes_a_stage_whose_model_was_truncated(tmp_path, caplog, ti
     assert "stage train/drift: complete, but its files are damaged (model.safetensors has" in said
     assert "stage train/drift: complete, skipped" not in said and "stage rollout: complete, skipped" in said
     assert model.stat().st_size == len(whole)
+
+
+def test_a_finished_online_run_whose_model_was_truncated_saves_it_again(tmp_path, caplog, capsys, tiny_model_dir):
+    from online_task import write_tasks as online_tasks
+
+    out = tmp_path / "o"
+    args = ["online", f"--model={tiny_model_dir}", f"--tasks={online_tasks(tmp_path / 'tasks.jsonl', 4)}",
+            f"--output={out}", "--n=2", "--batch-prompts=2", "--max-turns=1", "--max-new-tokens=3", "--iterations=1",
+            "--eval-every=0", "--dtype=float32", '--eval={"num_problems": 2, "max_new_tokens": 3}']
+    assert main(args) == 0
+    model = out / "model.safetensors"
+    whole = model.read_bytes()
+    truncate(model)
+    capsys.readouterr()
+    assert main(["eval", f"--model={out}", f"--output={tmp_path / 'e'}", "--tasks=mc-arith"]) == 2  # loaders refuse it
+    assert error_lines(capsys)[-1].startswith(f"drift eval: error: {out}: damaged model: model.safetensors has ")
+    caplog.set_level(logging.INFO, logger="drift")
+    assert main(args) == 0  # the same command
+    assert "complete, but its files are damaged (model.safetensors has" in caplog.text
+    assert "already complete" not in caplog.text
+    assert model.read_bytes() == whole and json.loads((out / "train_summary.json").read_text())["status"] == "complete"
 
 
 # --- exact resumes -----------------------------------------------------------------------
@@ -321,6 +516,19 @@ def test_online_checks_every_shared_setting_by_the_other_stages_rule(tmp_path, c
     if stage:  # the stage that shares the setting says the same
         assert main([*stage, *flags]) == 2
         assert error_lines(capsys) == [f"drift {stage[0]}: error: {message}"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_beta_is_one_rule_in_weights_and_online(tmp_path, capsys, value):
+    """DRIFT's beta (the online arm's kl = matched coefficient): the same rule and line in both
+    stages; only the weights stage also takes auto."""
+    rule = f"config key 'beta' must be a finite number > 0{{}}, got {float(value)}"
+    assert main(["online", "--tasks", "mc-arith", "--output", str(tmp_path / "o"), "--kl", "matched",
+                 "--beta", value]) == 2
+    assert error_lines(capsys) == [f"drift online: error: {rule.format('')}"]
+    assert main(["weights", "x.jsonl", "--output", str(tmp_path / "w.jsonl"), "--beta", value]) == 2
+    assert error_lines(capsys) == [f"drift weights: error: {rule.format(' or auto')}"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_failed_online_start_does_not_block_the_corrected_command(tmp_path, capsys, tiny_model_dir):

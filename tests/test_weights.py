@@ -234,7 +234,7 @@ def test_skip_bad_rows_counts(tmp_path):
 def test_missing_input_and_bad_config():
     with pytest.raises(DriftError, match="input not found"):
         compute(WeightsConfig(input="/nonexistent/x.jsonl", output="o"))
-    with pytest.raises(DriftError, match="beta must be a finite number > 0 or auto, got 0.0"):
+    with pytest.raises(DriftError, match="config key 'beta' must be a finite number > 0 or auto, got 0.0"):
         WeightsConfig(input="x", output="o", beta=0.0)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from drift import DriftError
-from drift.rundir import RolloutDir, check_schema, read_record
+from drift.rundir import RolloutDir, check_schema, damaged, read_record
 
 SCHEMA_VERSION = 1
 
@@ -323,10 +323,18 @@ def _rollout_of(directory: Path) -> RolloutDir | None:
 
 
 def require_complete(path: str | Path, manifest: dict[str, Any] | None, hint: str = "") -> None:
-    """Refuse the trajectories of a rollout whose manifest does not say it finished."""
-    if manifest is not None and manifest.get("status") != "complete":
+    """Refuse the trajectories of a rollout whose manifest does not say it finished, or whose
+    shards are not the ones it vouches for (`files`: truncated, edited, gone)."""
+    if manifest is None:
+        return
+    if manifest.get("status") != "complete":
         raise DriftError(f"{path}: the rollout is not complete (manifest status {manifest.get('status')!r}): "
                          f"finish it with `drift rollout --resume` and the same settings first{hint}")
+    p = Path(path)
+    rollout = _rollout_of(p if p.is_dir() else p.parent)
+    if rollout is not None and (harm := damaged(rollout.path, manifest)):
+        raise DriftError(f"{path}: damaged rollout: {'; '.join(harm)}; `drift rollout --resume` with the same "
+                         f"settings samples those conversations again{hint}")
 
 
 def read_trajectories(path: str | Path) -> list[Trajectory]:

@@ -25,13 +25,14 @@ train_summary.json, metrics.json), the same fields:
     input      the path and digest of the record it consumed (None for a first stage),
     digest     a hash of settings and input digest: what a consumer records as its input,
     cost       the cost ledger (`drift.ledger.Cost`),
-    files      (train, weights) the size and sha256 of each file the record vouches for, by its
-               path relative to the record's folder (`file_record`).
+    files      (rollout, train, online, weights) the size and sha256 of each file the record
+               vouches for, by its path relative to the record's folder (`file_record`).
 
 A reader trusts an output only when its record says complete and its files are as recorded
-(`damaged`): `drift run` redoes a stage whose files were truncated or changed, and loading a
-model that drift trained refuses one; `drift run` compares settings and input digest before
-reusing an output.
+(`damaged`): `drift run` redoes a stage whose files were truncated or changed, loading a model
+that drift trained refuses one, and so do the readers of a rollout's trajectories (`drift
+rollout --resume` samples the damaged shards' conversations again); `drift run` compares
+settings and input digest before reusing an output.
 """
 
 from __future__ import annotations
@@ -459,12 +460,22 @@ def space_error(path: str | Path, needed: int | None = None, rerun: str = "rerun
                       f"already written is kept: free space (or choose another output) and {rerun}")
 
 
-def is_space_error(e: BaseException) -> bool:
+# torch.save's zip writer after a short write (the stream's error, then the writer's as it closes)
+TORCH_WRITE_FAILURES = ("file write failed", "unexpected pos", "iostream error")
+
+
+def is_space_error(e: BaseException, path: str | Path | None = None, needed: int = 0) -> bool:
     """A full disk or quota. safetensors' writer reports one as its own error type without an
-    errno, naming the OS error number in its message."""
+    errno, naming the OS error number in its message; torch.save's (a checkpoint's optimizer
+    state) as a RuntimeError naming neither, only that a write came up short: given the `path`
+    written, such a failure counts when its filesystem now has less free than the `needed`
+    bytes (at least 1 MiB)."""
     if isinstance(e, OSError):
         return e.errno in SPACE_ERRORS
-    return any(f"(os error {n})" in str(e) for n in SPACE_ERRORS)
+    if any(f"(os error {n})" in str(e) for n in SPACE_ERRORS):
+        return True
+    return (path is not None and isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE_FAILURES)
+            and free_bytes(path) < max(needed, 2**20))
 
 
 class Lock:

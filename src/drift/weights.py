@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Literal
 
 from drift import DriftError
-from drift.bounds import check_unit_interval
+from drift.bounds import check_bounds, check_unit_interval
 from drift.checkers import normalize_answer
 from drift.config import option
 from drift.ledger import Cost, measure
@@ -232,8 +232,8 @@ class WeightsConfig(ReturnConfig):
 
     def __post_init__(self) -> None:
         self.check_returns()
-        if self.beta != "auto" and not (math.isfinite(self.beta) and self.beta > 0):
-            raise DriftError(f"beta must be a finite number > 0 or auto, got {self.beta}")
+        if self.beta != "auto":
+            check_bounds(self, ("beta",), also="auto")
         if not (math.isfinite(self.ess_target) and 0 < self.ess_target < 1):
             raise DriftError(f"ess_target must be in (0, 1), got {self.ess_target}")
         if not (math.isfinite(self.prune) and 0 <= self.prune < 1):

@@ -58,15 +58,14 @@ class OnlineConfig(RolloutConfig, ReturnConfig, OnlineOptim):
         super().__post_init__()
         self.check_returns()
         check_optim(self)
-        check_bounds(self, ("kl_coef",))
+        check_bounds(self, ("beta", "kl_coef"))
         for key in ("iterations", "batch_prompts", "minibatches", "update_epochs", "micro_batch_size", "save_every"):
             if getattr(self, key) < 1:
                 raise DriftError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("beta", "clip_low", "clip_high"):
+        for key in ("clip_low", "clip_high"):
             v = getattr(self, key)
-            if not (math.isfinite(v) and v >= 0) or (key == "beta" and v == 0):
-                raise DriftError(f"config key '{key}' must be a finite number {'> 0' if key == 'beta' else '>= 0'}"
-                                 f", got {v}")
+            if not (math.isfinite(v) and v >= 0):
+                raise DriftError(f"config key '{key}' must be a finite number >= 0, got {v}")
         if self.planted is not None:
             raise DriftError("planted answers apply to drift rollout and drift eval; the online arm samples its own "
                              "conversations from turn 1")

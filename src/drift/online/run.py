@@ -20,7 +20,9 @@ Each iteration:
   6. the cost ledger entry, then the state (weights, optimizer, progress) saved atomically.
 A kill at any point resumes with the same command from the last completed iteration: an
 unfinished iteration is discarded and redone from its start with the same random streams (all of
-them seeded from (seed, iteration)), so the result equals an uninterrupted run.
+them seeded from (seed, iteration)), so the result equals an uninterrupted run. A finished run
+whose model files no longer match its summary's `files` (truncated, replaced) saves them again
+from the state of its last iteration, on the same command.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from drift.online.config import OnlineConfig
 from drift.online.policy import Policy
 from drift.records import Trajectory, read_trajectories, return_inputs, write_json
 from drift.rollout.config import sampling_record
-from drift.rundir import Lock, OnlineDir, ensure_writable, mismatch, read_record, trained_record
+from drift.rundir import (Lock, OnlineDir, damaged, ensure_writable, is_space_error, mismatch, read_record,
+                          space_error, trained_record)
 from drift.tasks import Problem, load_tasks
 from drift.train.data import Example, RowError, tokenize_row, truncate
 from drift.train.optim import add_lora
@@ -139,9 +142,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
                 raise DriftError(f"{out.path} holds an online run made with other settings ({'; '.join(differ)}): "
                                  "choose another --output")
             if previous.get("status") == "complete":
-                log.info("online %s: already complete", out.path)
-                return previous
-            if not cfg.resume:
+                harm = damaged(out.path, previous)
+                if not harm:
+                    log.info("online %s: already complete", out.path)
+                    return previous
+                # the state of the last iteration is kept: resuming from it saves the same model again
+                log.warning("online %s: complete, but its files are damaged (%s): saving the final model again",
+                            out.path, "; ".join(harm))
+            elif not cfg.resume:
                 raise DriftError(f"{out.path} holds an unfinished online run: pass --resume to go on with it, "
                                  "or choose another --output")
         path = resolve_model(cfg.model)
@@ -159,8 +167,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         if accelerator.is_main_process:
             write_json(out.summary, {**expected, **_summary_fields(progress)})
         loop = _Loop(cfg, out, policy, accelerator, problems, held_out, progress, expected)
-        loop.run()
-        return loop.finish()
+        try:
+            loop.run()
+            return loop.finish()
+        except Exception as e:  # a full disk; the state's and the model's saves raise their own error types
+            if not is_space_error(e, out.path):
+                raise
+            raise space_error(out.path, rerun="rerun the same command with --resume (it goes on from the last "
+                                              "saved iteration)") from None
 
 
 def _gen_dtype(cfg: OnlineConfig) -> torch.dtype:

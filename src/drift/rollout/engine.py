@@ -2,8 +2,10 @@
 
 A run directory holds
     trajectories/shard-NNNNN.jsonl   finished trajectories, `shard_size` per file, fsynced per write
-    manifest.json                    model, tasks, sampling, backend, versions, counts, timings, summary
-A run is complete only when the manifest says `"status": "complete"` (`is_complete`).
+    manifest.json                    model, tasks, sampling, backend, versions, counts, timings, summary,
+                                     and once complete the size and sha256 of every shard (`files`)
+A run is complete only when the manifest says `"status": "complete"` (`is_complete`); its readers
+refuse shards that differ from `files`, and `--resume` samples their conversations again.
 
 This module owns the multi-turn loop (`run_rollout`): prompt groups admitted under `max_live`,
 answers judged as they come back, finished trajectories handed to the shard writer. Its config and
@@ -37,7 +39,8 @@ from drift.records import Trajectory, read_trajectories, write_json
 from drift.rollout.config import RolloutConfig, env_config, make_backend, sampling_params, sampling_record, task_spec
 from drift.rollout.protocol import (Backend, ConvId, GenOutput, GenRequest, GenStream, PromptTooLong, SamplingParams,
                                    StreamingBackend)
-from drift.rollout.shards import ShardWriter, check_complete, check_run_dir, has_shards, scan_shards
+from drift.rollout.shards import (ShardWriter, check_complete, check_run_dir, drop_damaged, has_shards, scan_shards,
+                                 shard_record)
 from drift.rundir import Lock, RolloutDir, ensure_writable, trained_record
 from drift.tasks import Problem, load_tasks
 
@@ -129,6 +132,7 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
 
         backend = RayActors(cfg, out.shards)
     try:
+        drop_damaged(out, previous)
         done = scan_shards(out.shards)
     except BaseException:
         if own_backend and backend is not None:
@@ -196,6 +200,7 @@ def _run(cfg: RolloutConfig, out: RolloutDir, problems: list[Problem], expected:
     manifest["skipped"] = skipped
     manifest["summary"] = summarize(trajectories, cfg.max_turns)
     manifest["status"] = "complete"
+    manifest["files"] = shard_record(out)
     write_json(out.manifest, manifest)
     return manifest
 

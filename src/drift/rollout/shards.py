@@ -13,7 +13,7 @@ from drift import DriftError
 from drift.records import Trajectory, json_line, read_jsonl
 from drift.rollout.config import RolloutConfig
 from drift.rollout.protocol import ConvId
-from drift.rundir import RolloutDir, mismatch, read_record
+from drift.rundir import RolloutDir, damaged, file_record, mismatch, read_record
 from drift.tasks import Problem
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,23 @@ def check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any])
     if differ:
         raise DriftError(f"cannot resume {out.path}: the run on disk was made with other settings ({'; '.join(differ)})")
     return manifest
+
+
+def shard_record(out: RolloutDir) -> dict[str, dict[str, Any]]:
+    """The size and sha256 of every shard: what a finished rollout's manifest vouches for (`files`)."""
+    return file_record(out.path, sorted(out.shards.glob("shard-*.jsonl")))
+
+
+def drop_damaged(out: RolloutDir, manifest: dict[str, Any] | None) -> None:
+    """Remove the shards of a finished rollout that are no longer the ones its manifest vouches
+    for (truncated, edited, gone), so that resuming samples their conversations again."""
+    if not manifest or manifest.get("status") != "complete" or not (harm := damaged(out.path, manifest)):
+        return
+    log.warning("%s: complete, but its files are damaged (%s): sampling their conversations again", out.path,
+                "; ".join(harm))
+    for name, want in manifest["files"].items():
+        if damaged(out.path, {"files": {name: want}}):
+            (out.path / name).unlink(missing_ok=True)
 
 
 def check_complete(trajectories: list[Trajectory], problems: list[Problem], n: int, skipped: list[dict]) -> None:

@@ -327,8 +327,8 @@ def _train(cfg: TrainConfig, args: Any, out: Path) -> dict[str, Any]:
                 tokenizer.save_pretrained(out)
                 if cfg.merge_lora:
                     _save_merged(path, out, tokenizer)
-        except Exception as e:  # a checkpoint's or the model's save; safetensors has its own error type
-            if not is_space_error(e):
+        except Exception as e:  # a checkpoint's or the model's save; safetensors and torch.save have their own errors
+            if not is_space_error(e, out, sum(needed.values())):
                 raise
             saved = bool(TrainDir(out).complete_checkpoints())
             rerun = ("rerun with --resume-from-checkpoint latest (drift run does so itself)" if saved
