@@ -120,7 +120,7 @@ def check_run_dir(out: RolloutDir, cfg: RolloutConfig, expected: dict[str, Any])
 
 def shard_record(out: RolloutDir) -> dict[str, dict[str, Any]]:
     """The size and sha256 of every shard: what a finished rollout's manifest vouches for (`files`)."""
-    return file_record(out.path, sorted(out.shards.glob("shard-*.jsonl")))
+    return file_record(out.path, sorted(out.shards.glob(SHARD_FILES)))
 
 
 def drop_damaged(out: RolloutDir, manifest: dict[str, Any] | None) -> None:
