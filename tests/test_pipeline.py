@@ -64,6 +64,16 @@ def test_bad_config_names_the_key(tmp_path, tiny_model_dir, capsys):
     assert "config key 'rollout.n' expects int" in capsys.readouterr().err
 
 
+def test_a_bad_value_names_the_arm_its_stage_was_built_for(tmp_path, tiny_model_dir, capsys):
+    data = config(tmp_path, tiny_model_dir)
+    data["arms"] = {**data["arms"], "grpo": {"method": "online", "online": {"gamma": 2.0}}}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    assert main(["run", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "drift run: error: arm grpo (online): config key 'gamma' must be in (0, 1], got 2.0"
+
+
 def test_failed_stage_is_named_and_the_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     import errno
 

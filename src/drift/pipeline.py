@@ -84,8 +84,11 @@ class RunConfig:
             raise DriftError("executor 'ray' needs Ray: pip install 'drift-rl[ray]'")
         self.arms = {check_arm_name(name): arm if isinstance(arm, ArmConfig) else
                      build(ArmConfig, arm, f"arms.{name}.") for name, arm in self.arms.items()}
-        for arm in self.kinds.values():  # unknown keys and bad values fail now, not hours later
-            arm.check(self)
+        for name, arm in self.kinds.items():  # unknown keys and bad values fail now, not hours later
+            try:
+                arm.check(self)
+            except DriftError as e:  # its stage configs merge several tables: name the arm they were built for
+                raise DriftError(f"arm {name} ({arm.config.method}): {e}") from None
         self.eval_config(BASE)
 
     @property
