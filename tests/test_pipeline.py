@@ -1,12 +1,13 @@
 """`drift run` end to end on a tiny random model: stages, skipping, --from, report, bad config."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from drift import DriftError
 from drift.cli import main
-from drift.config import build
+from drift.config import build, read_config_file
 from drift import report
 from drift.pipeline import DemoConfig, RunConfig, check_disjoint, demo_config, load_run, run_pipeline
 
@@ -360,6 +361,14 @@ def run_and_kill(tmp_path, data, started):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_run_config_builds(path):
+    cfg = build(RunConfig, read_config_file(path))
+    train, test = check_disjoint(cfg)
+    assert train and test and cfg.arms
 
 
 @pytest.mark.parametrize("quick", [False, True])
