@@ -87,7 +87,8 @@ def test_failed_stage_is_named_and_the_run_resumes(tmp_path, tiny_model_dir, mon
 
     monkeypatch.setattr(trainer, "run_train", full_disk)
     cfg = build(RunConfig, config(tmp_path, tiny_model_dir))
-    with pytest.raises(DriftError, match=r"stage train/drift: .*No space left on device.*rerun"):
+    with pytest.raises(DriftError, match=r"stage train/drift: no space left on device writing .*/train/drift \(.* free\); "
+                                         r"what is already written is kept: .*rerun the same command"):
         run_pipeline(cfg)
     run = tmp_path / "run"
     stamp = (run / "rollout/manifest.json").stat().st_mtime_ns

@@ -34,7 +34,8 @@ from drift.evaluate import EvalConfig
 from drift.records import write_json
 from drift.rollout import engine
 from drift.rollout.config import RolloutConfig, task_spec
-from drift.rundir import Lock, RunDir, damaged, ensure_writable, is_complete, mismatches, read_record
+from drift.rundir import (Lock, RunDir, damaged, ensure_writable, is_complete, is_space_error, mismatches, read_record,
+                          space_error)
 from drift.tasks import Problem, load_tasks
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,8 @@ def _run_step(step: Step) -> None:
     except DriftError as e:
         raise DriftError(f"stage {step.name}: {e}") from None
     except OSError as e:  # a full disk, a vanished file: name the stage; finished stages stay
+        if is_space_error(e):
+            raise DriftError(f"stage {step.name}: {space_error(e.filename or '.')}") from e
         raise DriftError(f"stage {step.name}: {e}; finished stages are kept, rerun the same command to go on") from e
     except Exception:
         log.error("stage %s failed; finished stages are kept, rerun the same command to go on", step.name)
