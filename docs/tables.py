@@ -12,7 +12,7 @@ correction rate after oracle feedback (over turns >= 2: answers corrected / answ
 and wrong at the turn before; the loop stops at the first correct answer, so the feedback is an
 oracle's), the same pooled over seeds as a count with its 95% Wilson interval, the unique-answer
 ratio over conversations that got feedback, and the
-training budget from the cost ledger (FLOPs and wall seconds: the shared rollout in full, weights
+training budget from the cost ledger (trained tokens, FLOPs and wall seconds: the shared rollout in full, weights
 and training, every earlier round; an online arm's rollouts and updates; evaluation excluded).
 On multiple choice a last row gives the enumeration baseline (k / options: never repeat a letter).
 Table 2: paired differences at the last turn, `against` minus each other row: per held-out
@@ -90,8 +90,8 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
     names = [n for n in runs[0] if all(n in r for r in runs)]
     turns = len(runs[0][names[0]]["metrics"]["succ_at_k"])
     head = ("| arm | " + " | ".join(f"succ@{k + 1}" for k in range(turns))
-            + " | correction after oracle feedback | pooled | unique (≥2 turns) | training FLOPs | training wall s |\n"
-            + "|---|" + "---:|" * (turns + 5) + "\n")
+            + " | correction after oracle feedback | pooled | unique (≥2 turns) | trained tokens | training FLOPs"
+            + " | training wall s |\n" + "|---|" + "---:|" * (turns + 6) + "\n")
     lines = []
     for n in names:
         ms = [r[n]["metrics"] for r in runs]
@@ -100,13 +100,14 @@ def summary_table(runs: list[dict[str, dict]]) -> str:
         cells.append(pooled_correction(ms))
         cells.append(_each([m["unique_ratio_multi_turn"] for m in ms], lambda v: f"{v:.2f}"))
         costs = [r[n]["cost"] for r in runs]
+        cells.append(_each([c.trained_tokens or None for c in costs], lambda v: f"{v:,.0f}"))
         cells.append(_each([c.flops or None for c in costs], lambda v: f"{v:.3g}"))
         cells.append(_each([c.wall_seconds or None for c in costs], lambda v: f"{v:.0f}"))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     enum = runs[0][names[0]]["metrics"].get("enumeration_baseline")
     if enum:
         lines.append("| never repeat a letter (k / options) | " + " | ".join(pct(v) for v in enum[:turns])
-                     + " |" + " – |" * 5)
+                     + " |" + " – |" * 6)
     return head + "\n".join(lines) + "\n"
 
 
