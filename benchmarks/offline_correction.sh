@@ -13,7 +13,7 @@ OUT=runs/oc-s$S
 $DRIFT run configs/offline-correction.toml --set output=$OUT --set rollout.seed=$S --set train.seed=$S
 E="$DRIFT eval --tasks mul --split test --max-new-tokens 48 --batch-size 32 --protocol planted --max-turns 3"
 [ -f runs/oc-planted/metrics.json ] || $E --model smollm2-135m --output runs/oc-planted
-for arm in rft drift drift-pruned drift-du drift-du-planted; do
+for arm in rft drift drift-pruned drift-du drift-du-planted drift-du-planted16; do
   [ -f $OUT/probe/$arm/metrics.json ] || $E --model $OUT/train/$arm --planted runs/oc-planted --output $OUT/probe/$arm
 done
 $DRIFT run configs/offline-correction.toml --set output=runs/hint-s$S --set rollout.seed=$S --set train.seed=$S \

@@ -148,3 +148,16 @@ def test_planted_needs_an_offline_arm_and_two_turns(tmp_path, tiny_model_dir):
     data["rollout"]["max_turns"] = 1
     with pytest.raises(DriftError, match="max_turns >= 2"):
         build(RunConfig, data).arms["dc"]  # noqa: B018
+
+
+def test_planted_n_sets_the_continuations_per_planted_answer(tmp_path, tiny_model_dir):
+    run = build(RunConfig, run_config(tmp_path, tiny_model_dir, planted=True, planted_n=5))
+    arm = run.arm("dc")
+    rc, w, _ = arm.stage_configs(run, 1)
+    prc, _ = arm.planted_configs(run, 1, rc, w)
+    assert (rc.n, prc.n) == (2, 5)  # the shared rollout keeps its n
+    unset = build(RunConfig, run_config(tmp_path, tiny_model_dir, planted=True)).arm("dc")
+    assert unset.planted_configs(run, 1, rc, w)[0].n == 2
+    for bad in ({"planted_n": 4}, {"planted": True, "planted_n": 0}):
+        with pytest.raises(DriftError, match="planted_n"):
+            build(RunConfig, run_config(tmp_path, tiny_model_dir, **bad))

@@ -164,6 +164,8 @@ class ArmConfig:
                            "rollout's most frequent wrong first answer to every training prompt, samples n "
                            "continuations after it (turns 2..max_turns, the round's model), weights them among "
                            "themselves (the continuations of the same mistake) and trains on them beside its rows")
+    planted_n: int | None = option(None, "planted = true: continuations sampled after each planted answer (default: "
+                                   "the rollout's n); more make a correction more likely to appear in its group")
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -172,6 +174,8 @@ class ArmConfig:
             raise DriftError("rounds apply to offline arms; an online arm samples afresh at every iteration already")
         if self.planted and not self.offline:
             raise DriftError("planted applies to offline arms; an online arm samples its own conversations")
+        if self.planted_n is not None and (not self.planted or self.planted_n < 1):
+            raise DriftError(f"config key 'planted_n' must be >= 1 and needs planted = true, got {self.planted_n}")
 
     @property
     def offline(self) -> bool:
@@ -319,7 +323,7 @@ class OfflineArm(Arm):
         if rc.max_turns < 2:
             raise DriftError(f"arms.{self.name}.planted needs max_turns >= 2 (turn 1 is the planted answer)")
         prc = dataclasses.replace(rc, output=str(rd.planted_rollout.path), planted=str(rd.rollout.path), resume=True,
-                                  seed=derive_seed(rc.seed, "planted"))
+                                  seed=derive_seed(rc.seed, "planted"), n=self.config.planted_n or rc.n)
         return prc, dataclasses.replace(w, input=str(rd.planted_rollout.shards), output=str(rd.planted_weights))
 
     def parts(self, run: RunConfig, k: int) -> list[Path]:
