@@ -127,11 +127,13 @@ def plot_correction(metrics: Sequence[dict[str, Any]], labels: Sequence[str], ou
     bars = correction_bars(metrics, labels)
     if not bars:
         return False
-    from matplotlib.figure import Figure  # as plot_succ_at_k: scoring alone never loads matplotlib
+    from matplotlib import colormaps  # as plot_succ_at_k: scoring alone never loads matplotlib
+    from matplotlib.figure import Figure
 
     measures = list(dict.fromkeys(b[1] for b in bars))
     runs = list(dict.fromkeys(b[0] for b in bars))
-    fig = Figure(figsize=(7, 4), dpi=120)
+    colors = colormaps["tab20" if len(runs) > 10 else "tab10"]  # one colour per run, up to 20
+    fig = Figure(figsize=(8.5, 4), dpi=120)
     ax = fig.add_subplot()
     width = 0.8 / len(runs)
     for j, run in enumerate(runs):
@@ -143,11 +145,11 @@ def plot_correction(metrics: Sequence[dict[str, Any]], labels: Sequence[str], ou
                     ys.append(100 * rate)
                     lo.append(100 * (rate - ci[0]) if ci else 0.0)
                     hi.append(100 * (ci[1] - rate) if ci else 0.0)
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=run)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=run, color=colors(j % colors.N))
     ax.set_xticks(range(len(measures)), measures, rotation=15, fontsize=8)
     ax.set_ylabel("percent (95% interval)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     fig.tight_layout()
     out = Path(output_png)
     out.parent.mkdir(parents=True, exist_ok=True)
