@@ -2,7 +2,8 @@
 # One seed of docs/results.md sections 6-8 (mul, the head-to-head's settings):
 #   bash benchmarks/offline_correction.sh SEED
 # 1. configs/offline-correction.toml: the shared rollout, base, RFT, DRIFT, pruned DRIFT, DRIFT without
-#    never-solved groups, and that arm with correction contexts (8 and 16 continuations per planted answer); held-out succ@k under oracle feedback.
+#    never-solved groups, and that arm with correction contexts (8 and 16 continuations per planted
+#    answer); held-out succ@k under oracle feedback.
 # 2. the planted probe on the held-out facts: the base model's own most frequent wrong first answer
 #    (sampled once into runs/oc-planted, shared by every seed and arm), then every arm's turn 2 and 3.
 # 3. the same DRIFT arm and base model under the hint environment ("too high" / "too low").

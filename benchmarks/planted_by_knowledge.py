@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from drift.eval_tables import pct_ci
 from drift.stats import wilson
 
 
@@ -37,7 +38,7 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         label, dirs = spec.split("=", 1)
         (ck, nk), (cu, nu) = split(*dirs.split(","))
-        rate = lambda c, n: f"{100 * c / n:.1f} [{100 * wilson(c, n)[0]:.1f}, {100 * wilson(c, n)[1]:.1f}]" if n else "–"  # noqa: E731
+        rate = lambda c, n: pct_ci(c / n, wilson(c, n)) if n else "–"  # noqa: E731
         print(f"| {label} | {ck} of {nk} | {rate(ck, nk)} | {cu} of {nu} | {rate(cu, nu)} |")
 
 
